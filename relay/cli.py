@@ -1,0 +1,347 @@
+"""`dicom-relay`: the command line. The verbs below and nothing else; the work is elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from relay import __version__
+from relay.config import Config, ConfigError, load_config
+from relay.edit import BadInput, Editor
+from relay.pipeline import Relay, spool_for
+from relay.toolkits import select_engine
+from relay.toolkits.base import DestinationUnavailable, Outcome
+
+app = typer.Typer(
+    name="dicom-relay",
+    help="A DICOM relay (PACS proxy): receive studies by C-STORE, rewrite their metadata with "
+    "rules, forward them to one or more PACS, delete them only once each PACS confirmed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+log = logging.getLogger("relay")
+
+DEFAULT_CONFIG = "/etc/dicom-relay/relay.toml"
+ConfigOpt = Annotated[Path, typer.Option(
+    "--config", "-c", envvar="DICOM_RELAY_CONFIG",
+    help="The relay's TOML config file (env DICOM_RELAY_CONFIG).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level.")]
+
+
+def _setup_logging(level: str, verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # pynetdicom narrates every PDU at INFO; keep it for --verbose.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _load(config: Path, verbose: bool = False) -> Config:
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _setup_logging(cfg.log_level, verbose)
+    return cfg
+
+
+def _engine(cfg: Config):  # noqa: ANN202 - an Engine
+    try:
+        return select_engine(cfg)
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _serve(cfg: Config, *, receive: bool, process: bool) -> None:
+    engine = _engine(cfg)
+    relay = Relay(cfg, engine, receive=receive, process=process)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping (objects in hand are finished, the rest stay in the spool)",
+                 signal.Signals(signum).name)
+        relay.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        relay.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        raise typer.Exit(1) from None
+    parts = [p for p, on in (("receive", receive), ("process+send", process)) if on]
+    log.info("dicom-relay %s running (%s) on the %s engine, spool %s", __version__,
+             " + ".join(parts), engine.describe(), cfg.spool.path)
+    relay.wait()
+    relay.stop()
+    log.info("stopped")
+
+
+@app.command(epilog="Example: `dicom-relay run --config /etc/dicom-relay/relay.toml`")
+def run(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -> None:
+    """Receive, rewrite and forward, in the foreground (for systemd or Docker).
+
+    Stops cleanly on SIGTERM or Ctrl-C; whatever is not yet delivered stays in the spool and is
+    sent after the next start.
+    """
+    _serve(_load(config, verbose), receive=True, process=True)
+
+
+@app.command(epilog="Example: `dicom-relay receive --config relay.toml`")
+def receive(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -> None:
+    """Only receive: a C-STORE SCP writing complete objects into spool/incoming/.
+
+    Pair it with `dicom-relay process` (two services, as the original relay_init/relay_process).
+    """
+    _serve(_load(config, verbose), receive=True, process=False)
+
+
+@app.command(epilog="Example: `dicom-relay process --config relay.toml`")
+def process(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -> None:
+    """Only process: watch spool/incoming/, apply the rules, forward, delete once delivered."""
+    _serve(_load(config, verbose), receive=False, process=True)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            typer.echo(f"error: {path}: no such file or folder", err=True)
+            raise typer.Exit(2)
+    return files
+
+
+@app.command(epilog="Example: `dicom-relay send --config relay.toml central /data/study1/`")
+def send(
+    destination: Annotated[str, typer.Argument(help="A [[destinations]] name from the config.")],
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Send files as they are (no rules, nothing deleted) to a destination, with a progress bar.
+
+    Exits 1 if any file was not stored, listing each with the destination's status.
+    """
+    cfg = _load(config, verbose)
+    try:
+        dest = cfg.destination(destination)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    files = _expand(paths)
+    engine = _engine(cfg)
+    problems = []
+    stored = 0
+    started = time.monotonic()
+    with typer.progressbar(length=len(files), label=f"sending to {dest.name}",
+                           file=sys.stderr) as bar:
+        for result in engine.send(files, dest, cfg.sender.calling_ae_title, cfg.sender.timeout):
+            bar.update(1)
+            if result.outcome is Outcome.DELIVERED:
+                stored += 1
+            else:
+                problems.append(result)
+    elapsed = time.monotonic() - started
+    for r in problems:
+        typer.echo(f"NOT STORED {r.path}: {r.status_text} {r.detail}", err=True)
+    rate = stored / elapsed if elapsed > 0 else 0.0
+    typer.echo(f"{stored}/{len(files)} stored at {dest.name} in {elapsed:.1f} s ({rate:.1f}/s)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example: `dicom-relay echo --config relay.toml central`")
+def echo(
+    destination: Annotated[str | None, typer.Argument(
+        help="A destination name; all destinations when left out.")] = None,
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    verbose: VerboseOpt = False,
+) -> None:
+    """C-ECHO destinations (DICOM ping). Exits 1 if any does not answer."""
+    cfg = _load(config, verbose)
+    if not _echo_all(cfg, destination):
+        raise typer.Exit(1)
+
+
+def _echo_all(cfg: Config, only: str | None = None) -> bool:
+    engine = _engine(cfg)
+    try:
+        dests = [cfg.destination(only)] if only else list(cfg.destinations)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not dests:
+        typer.echo("no [[destinations]] configured")
+        return False
+    ok = True
+    for dest in dests:
+        started = time.monotonic()
+        try:
+            engine.echo(dest, cfg.sender.calling_ae_title, min(cfg.sender.timeout, 10.0))
+        except DestinationUnavailable as exc:
+            typer.echo(f"FAIL {dest.name}: {exc}")
+            ok = False
+            continue
+        ms = (time.monotonic() - started) * 1000
+        typer.echo(f"ok   {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) {ms:.0f} ms")
+    return ok
+
+
+@app.command(epilog="Example: `dicom-relay edit --config relay.toml --dry-run study/*.dcm`")
+def edit(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", "-n", help="Show, per file, each attribute before -> after; write nothing.")]
+    = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for the edited copies (originals are never changed).")]
+    = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Apply the configured rules to files: to try rules before putting them in service."""
+    cfg = _load(config, verbose)
+    if not dry_run and output is None:
+        typer.echo("error: give --dry-run to see the changes, or --output DIR to write edited "
+                   "copies", err=True)
+        raise typer.Exit(2)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    editor = Editor(cfg.rules)
+    bad = 0
+    for path in _expand(paths):
+        dst = None if dry_run or output is None else output / path.name
+        if dst is not None and dst.exists():
+            dst.unlink()
+        try:
+            outcome = editor.edit(path, dst)
+        except BadInput as exc:
+            typer.echo(f"{path}: NOT RELAYABLE ({exc.reason}): {exc.detail}")
+            bad += 1
+            continue
+        typer.echo(f"{path}:" + ("" if outcome.changes else " no change"))
+        for change in outcome.changes:
+            typer.echo(f"  {change}")
+        for missing in outcome.missing:
+            typer.echo(f"  rule skipped (source missing, on_missing = keep): {missing}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example: `dicom-relay check --config relay.toml`")
+def check(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    no_echo: Annotated[bool, typer.Option(
+        "--no-echo", help="Do not C-ECHO the destinations.")] = False,
+) -> None:
+    """Validate the config, find the toolkit, echo the destinations; start nothing.
+
+    Exits 2 on a config error (naming file, key and what was expected), 1 if a destination
+    does not answer, 0 when all is well.
+    """
+    cfg = _load(config)
+    typer.echo(f"config {cfg.source}: ok ({len(cfg.destinations)} destination(s), "
+               f"{len(cfg.rules)} rule(s))")
+    for i, rule in enumerate(cfg.rules):
+        typer.echo(f"  rule {i + 1}: {rule.describe()} (on_missing = {rule.on_missing})")
+    engine = _engine(cfg)
+    typer.echo(f"engine: {engine.describe()}")
+    spool_root = cfg.spool.path
+    existing = next((p for p in [spool_root, *spool_root.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        typer.echo(f"spool {spool_root}: NOT WRITABLE (nearest existing folder: {existing})")
+        raise typer.Exit(1)
+    typer.echo(f"spool {spool_root}: writable")
+    if not cfg.destinations:
+        typer.echo("no [[destinations]]: `run` and `process` will refuse to start")
+        raise typer.Exit(1)
+    if not no_echo and not _echo_all(cfg):
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example: `dicom-relay status --config relay.toml`")
+def status(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    failures: Annotated[int, typer.Option(help="How many recent failures to list.")] = 10,
+) -> None:
+    """Queue depth per spool folder and destination, and the most recent failures."""
+    cfg = _load(config)
+    spool = spool_for(cfg)
+    if not spool.root.is_dir():
+        typer.echo(f"spool {spool.root} does not exist yet (the relay has not run)")
+        return
+    for folder, count in spool.depth().items():
+        typer.echo(f"{folder:<24} {count}")
+    recent = list(spool.failures())
+    if recent:
+        typer.echo(f"\nrecent failures ({min(failures, len(recent))} of {len(recent)}):")
+    for path, info in recent[:failures]:
+        dest = f" -> {info['destination']}" if info.get("destination") else ""
+        typer.echo(f"  {info.get('when', '?')} {info.get('reason', '?')}{dest}: "
+                   f"{path.name}: {info.get('detail', '')}")
+
+
+@app.command(epilog="Example: `dicom-relay retry --config relay.toml --reason status-A900`")
+def retry(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    reason: Annotated[str | None, typer.Option(
+        help="Only objects quarantined for this reason (a failed/ sub-folder name).")] = None,
+) -> None:
+    """Put quarantined objects (failed/) back in the queue.
+
+    Objects that failed at a destination go back to that destination's queue; objects that
+    failed processing go back to incoming/ and are processed again by a running relay.
+    """
+    cfg = _load(config)
+    spool = spool_for(cfg)
+    spool.create()
+    count = 0
+    for path, info in spool.failures():
+        if reason is not None and path.parent.name != reason:
+            continue
+        target = spool.requeue(path, info)
+        typer.echo(f"requeued {path.parent.name}/{path.name} -> {target.parent.name}/")
+        count += 1
+    typer.echo(f"{count} object(s) requeued")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"dicom-relay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=version_callback, is_eager=True, help="Print the version.")]
+    = False,
+) -> None:
+    """A DICOM relay (PACS proxy): receive by C-STORE, rewrite with rules, forward, delete
+    only once delivered."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

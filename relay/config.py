@@ -1,0 +1,295 @@
+"""TOML configuration → typed config.
+
+Every error names the file, the key and what was expected, because the person reading it is a
+PACS administrator looking at a systemd journal, not at a Python traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("auto", "dcm4che", "dcmtk", "embedded")
+CONVERTERS = ("embedded", "toolkit")
+ON_MISSING = ("keep", "fail")
+# DICOM AE titles: 1-16 characters of the default character repertoire, no backslash,
+# not all spaces (PS3.5 6.2, VR AE).
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+# Destination names become folder names under spool/out/: keep them boring.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as `file: key: expected …, got …`."""
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    ae_title: str = "DICOMRELAY"
+    host: str = "0.0.0.0"  # noqa: S104 - a relay listens for modalities on the network
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 10
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path = Path("/srv/dicom_repo")
+
+
+@dataclass(frozen=True)
+class ToolkitConfig:
+    engine: str = "auto"
+    dcm4che_home: Path = Path("/opt/dcm4che-toolkit")
+    # Where DCMTK's executables live. Never found by bare name on PATH: pynetdicom's console
+    # scripts `storescp`/`storescu` shadow DCMTK's inside a virtualenv.
+    dcmtk_bin: Path = Path("/usr/bin")
+    converter: str = "embedded"
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    calling_ae_title: str = "DICOMRELAY"
+    batch_size: int = 200
+    retry_initial: float = 2.0
+    retry_max: float = 300.0
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    toolkit: ToolkitConfig = field(default_factory=ToolkitConfig)
+    sender: SenderConfig = field(default_factory=SenderConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    destinations: tuple[Destination, ...] = ()
+    rules: tuple[Any, ...] = ()  # relay.rules.EditRule instances, in order
+    log_level: str = "INFO"
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"{self.source}: no destination named {name!r} (known: {known})")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+class Table:
+    """One TOML table being read: knows its file and key prefix for error messages."""
+
+    def __init__(self, file: Path, prefix: str, data: Any) -> None:
+        self.file = file
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: {prefix}: expected a table, got {_describe(data)}")
+        self.data: dict[str, Any] = data
+
+    def error(self, key: str, expected: str, got: Any = None, *,
+              show_got: bool = True) -> ConfigError:
+        where = f"{self.prefix}.{key}" if self.prefix else key
+        tail = f", got {_describe(got)}" if show_got else ""
+        return ConfigError(f"{self.file}: {where}: expected {expected}{tail}")
+
+    def check_keys(self, allowed: Iterable[str]) -> None:
+        allowed = list(allowed)
+        for key in self.data:
+            if key not in allowed:
+                raise self.error(key, "one of the known keys: " + ", ".join(allowed),
+                                 show_got=False)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def str(self, key: str, default: str | None = None, *, choices: Iterable[str] = (),
+            pattern: re.Pattern[str] | None = None, what: str = "a string") -> str:
+        if key not in self.data:
+            if default is None:
+                raise self.error(key, f"{what} (this key is required)", show_got=False)
+            return default
+        value = self.data[key]
+        choices = tuple(choices)
+        if not isinstance(value, str):
+            raise self.error(key, what, value)
+        if choices and value not in choices:
+            raise self.error(key, "one of " + ", ".join(repr(c) for c in choices), value)
+        if pattern is not None and not pattern.match(value):
+            raise self.error(key, what, value)
+        return value
+
+    def int(self, key: str, default: int | None, *, lo: int, hi: int) -> int:
+        if key not in self.data:
+            if default is None:
+                raise self.error(key, f"an integer {lo}-{hi} (this key is required)",
+                                 show_got=False)
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.error(key, f"an integer {lo}-{hi}", value)
+        return value
+
+    def float(self, key: str, default: float, *, lo: float, hi: float) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise self.error(key, f"a number {lo:g}-{hi:g}", value)
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, "true or false", value)
+        return value
+
+    def str_list(self, key: str, *, pattern: re.Pattern[str] | None = None,
+                 what: str = "a string") -> tuple[str, ...]:
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            raise self.error(key, f"a list of {what}s", value)
+        for item in value:
+            if not isinstance(item, str) or (pattern is not None and not pattern.match(item)):
+                raise self.error(key, f"a list of {what}s", item)
+        return tuple(value)
+
+    def sub(self, key: str) -> Table:
+        prefix = f"{self.prefix}.{key}" if self.prefix else key
+        return Table(self.file, prefix, self.data.get(key, {}))
+
+    def array_of_tables(self, key: str) -> list[Table]:
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            raise self.error(key, f"an array of tables ([[{key}]])", value)
+        return [Table(self.file, f"[[{key}]][{i}]", item) for i, item in enumerate(value)]
+
+
+AE_WHAT = "an AE title (1-16 printable ASCII characters, no backslash)"
+
+
+def _receiver(t: Table) -> ReceiverConfig:
+    t.check_keys(["ae_title", "host", "port", "allowed_calling_aets", "max_associations"])
+    d = ReceiverConfig()
+    return ReceiverConfig(
+        ae_title=t.str("ae_title", d.ae_title, pattern=_AE_RE, what=AE_WHAT).strip(),
+        host=t.str("host", d.host, what="an IP address or host name to listen on"),
+        port=t.int("port", d.port, lo=1, hi=65535),
+        allowed_calling_aets=tuple(
+            a.strip() for a in t.str_list("allowed_calling_aets", pattern=_AE_RE, what=AE_WHAT)
+        ),
+        max_associations=t.int("max_associations", d.max_associations, lo=1, hi=1000),
+    )
+
+
+def _spool(t: Table) -> SpoolConfig:
+    t.check_keys(["path"])
+    path = Path(t.str("path", str(SpoolConfig().path), what="a folder path"))
+    if not path.is_absolute():
+        path = (t.file.parent / path).resolve()
+    return SpoolConfig(path=path)
+
+
+def _toolkit(t: Table) -> ToolkitConfig:
+    t.check_keys(["engine", "dcm4che_home", "dcmtk_bin", "converter"])
+    d = ToolkitConfig()
+    return ToolkitConfig(
+        engine=t.str("engine", d.engine, choices=ENGINES),
+        dcm4che_home=Path(t.str("dcm4che_home", str(d.dcm4che_home), what="a folder path")),
+        dcmtk_bin=Path(t.str("dcmtk_bin", str(d.dcmtk_bin), what="a folder path")),
+        converter=t.str("converter", d.converter, choices=CONVERTERS),
+    )
+
+
+def _sender(t: Table, receiver: ReceiverConfig) -> SenderConfig:
+    t.check_keys(["calling_ae_title", "batch_size", "retry_initial", "retry_max", "timeout"])
+    d = SenderConfig()
+    retry_initial = t.float("retry_initial", d.retry_initial, lo=0.01, hi=3600)
+    retry_max = t.float("retry_max", d.retry_max, lo=0.01, hi=86400)
+    if retry_max < retry_initial:
+        raise t.error("retry_max", f"a number >= retry_initial ({retry_initial:g})", retry_max)
+    return SenderConfig(
+        calling_ae_title=t.str("calling_ae_title", receiver.ae_title, pattern=_AE_RE,
+                               what=AE_WHAT).strip(),
+        batch_size=t.int("batch_size", d.batch_size, lo=1, hi=100000),
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        timeout=t.float("timeout", d.timeout, lo=1, hi=3600),
+    )
+
+
+def _destination(t: Table) -> Destination:
+    t.check_keys(["name", "ae_title", "host", "port"])
+    return Destination(
+        name=t.str("name", what="a name of letters, digits, '-', '_' or '.' (it names a spool "
+                   "folder)", pattern=_NAME_RE),
+        ae_title=t.str("ae_title", pattern=_AE_RE, what=AE_WHAT).strip(),
+        host=t.str("host", what="an IP address or host name"),
+        port=t.int("port", None, lo=1, hi=65535),
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError naming file, key and expectation."""
+    from relay.rules import RuleError, rule_from_table  # rules need config's Table
+
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+
+    top = Table(file, "", raw)
+    top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "destinations", "rules",
+                    "log_level"])
+    receiver = _receiver(top.sub("receiver"))
+    process = top.sub("process")
+    process.check_keys(["workers"])
+    destinations = tuple(_destination(t) for t in top.array_of_tables("destinations"))
+    seen: set[str] = set()
+    for i, dest in enumerate(destinations):
+        if dest.name in seen:
+            raise ConfigError(f"{file}: [[destinations]][{i}].name: expected a unique name, "
+                              f"got {dest.name!r} twice")
+        seen.add(dest.name)
+    rules = []
+    for t in top.array_of_tables("rules"):
+        try:
+            rules.append(rule_from_table(t))
+        except RuleError as exc:
+            raise ConfigError(f"{file}: {t.prefix}: {exc}") from None
+    return Config(
+        source=file,
+        receiver=receiver,
+        spool=_spool(top.sub("spool")),
+        toolkit=_toolkit(top.sub("toolkit")),
+        sender=_sender(top.sub("sender"), receiver),
+        process=ProcessConfig(workers=process.int("workers", ProcessConfig().workers, lo=1, hi=64)),
+        destinations=destinations,
+        rules=tuple(rules),
+        log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    )

@@ -1,0 +1,137 @@
+"""The editor: read one DICOM file, run the rules on its header XML, write back what changed.
+
+Reading is where bad input is caught: not DICOM, no file meta, truncated. Each raises
+BadInput with a short reason that names the quarantine folder (failed/<reason>/).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import FileDataset
+from pydicom.errors import InvalidDicomError
+
+from relay.dicomxml import AttributeChange, ConversionError, apply_xml_changes, dataset_to_xml
+from relay.rules import EditRule, MissingSource, RuleError
+
+log = logging.getLogger("relay.edit")
+
+# Values larger than this stay on disk while editing (pixel data, big private blobs): pydicom
+# reads them from the source file again only when writing.
+DEFER_SIZE = 64 * 1024
+
+
+class BadInput(Exception):
+    """A file the relay cannot forward as it is; `reason` names its failed/ folder."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class EditOutcome:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    changes: list[AttributeChange] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # rules skipped: source absent (kept)
+
+
+def read_dicom(path: Path) -> FileDataset:
+    """Read a DICOM file's header (large values deferred); reject what cannot be relayed."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise BadInput("not-dicom", "empty file (0 bytes)")
+        with warnings.catch_warnings(), open(path, "rb") as fp:
+            warnings.simplefilter("ignore")
+            ds = dcmread(fp, defer_size=DEFER_SIZE)
+            end = fp.tell()
+    except BadInput:
+        raise
+    except InvalidDicomError as exc:
+        raise BadInput("not-dicom", str(exc).splitlines()[0]) from None
+    except (EOFError, ValueError, IndexError, KeyError, TypeError, NotImplementedError,
+            OverflowError) as exc:
+        raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
+    # pydicom stops silently at a short element; a reader that did not end exactly at the end
+    # of the file means the object is truncated (or followed by junk): never forward it.
+    if end != size:
+        raise BadInput("truncated", f"the DICOM data ends at byte {end} but the file has {size}")
+    meta = ds.file_meta
+    for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
+        if not meta.get(keyword):
+            raise BadInput("no-file-meta", f"file meta information lacks {keyword}")
+    ds.filename = str(path)  # deferred values are read from here when writing
+    return ds
+
+
+class Editor:
+    """Applies the configured rules to files; pure apart from reading and writing them."""
+
+    def __init__(self, rules: tuple[EditRule, ...] | list[EditRule]) -> None:
+        self.rules = tuple(rules)
+
+    def edit(self, src: Path, dst: Path | None) -> EditOutcome:
+        """Edit `src` into `dst` (None: dry run). `dst` gets a hard link when nothing changed."""
+        ds = read_dicom(src)
+        meta = ds.file_meta
+        outcome = EditOutcome(
+            sop_class_uid=str(meta.MediaStorageSOPClassUID),
+            sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+            transfer_syntax=str(meta.TransferSyntaxUID),
+        )
+        if self.rules:
+            outcome.changes, outcome.missing = self._apply_rules(ds)
+        if dst is None:
+            return outcome
+        if not outcome.changes:
+            os.link(src, dst)  # unchanged: the very same bytes, no copy
+            return outcome
+        self._sync_media_uids(ds, outcome.changes)
+        with open(dst, "wb") as fp:
+            try:
+                ds.save_as(fp, enforce_file_format=False)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
+            fp.flush()
+            os.fsync(fp.fileno())
+        return outcome
+
+    def _apply_rules(self, ds: FileDataset) -> tuple[list[AttributeChange], list[str]]:
+        root = dataset_to_xml(ds)
+        before = copy.deepcopy(root)
+        missing: list[str] = []
+        for rule in self.rules:
+            try:
+                root = rule.apply(root)
+            except MissingSource as exc:
+                if rule.on_missing == "fail":
+                    raise BadInput("missing-source", f"rule {rule.describe()}: {exc}") from None
+                missing.append(f"{rule.describe()}: {exc}")
+            except RuleError as exc:
+                raise BadInput("rule-error", str(exc)) from None
+        try:
+            changes = apply_xml_changes(ds, before, root)
+        except (ConversionError, ValueError, TypeError, KeyError) as exc:
+            raise BadInput("rule-error", f"cannot write the edited header back: {exc}") from None
+        return changes, missing
+
+    @staticmethod
+    def _sync_media_uids(ds: Any, changes: list[AttributeChange]) -> None:
+        # Group 0002 must keep naming the same object as the dataset it describes.
+        changed = {c.path for c in changes}
+        meta = ds.file_meta
+        if "SOPInstanceUID" in changed and "MediaStorageSOPInstanceUID" not in changed:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "SOPClassUID" in changed and "MediaStorageSOPClassUID" not in changed:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID

@@ -1,0 +1,169 @@
+"""Wires the stages: receiver → incoming/ → watcher → editor workers → out/<dest>/ → senders.
+
+Each stage talks to the next through the spool folders (the truth, which survives a crash) and
+an in-memory queue (so nothing rescans a folder per file).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+from pathlib import Path
+
+from relay.config import Config
+from relay.edit import BadInput, Editor
+from relay.send import DestinationSender
+from relay.spool import Failure, Spool
+from relay.toolkits.base import Engine, Receiver
+from relay.watch import IncomingWatcher
+
+log = logging.getLogger("relay.pipeline")
+
+
+def spool_for(config: Config) -> Spool:
+    return Spool(config.spool.path, [d.name for d in config.destinations])
+
+
+class Processor:
+    """Claims incoming objects, applies the rules, publishes to every destination's queue."""
+
+    def __init__(self, spool: Spool, editor: Editor, senders: list[DestinationSender]) -> None:
+        self.spool = spool
+        self.editor = editor
+        self.senders = senders
+
+    def process(self, path: Path) -> bool:
+        """Handle one incoming object; False if another worker had already claimed it."""
+        claimed = self.spool.claim(path)
+        if claimed is None:
+            return False
+        edited = self.spool.edited_path(claimed)
+        try:
+            outcome = self.editor.edit(claimed, edited)
+        except BadInput as exc:
+            edited.unlink(missing_ok=True)
+            log.error("%s: %s: quarantined in failed/%s/", claimed.name, exc.detail, exc.reason)
+            self.spool.fail(claimed, Failure(exc.reason, exc.detail, "process"))
+            return True
+        except OSError as exc:
+            # Disk trouble is not the object's fault: put it back and let it be retried.
+            edited.unlink(missing_ok=True)
+            log.error("%s: cannot write the edited object (%s): left in incoming/",
+                      claimed.name, exc.strerror or exc)
+            self.spool.claim_back(claimed)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the object
+            edited.unlink(missing_ok=True)
+            log.exception("%s: unexpected error while editing: quarantined", claimed.name)
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self.spool.fail(claimed, Failure("internal-error", detail, "process"))
+            return True
+        for missing in outcome.missing:
+            log.warning("%s: rule not applied, source missing (on_missing = keep): %s",
+                        claimed.name, missing)
+        for change in outcome.changes:
+            log.info("%s: %s", claimed.name, change)
+        queued = self.spool.publish(claimed, edited)
+        for sender, path_out in zip(self.senders, queued, strict=True):
+            sender.enqueue(path_out)
+        return True
+
+
+class Relay:
+    """The running relay: any of receive, process (edit + send), or both (`run`)."""
+
+    def __init__(self, config: Config, engine: Engine, *, receive: bool = True,
+                 process: bool = True) -> None:
+        self.config = config
+        self.engine = engine
+        self.do_receive = receive
+        self.do_process = process
+        self.spool = spool_for(config)
+        self.stop_event = threading.Event()
+        self.receiver: Receiver | None = None
+        self.senders: list[DestinationSender] = []
+        self.threads: list[threading.Thread] = []
+        self.watcher: IncomingWatcher | None = None
+        self._work: queue.Queue[Path | None] = queue.Queue(maxsize=1000)
+
+    def start(self) -> None:
+        self.spool.create()
+        if self.do_process:
+            if not self.config.destinations:
+                raise RuntimeError(f"{self.config.source}: no [[destinations]] configured: "
+                                   "nothing to forward to")
+            recovered = self.spool.recover()
+            if recovered:
+                log.info("start-up: %d object(s) left in work/ by a previous run requeued",
+                         recovered)
+            self.senders = [DestinationSender(self.spool, d, self.engine, self.config.sender)
+                            for d in self.config.destinations]
+            for sender in self.senders:
+                backlog = sender.load_backlog()
+                if backlog:
+                    log.info("start-up: %d object(s) queued for %s", backlog,
+                             sender.destination.name)
+                self._thread(sender.run, f"send-{sender.destination.name}")
+            processor = Processor(self.spool, Editor(self.config.rules), self.senders)
+            for i in range(self.config.process.workers):
+                self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
+            # Watch before the receiver starts so the first arrival is not missed.
+            self.watcher = IncomingWatcher(self.spool)
+            self._thread(self._watch_loop, "watch")
+        if self.do_receive:
+            self.receiver = self.engine.receiver(self.config, self.spool)
+            try:
+                self.receiver.start()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _thread(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self.threads.append(thread)
+
+    def _watch_loop(self) -> None:
+        assert self.watcher is not None
+        for path in self.watcher.paths(self.stop_event):
+            while not self.stop_event.is_set():
+                try:
+                    self._work.put(path, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def _work_loop(self, processor: Processor) -> None:
+        while not self.stop_event.is_set():
+            try:
+                path = self._work.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if path is None:
+                return
+            try:
+                processor.process(path)
+            except OSError:
+                # Logged by the processor; the object is back in incoming/. Slow down a bit
+                # rather than spin on a full disk.
+                self.stop_event.wait(1.0)
+
+    def stop(self) -> None:
+        """Stop accepting, finish what is in hand, leave the rest in the spool."""
+        if self.receiver is not None:
+            self.receiver.stop()
+        self.stop_event.set()
+        for sender in self.senders:
+            sender.stop()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        if self.watcher is not None:
+            self.watcher.close()
+
+    def wait(self) -> None:
+        """Block until stop() is called (from a signal handler)."""
+        while not self.stop_event.wait(1.0):
+            if self.receiver is not None and not self.receiver.alive():
+                log.error("the receiver stopped unexpectedly")

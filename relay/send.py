@@ -1,0 +1,172 @@
+"""The sender: one worker per destination, batches over one association, result → spool move.
+
+A file leaves out/<dest>/ only when the destination answered success (or a warning that means
+stored). Retryable failures stay queued and come back after a capped exponential backoff;
+permanent ones go to failed/<reason>/ with the status in the sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.config import Destination, SenderConfig
+from relay.spool import Failure, Spool
+from relay.toolkits.base import Engine, Outcome, SendResult
+
+log = logging.getLogger("relay.send")
+
+
+def backoff_delay(attempt: int, initial: float, cap: float) -> float:
+    """Capped exponential backoff: initial, 2×initial, 4×initial, … never above cap."""
+    return min(cap, initial * (2 ** max(0, attempt - 1)))
+
+
+@dataclass
+class SendStats:
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+class DestinationSender:
+    """Owns out/<dest>/: learns of new files through `enqueue`, of old ones by one scan."""
+
+    def __init__(self, spool: Spool, destination: Destination, engine: Engine,
+                 config: SenderConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool = spool
+        self.destination = destination
+        self.engine = engine
+        self.config = config
+        self.clock = clock
+        self.stats = SendStats()
+        self._ready: deque[Path] = deque()
+        self._known: set[Path] = set()
+        self._delayed: dict[Path, float] = {}  # path → when it may be sent again
+        self._attempts: dict[Path, int] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._hold_until = 0.0  # whole destination backing off (it is down)
+        self._down_attempts = 0
+
+    def enqueue(self, path: Path) -> None:
+        with self._cond:
+            if path not in self._known:
+                self._known.add(path)
+                self._ready.append(path)
+                self._cond.notify()
+
+    def load_backlog(self) -> int:
+        """Queue what is already in out/<dest>/ (a restart, or files put there by hand)."""
+        backlog = self.spool.queued(self.destination.name)
+        for path in backlog:
+            self.enqueue(path)
+        return len(backlog)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._known)
+
+    def _next_batch(self) -> list[Path]:
+        """Wait for work; return up to batch_size files that are due now."""
+        with self._cond:
+            while not self._stop.is_set():
+                now = self.clock()
+                for path, due in list(self._delayed.items()):
+                    if due <= now:
+                        del self._delayed[path]
+                        self._ready.append(path)
+                if self._ready and now >= self._hold_until:
+                    batch = []
+                    while self._ready and len(batch) < self.config.batch_size:
+                        batch.append(self._ready.popleft())
+                    return batch
+                waits = [due - now for due in self._delayed.values()]
+                if self._ready:
+                    waits.append(self._hold_until - now)
+                self._cond.wait(timeout=min(waits) if waits else 1.0)
+            return []
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if batch:
+                self.send_batch(batch)
+
+    def send_batch(self, batch: list[Path]) -> list[SendResult]:
+        results = list(self.engine.send(batch, self.destination, self.config.calling_ae_title,
+                                        self.config.timeout))
+        answered = {r.path for r in results}
+        # An adapter must answer for every file; one it forgot is retried, never dropped.
+        results += [SendResult(p, Outcome.RETRY, None, "no result from the engine")
+                    for p in batch if p not in answered]
+        self.record(results)
+        return results
+
+    def record(self, results: list[SendResult]) -> None:
+        """Turn results into spool moves and queue bookkeeping."""
+        retry = [r for r in results if r.outcome is Outcome.RETRY]
+        any_answer = any(r.status is not None for r in results)
+        for r in results:
+            key = r.status_text
+            self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
+            if r.outcome is Outcome.DELIVERED:
+                self.spool.delivered(r.path)
+                self.stats.delivered += 1
+                self._forget(r.path)
+            elif r.outcome is Outcome.FAILED:
+                log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
+                          r.path.name, r.status_text, r.detail)
+                reason = f"status-{r.status:04X}" if r.status is not None else "not-sendable"
+                try:
+                    self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
+                                                    "send", self.destination.name))
+                except FileNotFoundError:
+                    log.error("%s vanished before it could be quarantined", r.path)
+                self.stats.failed += 1
+                self._forget(r.path)
+        if not retry:
+            self._down_attempts = 0
+            return
+        self.stats.retried += len(retry)
+        now = self.clock()
+        with self._cond:
+            if not any_answer:
+                # Nothing got through: the destination is down. Hold the whole queue.
+                self._down_attempts += 1
+                delay = backoff_delay(self._down_attempts, self.config.retry_initial,
+                                      self.config.retry_max)
+                self._hold_until = now + delay
+                log.warning("%s unavailable (%s): %d queued, next try in %.1f s",
+                            self.destination.name, retry[0].detail, len(self._known), delay)
+                # Keep their order: put them back at the front.
+                self._ready.extendleft(reversed([r.path for r in retry]))
+            else:
+                self._down_attempts = 0
+                for r in retry:
+                    attempt = self._attempts.get(r.path, 0) + 1
+                    self._attempts[r.path] = attempt
+                    delay = backoff_delay(attempt, self.config.retry_initial,
+                                          self.config.retry_max)
+                    self._delayed[r.path] = now + delay
+                    log.warning("%s: %s not stored (%s %s): retry in %.1f s",
+                                self.destination.name, r.path.name, r.status_text, r.detail,
+                                delay)
+            self._cond.notify()
+
+    def _forget(self, path: Path) -> None:
+        with self._cond:
+            self._known.discard(path)
+            self._attempts.pop(path, None)
+            self._delayed.pop(path, None)

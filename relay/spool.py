@@ -1,0 +1,268 @@
+"""The spool: a folder state machine that never loses an object.
+
+    incoming/  →  work/  →  out/<dest>/  →  (deleted on C-STORE success)
+                   ↘ failed/<reason>/<name> + <name>.json (why, when, which rule or peer)
+
+Pure file moves, no DICOM knowledge. Every move is a rename (or hard link) inside one file
+system, so a crash leaves each object in exactly one well-defined place. New files are written
+under a temporary name, fsynced, then renamed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Suffix of files still being written (ours and dcm4che storescp's): never processed.
+PARTIAL_SUFFIX = ".part"
+SIDECAR_SUFFIX = ".json"
+_UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
+_REASON_RE = re.compile(r"[^a-z0-9-]+")
+
+
+def safe_name(sop_instance_uid: str | None) -> str:
+    """A spool file name for an object: its UID when it is a well-formed UID, plus a random
+    part so two copies of one instance never overwrite each other. Never a path taken from
+    peer-supplied text as it is (`../../x` stays inside the spool)."""
+    uid = (sop_instance_uid or "").strip().rstrip("\x00")
+    stem = uid if _UID_RE.match(uid) and ".." not in uid else "object"
+    return f"{stem}~{uuid.uuid4().hex[:12]}.dcm"
+
+
+def is_ready(path: Path) -> bool:
+    """Whether a name in incoming/ is a finished object (not a partial or hidden file)."""
+    name = path.name
+    return not (name.startswith(".") or name.endswith(PARTIAL_SUFFIX))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a sidecar in failed/ says."""
+
+    reason: str
+    detail: str
+    stage: str  # receive | process | send
+    destination: str | None = None
+    when: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "reason": self.reason, "detail": self.detail, "stage": self.stage,
+            "destination": self.destination,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.when or time.time())),
+        }, indent=2) + "\n"
+
+
+class Spool:
+    """Folders and the transitions between them. Safe to use from several threads/processes:
+    a claim is an atomic rename, so exactly one worker wins each file."""
+
+    def __init__(self, root: Path, destinations: list[str] | tuple[str, ...] = ()) -> None:
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.work = self.root / "work"
+        self.out = self.root / "out"
+        self.failed = self.root / "failed"
+        self.destinations = tuple(destinations)
+
+    def create(self) -> Spool:
+        for folder in (self.incoming, self.work, self.out, self.failed):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for dest in self.destinations:
+            self.outbox(dest).mkdir(mode=0o700, exist_ok=True)
+        return self
+
+    def outbox(self, destination: str) -> Path:
+        return self.out / destination
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def partial_path(self, name: str) -> Path:
+        """Where a receiver writes an object before it is complete."""
+        return self.incoming / f".{name}{PARTIAL_SUFFIX}"
+
+    def commit_incoming(self, partial: Path, name: str) -> Path:
+        """Rename a completely written (and fsynced) object into incoming/."""
+        final = self.incoming / name
+        os.replace(partial, final)
+        return final
+
+    def write_incoming(self, name: str, data: bytes) -> Path:
+        """Write bytes as a new incoming object: temporary name, fsync, rename."""
+        partial = self.partial_path(name)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            partial.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return self.commit_incoming(partial, name)
+
+    # --- processing ------------------------------------------------------------------------
+
+    def ready_incoming(self) -> list[Path]:
+        """Finished objects waiting in incoming/, oldest first."""
+        return _oldest_first(p for p in _files(self.incoming) if is_ready(p))
+
+    def claim(self, path: Path) -> Path | None:
+        """Move an incoming object to work/; None if another worker took it first."""
+        target = self.work / path.name
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    def claim_back(self, claimed: Path) -> Path:
+        """Return a claimed object to incoming/ untouched (processing could not finish)."""
+        target = self.incoming / claimed.name
+        os.rename(claimed, target)
+        return target
+
+    def recover(self) -> int:
+        """At start-up: objects left in work/ by a crash go back to incoming/, and edited
+        copies that were never published are dropped (they are rebuilt from the original)."""
+        count = 0
+        for path in _files(self.work):
+            if path.name.endswith(PARTIAL_SUFFIX):
+                path.unlink()
+                continue
+            os.rename(path, self.incoming / path.name)
+            count += 1
+        return count
+
+    def edited_path(self, claimed: Path) -> Path:
+        return self.work / f"{claimed.name}.edited{PARTIAL_SUFFIX}"
+
+    def publish(self, claimed: Path, edited: Path) -> list[Path]:
+        """Hand an edited object to every destination (one hard link each), then drop the
+        claimed original. Until the last step the original is still in work/, so a crash
+        here repeats the edit (a duplicate at worst, never a loss)."""
+        if not self.destinations:
+            raise RuntimeError("no destinations configured: refusing to drop an object")
+        queued = []
+        for dest in self.destinations:
+            target = self.outbox(dest) / claimed.name
+            tmp = self.outbox(dest) / f".{claimed.name}{PARTIAL_SUFFIX}"
+            tmp.unlink(missing_ok=True)
+            os.link(edited, tmp)
+            os.replace(tmp, target)
+            queued.append(target)
+        for dest in self.destinations:
+            _fsync_dir(self.outbox(dest))
+        edited.unlink()
+        claimed.unlink()
+        return queued
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def queued(self, destination: str) -> list[Path]:
+        return _oldest_first(p for p in _files(self.outbox(destination)) if is_ready(p))
+
+    def delivered(self, path: Path) -> None:
+        """The destination answered C-STORE success: this copy may go."""
+        path.unlink(missing_ok=True)
+
+    # --- failing ---------------------------------------------------------------------------
+
+    def fail(self, path: Path, failure: Failure) -> Path:
+        """Quarantine an object under failed/<reason>/ with a JSON sidecar saying why."""
+        reason = _REASON_RE.sub("-", failure.reason.lower()).strip("-") or "unknown"
+        folder = self.failed / reason
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = path.name
+        if failure.destination:
+            name = f"{failure.destination}--{name}"
+        target = folder / name
+        sidecar = folder / (name + SIDECAR_SUFFIX)
+        tmp = folder / f".{name}{SIDECAR_SUFFIX}{PARTIAL_SUFFIX}"
+        tmp.write_text(failure.to_json(), encoding="utf-8")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, sidecar)
+        os.rename(path, target)
+        return target
+
+    def failures(self) -> Iterator[tuple[Path, dict[str, object]]]:
+        """Each quarantined object with its sidecar, most recent first."""
+        if not self.failed.is_dir():
+            return
+        items = []
+        for folder in self.failed.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if path.name.endswith(SIDECAR_SUFFIX) or not is_ready(path):
+                    continue
+                sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+                try:
+                    info = json.loads(sidecar.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    info = {"reason": folder.name, "detail": "(sidecar missing or unreadable)"}
+                items.append((path, info))
+        items.sort(key=lambda it: _mtime(it[0]), reverse=True)
+        yield from items
+
+    def requeue(self, path: Path, info: dict[str, object]) -> Path:
+        """Put a quarantined object back: to its destination's queue if it failed sending
+        there, otherwise to incoming/ to be processed again."""
+        dest = info.get("destination")
+        name = path.name
+        if isinstance(dest, str) and dest in self.destinations:
+            prefix = f"{dest}--"
+            name = name[len(prefix):] if name.startswith(prefix) else name
+            target = self.outbox(dest) / name
+        else:
+            target = self.incoming / name
+        os.rename(path, target)
+        path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+        return target
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def depth(self) -> dict[str, int]:
+        counts = {
+            "incoming": len(self.ready_incoming()) if self.incoming.is_dir() else 0,
+            "work": len(list(_files(self.work))) if self.work.is_dir() else 0,
+        }
+        for dest in self.destinations:
+            counts[f"out/{dest}"] = len(self.queued(dest)) if self.outbox(dest).is_dir() else 0
+        counts["failed"] = sum(1 for _ in self.failures())
+        return counts
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                yield Path(entry.path)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _oldest_first(paths: Iterator[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: (_mtime(p), p.name))

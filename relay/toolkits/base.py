@@ -1,0 +1,90 @@
+"""The one interface every DICOM toolkit adapter implements.
+
+The pipeline only ever talks to an Engine: it never asks which toolkit it runs on.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.config import Config, Destination
+    from relay.spool import Spool
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"  # success or a warning the standard counts as stored
+    RETRY = "retry"  # the destination may take it later: stays queued
+    FAILED = "failed"  # the destination will never take it as it is: quarantine
+
+
+# C-STORE warnings that still mean "stored" (PS3.4 B.2.3): coercion, element discarded,
+# data set does not match SOP class.
+STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+
+
+def classify_status(status: int) -> Outcome:
+    """What a C-STORE response status means for the object we sent."""
+    if status == 0x0000 or status in STORED_WARNINGS:
+        return Outcome.DELIVERED
+    if 0xA700 <= status <= 0xA7FF:  # out of resources: the PACS may have room later
+        return Outcome.RETRY
+    # 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand), 0x01xx/0x02xx
+    # (refused, not supported, not authorised, …) and any unknown code: sending the same bytes
+    # again will not help. The object goes to failed/ with the status in its sidecar.
+    return Outcome.FAILED
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    outcome: Outcome
+    status: int | None  # the C-STORE status, None when no response was received
+    detail: str = ""
+
+    @property
+    def status_text(self) -> str:
+        return "no response" if self.status is None else f"0x{self.status:04X}"
+
+
+class DestinationUnavailable(Exception):
+    """Association could not be established (refused, rejected, timed out)."""
+
+
+class Receiver(ABC):
+    """A C-STORE SCP that writes only complete objects into spool/incoming/."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start listening; raise OSError with a clear message when the port is taken."""
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+
+class Engine(ABC):
+    name: str = "?"
+
+    @abstractmethod
+    def receiver(self, config: Config, spool: Spool) -> Receiver: ...
+
+    @abstractmethod
+    def send(self, files: list[Path], destination: Destination, calling_ae: str,
+             timeout: float) -> Iterator[SendResult]:
+        """Send files over as few associations as possible; yield one result per file, in any
+        order, for every file given (connection problems yield RETRY results)."""
+
+    @abstractmethod
+    def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
+        """C-ECHO; raise DestinationUnavailable with the reason when it fails."""
+
+    def describe(self) -> str:
+        return self.name

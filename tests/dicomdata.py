@@ -1,0 +1,109 @@
+"""Test data: the real files shipped in pydicom's wheel, and sets generated from them."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
+
+DATA_ROOT = Path(pydicom.__file__).parent / "data"
+
+
+def bundled(name: str) -> Path:
+    """A file bundled with pydicom by name (test_files/ or charset_files/)."""
+    for sub in ("test_files", "charset_files"):
+        path = DATA_ROOT / sub / name
+        if path.is_file():
+            return path
+    raise FileNotFoundError(name)
+
+
+def readable_bundled_files() -> list[Path]:
+    """Every file in pydicom's wheel that pydicom reads as a DICOM file (with file meta)."""
+    out = []
+    for path in sorted(DATA_ROOT.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, Exception):  # noqa: BLE001 - "can read" is the filter
+            continue
+        if ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.get("MediaStorageSOPClassUID"):
+            out.append(path)
+    return out
+
+
+# A mixed set a modality might send: CT, MR, compressed (JPEG 2000, RLE, JPEG), big endian,
+# non-ASCII names (Latin-1 with accents, ISO 2022 Japanese, UTF-8 Chinese).
+MIXED = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "JPEG2000.dcm",
+    "MR_small_RLE.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "MR_small_bigendian.dcm",
+    "chrFren.dcm",
+    "chrH31.dcm",
+    "chrX1.dcm",
+]
+
+
+def copy_with_new_uids(source: Path, target: Path, *, ethnic_group: str | None = None,
+                       patient_id: str | None = None) -> str:
+    """Write a copy of `source` with new Study/Series/SOP Instance UIDs; return the new
+    SOP Instance UID. The encoding (transfer syntax) of the source is kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(source)
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    if ethnic_group is not None:
+        ds.EthnicGroup = ethnic_group
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(target, enforce_file_format=False)
+    return uid
+
+
+def mixed_study(folder: Path) -> dict[str, dict[str, str]]:
+    """The MIXED files with new UIDs, each with its own EthnicGroup and a PatientID that
+    differs from it. Returns SOP Instance UID → {source, ethnic_group, patient_id}."""
+    out = {}
+    for i, name in enumerate(MIXED):
+        eg = f"EG{i:04d}"
+        uid = copy_with_new_uids(bundled(name), folder / f"{i:02d}_{name}", ethnic_group=eg,
+                                 patient_id=f"ORIG{i}")
+        out[uid] = {"source": name, "ethnic_group": eg, "patient_id": f"ORIG{i}"}
+    return out
+
+
+def ct_series(folder: Path, count: int, ethnic_group: str = "EG-CT") -> list[str]:
+    """`count` copies of CT_small, each with new UIDs (one series)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(bundled("CT_small.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.EthnicGroup = ethnic_group
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = []
+    for i in range(count):
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.InstanceNumber = i + 1
+        ds.save_as(folder / f"ct{i:05d}.dcm", enforce_file_format=False)
+        uids.append(uid)
+    return uids

@@ -1,0 +1,191 @@
+"""Real DICOM peers for the tests, on 127.0.0.1 with ports chosen free at run time:
+Orthanc (Debian `orthanc`) as the destination PACS, DCMTK's dcmsend as the modality, and
+`dicom-relay` itself as a subprocess, exactly as a user starts it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DCMTK_BIN = Path("/usr/bin")  # never by bare name: pynetdicom's scripts shadow DCMTK's
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None,
+                  ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1, what: str = "") -> Any:
+    """Poll until predicate() is truthy; bounded in time. Returns its last value."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    if not value:
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what or predicate}")
+    return value
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Debian's DCMTK leaves Nagle on unless told: ~88 ms per C-STORE on loopback without it.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+class Orthanc:
+    """An Orthanc started with a temporary config: DICOM and REST on loopback only."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+        self.workdir = workdir
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps({
+            "Name": "test-pacs",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "HttpServerEnabled": True,
+            "Plugins": [],
+            "StorageCompression": False,
+            "ConcurrentJobs": 1,
+            "SaveJobs": False,
+        }))
+        self.log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
+
+    def start(self) -> Orthanc:
+        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=dcmtk_env())
+        wait_for_port(self.http_port, proc=self.proc)
+        wait_for_port(self.dicom_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()
+
+    def rest(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    def instance_ids(self) -> list[str]:
+        return list(self.rest("/instances"))
+
+    def count(self) -> int:
+        return len(self.instance_ids())
+
+    def tags_by_sop_uid(self) -> dict[str, dict[str, Any]]:
+        """SOP Instance UID → simplified tags, for every stored instance."""
+        out = {}
+        for iid in self.instance_ids():
+            tags = self.rest(f"/instances/{iid}/simplified-tags")
+            out[tags["SOPInstanceUID"]] = tags
+        return out
+
+    def transfer_syntax(self, sop_uid: str) -> str:
+        for iid in self.instance_ids():
+            tags = self.rest(f"/instances/{iid}/simplified-tags")
+            if tags["SOPInstanceUID"] == sop_uid:
+                return str(self.rest(f"/instances/{iid}/metadata/TransferSyntax"))
+        raise KeyError(sop_uid)
+
+
+def dcmsend(files: Iterable[Path], port: int, called_aet: str, calling_aet: str = "MODALITY",
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """DCMTK dcmsend as the modality: each file in its own transfer syntax, one association."""
+    argv = [str(DCMTK_BIN / "dcmsend"), "-aet", calling_aet, "-aec", called_aet, "--no-halt",
+            "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(),
+                          timeout=timeout, check=False)
+
+
+class RelayProcess:
+    """`dicom-relay VERB --config FILE` as a subprocess, as systemd would run it."""
+
+    def __init__(self, config_path: Path, workdir: Path, verb: str = "run") -> None:
+        self.config_path = config_path
+        self.verb = verb
+        self.log_path = workdir / f"relay-{verb}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int | None = None) -> RelayProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", self.verb, "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if port is not None:
+            wait_for_port(port, proc=self.proc)
+        return self
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def spool_files(spool: Path, folder: str) -> list[Path]:
+    root = spool / folder
+    if not root.exists():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file())
