@@ -31,6 +31,8 @@ INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
 FLOAT_VRS = frozenset({"FL", "FD"})
 # Small binary values are inlined (base64) so a rule can read them; larger ones are references.
 INLINE_LIMIT = 512
+# Pixel data (float, double, plain) is bulk data whatever its size.
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 PN_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
 PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 # Characters XML 1.0 cannot carry. A value holding one is inlined as its raw bytes instead.
@@ -161,7 +163,8 @@ def _add_attribute(parent: etree._Element, ds: Dataset, tag: int, charset: Any,
         return
     if vr in BINARY_VRS or isinstance(elem.value, bytes | bytearray):
         data = elem.value or b""
-        if isinstance(data, bytes | bytearray) and len(data) <= INLINE_LIMIT:
+        if (isinstance(data, bytes | bytearray) and len(data) <= INLINE_LIMIT
+                and tag not in PIXEL_TAGS and not elem.is_undefined_length):
             if data:
                 _inline(node, bytes(data))
         else:
@@ -256,12 +259,34 @@ def element_from_xml(node: etree._Element, charset: Any) -> DataElement:
         return DataElement(tag, vr, text.rstrip(" \x00"))
     if vr == "PN":
         names = [_person_name_text(p) for p in _numbered(node, "PersonName")]
+        _check_encodable(tag, names, charset)
         return DataElement(tag, vr, _one_or_many(names))
     try:
         values = [_parse_value(vr, v.text or "") for v in _numbered(node, "Value")]
     except ValueError as exc:
         raise ConversionError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr}: {exc}") from None
+    _check_encodable(tag, [v for v in values if isinstance(v, str)], charset)
     return DataElement(tag, vr, _one_or_many(values))
+
+
+def _check_encodable(tag: int, texts: list[str], charset: Any) -> None:
+    """Refuse a value the object's character set cannot carry: pydicom would write '?' in
+    its place, silently corrupting a name or an ID."""
+    encodings = list(charset)
+    for text in texts:
+        for ch in set(text):
+            if ch.isascii():
+                continue
+            for encoding in encodings:
+                try:
+                    ch.encode(encoding)
+                    break
+                except (UnicodeError, LookupError):
+                    continue
+            else:
+                raise ConversionError(
+                    f"({tag >> 16:04X},{tag & 0xFFFF:04X}): {text!r} has characters ({ch!r}) "
+                    f"that the object's character set ({', '.join(encodings)}) cannot encode")
 
 
 def _one_or_many(values: list[Any]) -> Any:

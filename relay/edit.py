@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
 
@@ -26,6 +27,8 @@ log = logging.getLogger("relay.edit")
 # Values larger than this stay on disk while editing (pixel data, big private blobs): pydicom
 # reads them from the source file again only when writing.
 DEFER_SIZE = 64 * 1024
+UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 class BadInput(Exception):
@@ -52,10 +55,9 @@ def read_dicom(path: Path) -> FileDataset:
         size = path.stat().st_size
         if size == 0:
             raise BadInput("not-dicom", "empty file (0 bytes)")
-        with warnings.catch_warnings(), open(path, "rb") as fp:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = dcmread(fp, defer_size=DEFER_SIZE)
-            end = fp.tell()
+            ds = dcmread(path, defer_size=DEFER_SIZE)
     except BadInput:
         raise
     except InvalidDicomError as exc:
@@ -63,16 +65,60 @@ def read_dicom(path: Path) -> FileDataset:
     except (EOFError, ValueError, IndexError, KeyError, TypeError, NotImplementedError,
             OverflowError) as exc:
         raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
-    # pydicom stops silently at a short element; a reader that did not end exactly at the end
-    # of the file means the object is truncated (or followed by junk): never forward it.
-    if end != size:
-        raise BadInput("truncated", f"the DICOM data ends at byte {end} but the file has {size}")
+    problem = _truncation(path, ds, size)
+    if problem:
+        raise BadInput("truncated", problem)
     meta = ds.file_meta
     for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
         if not meta.get(keyword):
             raise BadInput("no-file-meta", f"file meta information lacks {keyword}")
     ds.filename = str(path)  # deferred values are read from here when writing
     return ds
+
+
+# The Sequence Delimitation Item that ends an undefined-length element, in both byte orders.
+_SEQ_DELIMITERS = (bytes.fromhex("feffdde000000000"), bytes.fromhex("fffee0dd00000000"))
+
+
+def _truncation(path: Path, ds: FileDataset, size: int) -> str | None:
+    """Why this object looks cut short, or None. pydicom stops silently at a short element,
+    so we check what it cannot: the last element's declared extent against the file size,
+    the closing delimiter of an undefined-length last element, and image pixels present."""
+    tags = list(ds.keys())
+    if not tags:
+        return "no data set after the file meta information"
+    if ds.file_meta.get("TransferSyntaxUID") == DEFLATED:
+        # Positions are in the inflated stream: the file size says nothing about them.
+        return None
+    last = ds.get_item(tags[-1], keep_deferred=True)
+    if isinstance(last, RawDataElement):
+        if last.length != UNDEFINED_LENGTH:
+            end = last.value_tell + last.length
+            if end != size:
+                return (f"the last element {last.tag} ends at byte {end} but the file has "
+                        f"{size} bytes")
+        elif not _ends_with_delimiter(path, size):
+            return f"the last element {last.tag} has no closing delimiter"
+    elif getattr(last, "is_undefined_length", False) and not _ends_with_delimiter(path, size):
+        return f"the last element {last.tag} has no closing delimiter"
+    # A cut exactly at an element boundary leaves a well-formed (shorter) object: no check on
+    # the file alone can see that. Receivers therefore hand over only completed objects.
+    return None
+
+
+def _ends_with_delimiter(path: Path, size: int) -> bool:
+    if size < 8:
+        return False
+    with open(path, "rb") as fp:
+        fp.seek(size - 8)
+        return fp.read(8) in _SEQ_DELIMITERS
+
+
+def _write(ds: FileDataset, dst: Path) -> None:
+    with open(dst, "wb") as fp:
+        ds.save_as(fp, enforce_file_format=False)
+        fp.flush()
+        os.fsync(fp.fileno())
 
 
 class Editor:
@@ -98,13 +144,18 @@ class Editor:
             os.link(src, dst)  # unchanged: the very same bytes, no copy
             return outcome
         self._sync_media_uids(ds, outcome.changes)
-        with open(dst, "wb") as fp:
+        try:
+            _write(ds, dst)
+        except (ValueError, TypeError, OverflowError):
+            # Some files declare one encoding and use another (explicit VR in the meta,
+            # implicit in the data set): pydicom then lacks the VRs of untouched elements.
+            # Decoding them all gives it the VRs, and the object goes out well-formed.
+            for _ in ds.iterall():
+                pass
             try:
-                ds.save_as(fp, enforce_file_format=False)
+                _write(ds, dst)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
-            fp.flush()
-            os.fsync(fp.fileno())
         return outcome
 
     def _apply_rules(self, ds: FileDataset) -> tuple[list[AttributeChange], list[str]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 PARTIAL_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".json"
 _UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
-_REASON_RE = re.compile(r"[^a-z0-9-]+")
+_REASON_RE = re.compile(r"[^A-Za-z0-9-]+")
 
 
 def safe_name(sop_instance_uid: str | None) -> str:
@@ -187,7 +187,7 @@ class Spool:
 
     def fail(self, path: Path, failure: Failure) -> Path:
         """Quarantine an object under failed/<reason>/ with a JSON sidecar saying why."""
-        reason = _REASON_RE.sub("-", failure.reason.lower()).strip("-") or "unknown"
+        reason = _REASON_RE.sub("-", failure.reason).strip("-") or "unknown"
         folder = self.failed / reason
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = path.name

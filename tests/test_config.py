@@ -1,0 +1,93 @@
+"""Config errors name the file, the key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, load_config
+from relay.rules import KeywordRule, XPathRule
+
+REPO = Path(__file__).resolve().parent.parent
+MINIMAL = """
+[[destinations]]
+name = "central"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 104
+"""
+
+
+def _load(tmp_path: Path, text: str):  # noqa: ANN202
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_example_config_parses() -> None:
+    cfg = load_config(REPO / "templates" / "relay.toml")
+    assert cfg.receiver.ae_title == "DICOMRELAY" and cfg.receiver.port == 11112
+    assert [d.name for d in cfg.destinations] == ["central"]
+    assert isinstance(cfg.rules[0], KeywordRule)
+    assert cfg.rules[0].describe() == "PatientID := EthnicGroup"
+    # Relative spool paths are relative to the config file's folder.
+    assert cfg.spool.path == (REPO / "templates" / "spool").resolve()
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, MINIMAL)
+    assert cfg.toolkit.engine == "auto"
+    assert cfg.spool.path == Path("/srv/dicom_repo")
+    assert cfg.sender.calling_ae_title == "DICOMRELAY"
+
+
+def test_original_xpath_rule_loads(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, MINIMAL + """
+[[rules]]
+xpath = '//DicomAttribute[@keyword="PatientID"]/Value'
+value_from_xpath = '//DicomAttribute[@keyword="EthnicGroup"]/Value/text()'
+""")
+    assert isinstance(cfg.rules[0], XPathRule)
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ('[receiver]\nport = "abc"', r"receiver\.port: expected an integer 1-65535, got str 'abc'"),
+    ("[receiver]\nport = 70000", r"receiver\.port: expected an integer 1-65535, got int 70000"),
+    ('[receiver]\nae_title = "WAY_TOO_LONG_AE_TITLE"', r"receiver\.ae_title: expected an AE"),
+    ('[toolkit]\nengine = "orthanc"', r"toolkit\.engine: expected one of 'auto', 'dcm4che'"),
+    ('[receiver]\nprot = 1', r"receiver\.prot: expected one of the known keys: ae_title"),
+    ('[spool]\npath = 5', r"spool\.path: expected a folder path, got int 5"),
+    ('[sender]\nretry_initial = 10\nretry_max = 1',
+     r"sender\.retry_max: expected a number >= retry_initial"),
+    ('[[destinations]]\nname = "x"\nae_title = "A"\nhost = "h"',
+     r"\[\[destinations\]\]\[1\]\.port: expected an integer 1-65535 \(this key is required\)"),
+    ('[[destinations]]\nname = "central"\nae_title = "A"\nhost = "h"\nport = 1',
+     r"\[\[destinations\]\]\[1\]\.name: expected a unique name"),
+    ('[[destinations]]\nname = "../etc"\nae_title = "A"\nhost = "h"\nport = 1',
+     r"\[\[destinations\]\]\[1\]\.name: expected a name of letters"),
+    ('[[rules]]\nset = "PatientID"\ncopy_form = "EthnicGroup"',
+     r"\[\[rules\]\]\[0\]\.copy_form: expected one of the known keys"),
+    ('[[rules]]\nset = "PatientIdentifier"\ncopy_from = "EthnicGroup"',
+     r"\[\[rules\]\]\[0\]: set: 'PatientIdentifier' is not a DICOM keyword"),
+    ('[[rules]]\nset = "PatientID"', r"\[\[rules\]\]\[0\]: set: expected exactly one of copy_from"),
+    ("[[rules]]\nxpath = '//DicomAttribute['\nvalue = 'x'", r"\[\[rules\]\]\[0\]: xpath: expected"),
+    ('[[rules]]\nxslt = "missing.xsl"', r"\[\[rules\]\]\[0\]: xslt: cannot read stylesheet"),
+    ('[[rules]]\nset = "PatientID"\nvalue = "x"\non_missing = "drop"',
+     r"\[\[rules\]\]\[0\]\.on_missing: expected one of 'keep', 'fail'"),
+])
+def test_errors_name_file_key_and_expectation(tmp_path: Path, snippet: str,
+                                               expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        _load(tmp_path, MINIMAL + "\n" + snippet + "\n")
+    assert str(info.value).startswith(str(tmp_path / "relay.toml") + ": ")
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"relay\.toml: not valid TOML"):
+        _load(tmp_path, "[receiver\nport = 1")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml: no such file"):
+        load_config(tmp_path / "nope.toml")

@@ -1,0 +1,141 @@
+"""Sender bookkeeping: status → spool move, backoff. A fake engine and clock (unit level);
+the same behaviour against real peers is in test_e2e.py and test_sender_statuses.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import Destination, SenderConfig
+from relay.send import DestinationSender, backoff_delay
+from relay.spool import Spool
+from relay.toolkits.base import Outcome, SendResult, classify_status
+
+DEST = Destination("central", "PACS", "127.0.0.1", 104)
+
+
+class FakeEngine:
+    """Answers each file with the status scripted for its name (queue of answers)."""
+
+    name = "fake"
+
+    def __init__(self, script: dict[str, list[int | None]]) -> None:
+        self.script = script
+        self.calls: list[list[str]] = []
+
+    def send(self, files: list[Path], destination: Destination, calling_ae: str,
+             timeout: float) -> Iterator[SendResult]:
+        self.calls.append([f.name for f in files])
+        for f in files:
+            status = self.script[f.name].pop(0)
+            outcome = Outcome.RETRY if status is None else classify_status(status)
+            yield SendResult(f, outcome, status, "scripted")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _queued(spool: Spool, *names: str) -> list[Path]:
+    out = []
+    for name in names:
+        path = spool.outbox("central") / name
+        path.write_bytes(b"x")
+        out.append(path)
+    return out
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path, ["central"]).create()
+
+
+def _sender(spool: Spool, engine: FakeEngine, clock: Clock) -> DestinationSender:
+    cfg = SenderConfig(batch_size=10, retry_initial=2.0, retry_max=10.0)
+    return DestinationSender(spool, DEST, engine, cfg, clock=clock)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    (0x0000, Outcome.DELIVERED), (0xB000, Outcome.DELIVERED), (0xB006, Outcome.DELIVERED),
+    (0xB007, Outcome.DELIVERED), (0xA700, Outcome.RETRY), (0xA7FF, Outcome.RETRY),
+    (0xA900, Outcome.FAILED), (0xC000, Outcome.FAILED), (0xCFFF, Outcome.FAILED),
+    (0x0122, Outcome.FAILED), (0x0124, Outcome.FAILED), (0xB001, Outcome.FAILED),
+])
+def test_classify_status(status: int, outcome: Outcome) -> None:
+    assert classify_status(status) is outcome
+
+
+def test_backoff_is_capped_exponential() -> None:
+    assert [backoff_delay(n, 2.0, 10.0) for n in range(1, 6)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_statuses_become_spool_moves(spool: Spool) -> None:
+    ok, warn, full, bad, odd = _queued(spool, "ok.dcm", "warn.dcm", "full.dcm", "bad.dcm",
+                                       "odd.dcm")
+    engine = FakeEngine({"ok.dcm": [0], "warn.dcm": [0xB000], "full.dcm": [0xA700],
+                         "bad.dcm": [0xA900], "odd.dcm": [0xC123]})
+    sender = _sender(spool, engine, Clock())
+    sender.load_backlog()
+    sender.send_batch(sender._next_batch())
+    assert not ok.exists() and not warn.exists(), "success and B000 count as delivered"
+    assert full.exists(), "A700 stays queued"
+    assert (spool.failed / "status-A900" / "central--bad.dcm").exists()
+    assert (spool.failed / "status-C123" / "central--odd.dcm").exists()
+    assert sender.stats.delivered == 2 and sender.stats.failed == 2
+    assert sender.pending() == 1
+
+
+def test_retryable_comes_back_after_backoff(spool: Spool) -> None:
+    (full,) = _queued(spool, "full.dcm")
+    ok = _queued(spool, "ok.dcm")[0]
+    engine = FakeEngine({"full.dcm": [0xA700, 0xA700, 0x0000], "ok.dcm": [0]})
+    clock = Clock()
+    sender = _sender(spool, engine, clock)
+    sender.load_backlog()
+    sender.send_batch(sender._next_batch())
+    assert not ok.exists() and full.exists()
+    clock.now += 1.9
+    sender.stop()  # _next_batch returns [] instead of waiting once stopped
+    assert sender._next_batch() == []
+    sender._stop.clear()
+    clock.now += 0.2  # 2.1 s after: the first retry (2 s) is due
+    sender.send_batch(sender._next_batch())
+    assert full.exists()
+    clock.now += 4.1  # second retry after 4 s
+    sender.send_batch(sender._next_batch())
+    assert not full.exists()
+    assert engine.calls == [["full.dcm", "ok.dcm"], ["full.dcm"], ["full.dcm"]]
+
+
+def test_destination_down_holds_queue_in_order(spool: Spool) -> None:
+    files = _queued(spool, "a.dcm", "b.dcm")
+    engine = FakeEngine({"a.dcm": [None, 0], "b.dcm": [None, 0]})
+    clock = Clock()
+    sender = _sender(spool, engine, clock)
+    sender.load_backlog()
+    sender.send_batch(sender._next_batch())
+    assert all(f.exists() for f in files), "nothing deleted while the destination is down"
+    assert sender._hold_until == clock.now + 2.0
+    clock.now += 2.0
+    sender.send_batch(sender._next_batch())
+    assert not any(f.exists() for f in files)
+    assert engine.calls == [["a.dcm", "b.dcm"], ["a.dcm", "b.dcm"]]
+
+
+def test_forgotten_file_is_retried_not_dropped(spool: Spool) -> None:
+    (path,) = _queued(spool, "a.dcm")
+
+    class Forgetful(FakeEngine):
+        def send(self, files, destination, calling_ae, timeout):  # noqa: ANN001, ANN202
+            return iter(())
+
+    sender = _sender(spool, Forgetful({}), Clock())
+    sender.load_backlog()
+    results = sender.send_batch(sender._next_batch())
+    assert results[0].outcome is Outcome.RETRY and path.exists()

@@ -1,0 +1,136 @@
+"""Spool transitions: every move is a rename; nothing is ever dropped."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from relay.spool import Failure, Spool, is_ready, safe_name
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool", ["central", "backup"]).create()
+
+
+def _incoming(spool: Spool, data: bytes = b"DICM-ish") -> Path:
+    return spool.write_incoming(safe_name("1.2.3"), data)
+
+
+def test_folders_are_private(spool: Spool) -> None:
+    for folder in (spool.incoming, spool.work, spool.out, spool.failed,
+                   spool.outbox("central")):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    path = _incoming(spool)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_safe_name_never_escapes() -> None:
+    for hostile in ["../../x", "/etc/passwd", "1.2/../../3", "", None, "1.2.3\x00", "a" * 300]:
+        name = safe_name(hostile)
+        assert "/" not in name and not name.startswith(".")
+    assert safe_name("1.2.840.1").startswith("1.2.840.1~")
+    assert safe_name("1.2.3") != safe_name("1.2.3"), "two copies never overwrite each other"
+
+
+def test_partial_files_are_not_ready(spool: Spool) -> None:
+    partial = spool.partial_path("x.dcm")
+    partial.write_bytes(b"half")
+    assert not is_ready(partial)
+    assert spool.ready_incoming() == []
+    final = spool.commit_incoming(partial, "x.dcm")
+    assert spool.ready_incoming() == [final]
+
+
+def test_claim_is_exclusive(spool: Spool) -> None:
+    path = _incoming(spool)
+    claimed = spool.claim(path)
+    assert claimed is not None and claimed.parent == spool.work
+    assert spool.claim(path) is None
+
+
+def test_publish_links_into_every_destination(spool: Spool) -> None:
+    claimed = spool.claim(_incoming(spool, b"original"))
+    assert claimed is not None
+    edited = spool.edited_path(claimed)
+    edited.write_bytes(b"edited")
+    queued = spool.publish(claimed, edited)
+    assert [p.parent.name for p in queued] == ["central", "backup"]
+    assert all(p.read_bytes() == b"edited" for p in queued)
+    assert list(spool.work.iterdir()) == []
+    assert spool.queued("central") == [queued[0]]
+
+
+def test_publish_without_destinations_refuses(tmp_path: Path) -> None:
+    lonely = Spool(tmp_path / "s").create()
+    claimed = lonely.claim(lonely.write_incoming("a.dcm", b"x"))
+    assert claimed is not None
+    edited = lonely.edited_path(claimed)
+    edited.write_bytes(b"y")
+    with pytest.raises(RuntimeError):
+        lonely.publish(claimed, edited)
+    assert claimed.exists()
+
+
+def test_recover_returns_work_to_incoming(spool: Spool) -> None:
+    claimed = spool.claim(_incoming(spool))
+    assert claimed is not None
+    spool.edited_path(claimed).write_bytes(b"half-edited")
+    assert spool.recover() == 1
+    assert [p.name for p in spool.ready_incoming()] == [claimed.name]
+    assert list(spool.work.iterdir()) == []
+
+
+def test_delivered_removes_only_that_copy(spool: Spool) -> None:
+    claimed = spool.claim(_incoming(spool))
+    assert claimed is not None
+    edited = spool.edited_path(claimed)
+    edited.write_bytes(b"e")
+    central, backup = spool.publish(claimed, edited)
+    spool.delivered(central)
+    assert not central.exists() and backup.read_bytes() == b"e"
+
+
+def test_fail_writes_sidecar_and_retry_requeues(spool: Spool) -> None:
+    claimed = spool.claim(_incoming(spool))
+    assert claimed is not None
+    failed = spool.fail(claimed, Failure("not-dicom", "no DICM prefix", "process"))
+    assert failed.parent == spool.failed / "not-dicom"
+    sidecar = json.loads(failed.with_name(failed.name + ".json").read_text())
+    assert sidecar["reason"] == "not-dicom" and sidecar["detail"] == "no DICM prefix"
+    assert sidecar["stage"] == "process" and sidecar["when"].endswith("Z")
+    [(path, info)] = list(spool.failures())
+    back = spool.requeue(path, info)
+    assert back.parent == spool.incoming and not failed.exists()
+    assert not failed.with_name(failed.name + ".json").exists()
+
+
+def test_send_failure_requeues_to_its_destination(spool: Spool) -> None:
+    claimed = spool.claim(_incoming(spool))
+    assert claimed is not None
+    edited = spool.edited_path(claimed)
+    edited.write_bytes(b"e")
+    central, backup = spool.publish(claimed, edited)
+    f1 = spool.fail(central, Failure("status-A900", "0xA900", "send", "central"))
+    f2 = spool.fail(backup, Failure("status-A900", "0xA900", "send", "backup"))
+    assert f1 != f2, "the same object failing at two destinations keeps both copies"
+    for path, info in list(spool.failures()):
+        spool.requeue(path, info)
+    assert [p.name for p in spool.queued("central")] == [central.name]
+    assert [p.name for p in spool.queued("backup")] == [backup.name]
+
+
+def test_hostile_reason_stays_inside_failed(spool: Spool) -> None:
+    path = _incoming(spool)
+    failed = spool.fail(path, Failure("../../etc", "x", "process"))
+    assert failed.parent.parent == spool.failed
+
+
+def test_depth(spool: Spool) -> None:
+    _incoming(spool)
+    _incoming(spool)
+    assert spool.depth() == {"incoming": 2, "work": 0, "out/central": 0, "out/backup": 0,
+                             "failed": 0}
