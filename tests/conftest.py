@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import ORTHANC, DCMTK_BIN, Orthanc  # noqa: E402
+from peers import DCMTK_BIN, ORTHANC, Orthanc  # noqa: E402
 
 
 def _require(tool: str) -> None:

@@ -20,6 +20,7 @@ from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
+    build_context,
     evt,
 )
 from pynetdicom.sop_class import Verification
@@ -55,6 +56,34 @@ def set_nodelay(event: evt.Event) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def prefer_requestor_syntax(event: evt.Event) -> None:
+    """EVT_REQUESTED handler: accept the transfer syntax the modality proposed first.
+
+    pynetdicom picks, per context, the first transfer syntax in *our* list that the peer
+    proposed. DCMTK's dcmsend proposes [RLE, Explicit LE, …] for an RLE file: with a fixed
+    list we would take Explicit LE and the modality would decompress the image for us. The
+    relay must keep what it was sent, so our preference follows theirs, per association.
+    """
+    proposed: dict[str, list[list[str]]] = {}
+    for cx in event.assoc.requestor.requested_contexts:
+        if cx.transfer_syntax:
+            proposed.setdefault(cx.abstract_syntax, []).append(list(cx.transfer_syntax))
+    contexts = []
+    for cx in event.assoc.acceptor.supported_contexts:
+        lists = proposed.get(cx.abstract_syntax)
+        if lists:
+            # One order must serve every context of this SOP class. dcmsend proposes
+            # [ELE, EBE, ILE] and [RLE, ELE, EBE, ILE] for MR side by side: putting the first
+            # choice that appears in the fewest contexts first (RLE) gives each its first.
+            firsts = dict.fromkeys(tss[0] for tss in lists)
+            first = sorted(firsts, key=lambda ts: sum(ts in tss for tss in lists))
+            ours = list(cx.transfer_syntax)
+            order = [ts for ts in first if ts in ours]
+            cx = build_context(cx.abstract_syntax, order + [ts for ts in ours if ts not in order])
+        contexts.append(cx)
+    event.assoc.acceptor.supported_contexts = contexts
 
 
 class EmbeddedReceiver(Receiver):
@@ -100,7 +129,8 @@ class EmbeddedReceiver(Receiver):
 
     def start(self) -> None:
         ae = self._make_ae()
-        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay)]
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
+                    (evt.EVT_REQUESTED, prefer_requestor_syntax)]
         address = (self.config.host, self.config.port)
         try:
             self.server = ae.start_server(address, block=False, evt_handlers=handlers)
