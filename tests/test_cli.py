@@ -1,0 +1,137 @@
+"""The CLI verbs as a PACS administrator types them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicomdata import ct_series
+from peers import Orthanc, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, check=False)
+
+
+def config(tmp_path: Path, dest_port: int, rules: str = "", aet: str = "ORTHANC",
+           receiver_port: int | None = None) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(f"""
+[receiver]
+port = {receiver_port or free_port()}
+host = "127.0.0.1"
+[spool]
+path = "{tmp_path / 'spool'}"
+[toolkit]
+engine = "embedded"
+[[destinations]]
+name = "central"
+ae_title = "{aet}"
+host = "127.0.0.1"
+port = {dest_port}
+{rules}
+""")
+    return path
+
+
+EG_RULE = '[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help_with_an_example(verb: str) -> None:
+    result = cli(verb, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Example:" in result.stdout and f"dicom-relay {verb}" in result.stdout
+
+
+def test_check_reports_config_errors_with_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[receiver]\nport = "eleven"\n')
+    result = cli("check", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: receiver.port: expected an integer 1-65535, got str 'eleven'" in result.stderr
+
+
+def test_check_echoes_destinations(tmp_path: Path, orthanc: Orthanc) -> None:
+    ok = cli("check", "--config", str(config(tmp_path, orthanc.dicom_port, EG_RULE)))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "rule 1: PatientID := EthnicGroup" in ok.stdout
+    assert "engine: embedded" in ok.stdout and "ok   central" in ok.stdout
+    orthanc.stop()
+    down = cli("check", "--config", str(config(tmp_path, orthanc.dicom_port)))
+    assert down.returncode == 1 and "FAIL central" in down.stdout
+
+
+def test_edit_dry_run_shows_before_and_after(tmp_path: Path) -> None:
+    ct_series(tmp_path / "ct", 2, ethnic_group="NEWID")
+    cfg = config(tmp_path, 104, EG_RULE)
+    before = {p: p.read_bytes() for p in (tmp_path / "ct").iterdir()}
+    result = cli("edit", "--config", str(cfg), "--dry-run", str(tmp_path / "ct"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("PatientID: '1CT1' -> 'NEWID'") == 2
+    assert before == {p: p.read_bytes() for p in (tmp_path / "ct").iterdir()}, "nothing written"
+
+
+def test_edit_output_and_not_relayable(tmp_path: Path) -> None:
+    ct_series(tmp_path / "ct", 1, ethnic_group="NEWID")
+    (tmp_path / "ct" / "junk.txt").write_text("junk")
+    result = cli("edit", "--config", str(config(tmp_path, 104, EG_RULE)), "--output",
+                 str(tmp_path / "edited"), str(tmp_path / "ct"))
+    assert result.returncode == 1
+    assert "junk.txt: NOT RELAYABLE (not-dicom)" in result.stdout
+    assert (tmp_path / "edited" / "ct00000.dcm").exists()
+
+
+def test_send_reports_each_file(tmp_path: Path, orthanc: Orthanc) -> None:
+    ct_series(tmp_path / "ct", 5)
+    cfg = config(tmp_path, orthanc.dicom_port)
+    result = cli("send", "--config", str(cfg), "central", str(tmp_path / "ct"))
+    assert result.returncode == 0, result.stderr
+    assert "5/5 stored at central" in result.stdout
+    assert orthanc.count() == 5
+    assert len(list((tmp_path / "ct").iterdir())) == 5, "send never deletes"
+    unknown = cli("send", "--config", str(cfg), "nowhere", str(tmp_path / "ct"))
+    assert unknown.returncode == 2 and "no destination named 'nowhere'" in unknown.stderr
+
+
+def test_echo_unknown_and_down(tmp_path: Path) -> None:
+    result = cli("echo", "--config", str(config(tmp_path, free_port())))
+    assert result.returncode == 1 and "FAIL central" in result.stdout
+
+
+def test_status_and_retry(tmp_path: Path) -> None:
+    cfg = config(tmp_path, 104)
+    spool = tmp_path / "spool"
+    assert "does not exist yet" in cli("status", "--config", str(cfg)).stdout
+    failed = spool / "failed" / "not-dicom"
+    failed.mkdir(parents=True)
+    (failed / "x.dcm").write_bytes(b"junk")
+    (failed / "x.dcm.json").write_text(
+        '{"reason": "not-dicom", "detail": "no DICM", "stage": "process", '
+        '"destination": null, "when": "2026-01-01T00:00:00Z"}')
+    (spool / "incoming").mkdir()
+    status = cli("status", "--config", str(cfg))
+    assert status.returncode == 0
+    assert "failed" in status.stdout and "not-dicom: x.dcm: no DICM" in status.stdout
+    retried = cli("retry", "--config", str(cfg))
+    assert "1 object(s) requeued" in retried.stdout
+    assert (spool / "incoming" / "x.dcm").exists() and not (failed / "x.dcm").exists()
+
+
+def test_run_refuses_a_taken_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("run", "--config", str(config(tmp_path, 104, receiver_port=port)))
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr

@@ -1,0 +1,111 @@
+"""The embedded sender against a scripted pynetdicom Storage SCP (a real network peer that
+answers chosen statuses), and against nothing at all (connection refused)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicomdata import ct_series
+from peers import free_port
+from relay.config import Destination, SenderConfig
+from relay.send import DestinationSender
+from relay.spool import Spool
+from relay.toolkits.base import Outcome
+from relay.toolkits.embedded import EmbeddedEngine
+
+
+class ScriptedSCP:
+    """Answers C-STORE with the status scripted per InstanceNumber (default success)."""
+
+    def __init__(self, statuses: dict[int, int]) -> None:
+        self.statuses = statuses
+        self.received: list[str] = []
+        self.port = free_port()
+        ae = AE("SCRIPTED")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+
+    def on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        status = self.statuses.get(int(ds.InstanceNumber), 0x0000)
+        if status in (0x0000, 0xB000):
+            self.received.append(ds.SOPInstanceUID)
+        return status
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def files_in_outbox(tmp_path: Path) -> tuple[Spool, list[Path]]:
+    spool = Spool(tmp_path / "spool", ["scp"]).create()
+    ct_series(spool.outbox("scp"), 6)  # InstanceNumber 1..6
+    return spool, spool.queued("scp")
+
+
+def test_statuses_from_a_real_peer(files_in_outbox: tuple[Spool, list[Path]]) -> None:
+    spool, files = files_in_outbox
+    scp = ScriptedSCP({2: 0xA700, 3: 0xA900, 4: 0xC000, 5: 0xB000})
+    try:
+        dest = Destination("scp", "SCRIPTED", "127.0.0.1", scp.port)
+        sender = DestinationSender(spool, dest, EmbeddedEngine(), SenderConfig(retry_initial=60))
+        sender.load_backlog()
+        results = sender.send_batch(sender._next_batch())
+        by_name = {r.path.name: r for r in results}
+        statuses = [by_name[f.name].status for f in files]
+        assert statuses == [0x0000, 0xA700, 0xA900, 0xC000, 0xB000, 0x0000]
+        assert [by_name[f.name].outcome for f in files] == [
+            Outcome.DELIVERED, Outcome.RETRY, Outcome.FAILED, Outcome.FAILED,
+            Outcome.DELIVERED, Outcome.DELIVERED]
+        assert [p.name for p in spool.queued("scp")] == [files[1].name], "A700 stays queued"
+        assert (spool.failed / "status-A900" / f"scp--{files[2].name}").exists()
+        assert (spool.failed / "status-C000" / f"scp--{files[3].name}").exists()
+        assert len(scp.received) == 3
+    finally:
+        scp.close()
+
+
+def test_connection_refused_keeps_everything(files_in_outbox: tuple[Spool, list[Path]]) -> None:
+    spool, files = files_in_outbox
+    dest = Destination("scp", "NOBODY", "127.0.0.1", free_port())
+    sender = DestinationSender(spool, dest, EmbeddedEngine(), SenderConfig(timeout=5))
+    sender.load_backlog()
+    results = sender.send_batch(sender._next_batch())
+    assert {r.outcome for r in results} == {Outcome.RETRY}
+    assert spool.queued("scp") == files
+    assert sender._hold_until > 0
+
+
+def test_association_rejected_keeps_everything(
+        files_in_outbox: tuple[Spool, list[Path]]) -> None:
+    spool, files = files_in_outbox
+    ae = AE("PICKY")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
+    ae.require_calling_aet = ["SOMEONE"]
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        dest = Destination("scp", "PICKY", "127.0.0.1", port)
+        sender = DestinationSender(spool, dest, EmbeddedEngine(), SenderConfig())
+        sender.load_backlog()
+        results = sender.send_batch(sender._next_batch())
+        assert {r.outcome for r in results} == {Outcome.RETRY}
+        assert "rejected" in results[0].detail
+        assert spool.queued("scp") == files
+    finally:
+        server.shutdown()
+
+
+def test_echo() -> None:
+    scp = ScriptedSCP({})
+    try:
+        EmbeddedEngine().echo(Destination("scp", "SCRIPTED", "127.0.0.1", scp.port), "ME", 5)
+    finally:
+        scp.close()
