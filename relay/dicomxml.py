@@ -85,14 +85,16 @@ def _tag_hex(tag: int) -> str:
     return f"{tag:08X}"
 
 
-def _private_creator(ds: Dataset, tag: int) -> str | None:
+def _private_creator(ds: Dataset, tag: int, creators: dict[int, str | None]) -> str | None:
+    """The Private Creator of a private tag; `creators` caches them per data set."""
     group, elem = tag >> 16, tag & 0xFFFF
     if group % 2 == 0 or elem < 0x1000:
         return None
-    creator = _peek(ds, (group << 16) | (elem >> 8))
-    if creator is None or not creator.value:
-        return None
-    return str(creator.value).strip()
+    creator_tag = (group << 16) | (elem >> 8)
+    if creator_tag not in creators:
+        creator = _peek(ds, creator_tag)
+        creators[creator_tag] = str(creator.value).strip() if creator and creator.value else None
+    return creators[creator_tag]
 
 
 def _values(elem: DataElement) -> list[Any]:
@@ -128,14 +130,14 @@ def _inline(node: etree._Element, data: bytes) -> None:
 
 
 def _add_attribute(parent: etree._Element, ds: Dataset, tag: int, charset: Any,
-                   path: str) -> None:
+                   path: str, creators: dict[int, str | None]) -> None:
     raw = ds.get_item(tag, keep_deferred=True)
     vr = raw.VR if raw is not None and raw.VR else (dictionary_VR(tag) if _known(tag) else "UN")
     node = etree.SubElement(parent, "DicomAttribute", tag=_tag_hex(tag), vr=vr)
     keyword = keyword_for_tag(tag)
     if keyword:
         node.set("keyword", keyword)
-    creator = _private_creator(ds, tag)
+    creator = _private_creator(ds, tag, creators)
     if creator is not None and not _XML_BAD.search(creator):
         node.set("privateCreator", creator)
 
@@ -195,8 +197,9 @@ def _known(tag: int) -> bool:
 
 
 def _add_dataset(parent: etree._Element, ds: Dataset, charset: Any, path: str = "") -> None:
+    creators: dict[int, str | None] = {}
     for tag in sorted(ds.keys()):
-        _add_attribute(parent, ds, int(tag), charset, path)
+        _add_attribute(parent, ds, int(tag), charset, path, creators)
 
 
 def dataset_to_xml(ds: Dataset) -> etree._Element:
