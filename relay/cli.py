@@ -45,8 +45,9 @@ def _setup_logging(level: str, verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-    # pynetdicom narrates every PDU at INFO; keep it for --verbose.
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # pynetdicom narrates every PDU at INFO and repeats as ERROR what our own log lines say
+    # with more context (which destination, what happens next); all of it with --verbose.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def _load(config: Path, verbose: bool = False) -> Config:

@@ -105,6 +105,7 @@ class DestinationSender:
                 self.send_batch(batch)
 
     def send_batch(self, batch: list[Path]) -> list[SendResult]:
+        started = self.clock()
         results = list(self.engine.send(batch, self.destination, self.config.calling_ae_title,
                                         self.config.timeout))
         answered = {r.path for r in results}
@@ -112,6 +113,10 @@ class DestinationSender:
         results += [SendResult(p, Outcome.RETRY, None, "no result from the engine")
                     for p in batch if p not in answered]
         self.record(results)
+        delivered = sum(r.outcome is Outcome.DELIVERED for r in results)
+        if delivered:
+            log.info("%s: %d of %d delivered in %.2f s (%d still queued)", self.destination.name,
+                     delivered, len(results), self.clock() - started, self.pending())
         return results
 
     def record(self, results: list[SendResult]) -> None:

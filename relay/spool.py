@@ -80,6 +80,7 @@ class Spool:
         self.destinations = tuple(destinations)
 
     def create(self) -> Spool:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (self.incoming, self.work, self.out, self.failed):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for dest in self.destinations:

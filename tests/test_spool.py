@@ -21,7 +21,7 @@ def _incoming(spool: Spool, data: bytes = b"DICM-ish") -> Path:
 
 
 def test_folders_are_private(spool: Spool) -> None:
-    for folder in (spool.incoming, spool.work, spool.out, spool.failed,
+    for folder in (spool.root, spool.incoming, spool.work, spool.out, spool.failed,
                    spool.outbox("central")):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     path = _incoming(spool)

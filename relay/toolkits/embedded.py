@@ -171,15 +171,21 @@ class EmbeddedEngine(Engine):
         ae.connection_timeout = timeout
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
+        connected: list[bool] = []
+
+        def on_open(event: evt.Event) -> None:
+            connected.append(True)
+            set_nodelay(event)
+
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
         if not assoc.is_established:
-            if assoc.is_rejected:
+            if not connected:
+                why = "cannot connect (refused, unreachable or timed out)"
+            elif assoc.is_rejected:
                 why = "association rejected"
-            elif assoc.is_aborted:
-                why = "association aborted"
             else:
-                why = "connection refused or timed out"
+                why = "association aborted (no presentation context accepted, or a timeout)"
             raise DestinationUnavailable(
                 f"{destination.name} ({destination.ae_title}@{destination.host}:"
                 f"{destination.port}): {why}")
