@@ -226,7 +226,8 @@ def edit(
         raise typer.Exit(2)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-    editor = Editor(cfg.rules)
+    converter = _engine(cfg).toolkit_converter() if cfg.toolkit.converter == "toolkit" else None
+    editor = Editor(cfg.rules, converter)
     bad = 0
     for path in _expand(paths):
         dst = None if dry_run or output is None else output / path.name

@@ -346,34 +346,38 @@ def _containers(ds: Dataset, tag_hex: str) -> Dataset:
     return ds
 
 
-def apply_xml_changes(ds: Dataset, before: etree._Element, after: etree._Element,
+def apply_xml_changes(ds: Dataset | None, before: etree._Element, after: etree._Element,
                       charset: Any = None, prefix: str = "") -> list[AttributeChange]:
-    """Set on `ds` exactly the attributes that differ between two XML trees of its header."""
+    """The attributes that differ between two XML trees of a header; when `ds` is given,
+    set exactly those on it (nothing else is touched, so nothing else is re-encoded)."""
     if charset is None:
-        charset = _charset_of(ds, [default_encoding])
+        charset = _charset_of(ds, [default_encoding]) if ds is not None else [default_encoding]
     old, new = _by_tag(before), _by_tag(after)
     changes: list[AttributeChange] = []
     for tag_hex in sorted(old.keys() | new.keys()):
         o, n = old.get(tag_hex), new.get(tag_hex)
         if o is not None and n is not None and _same(o, n):
             continue
-        target = _containers(ds, tag_hex) if not prefix else ds
+        target = None if ds is None else _containers(ds, tag_hex) if not prefix else ds
         tag = int(tag_hex, 16)
         label = prefix + _name(n if n is not None else o)  # type: ignore[arg-type]
         if n is None:
-            del target[tag]
+            if target is not None:
+                del target[tag]
             changes.append(AttributeChange(label, describe(o), None))
             continue
         if (o is not None and o.get("vr") == "SQ" and n.get("vr") == "SQ"
                 and len(o.findall("Item")) == len(n.findall("Item"))):
-            seq = target[tag].value
+            seq = target[tag].value if target is not None else None
             for i, (oi, ni) in enumerate(
                     zip(_numbered(o, "Item"), _numbered(n, "Item"), strict=True)):
-                item = seq[i]
-                changes += apply_xml_changes(item, oi, ni, _charset_of(item, charset),
-                                             f"{label}[{i + 1}].")
+                item = seq[i] if seq is not None else None
+                item_charset = _charset_of(item, charset) if item is not None else charset
+                changes += apply_xml_changes(item, oi, ni, item_charset, f"{label}[{i + 1}].")
             continue
-        target[tag] = element_from_xml(n, charset)
+        element = element_from_xml(n, charset)  # also validates what the rules wrote
+        if target is not None:
+            target[tag] = element
         changes.append(AttributeChange(label, describe(o), describe(n)))
     return changes
 

@@ -12,8 +12,9 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from lxml import etree
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
@@ -121,27 +122,43 @@ def _write(ds: FileDataset, dst: Path) -> None:
         os.fsync(fp.fileno())
 
 
+class ToolkitConverter(Protocol):
+    """A toolkit's own DICOM ⇄ XML tools (`converter = "toolkit"`: dcm4che's dcm2xml and
+    xml2dcm). The embedded converter (relay.dicomxml) is used otherwise."""
+
+    def to_xml(self, path: Path) -> etree._Element: ...
+
+    def from_xml(self, root: etree._Element, original: Path, out: Path) -> None: ...
+
+
 class Editor:
     """Applies the configured rules to files; pure apart from reading and writing them."""
 
-    def __init__(self, rules: tuple[EditRule, ...] | list[EditRule]) -> None:
+    def __init__(self, rules: tuple[EditRule, ...] | list[EditRule],
+                 converter: ToolkitConverter | None = None) -> None:
         self.rules = tuple(rules)
+        self.converter = converter
 
     def edit(self, src: Path, dst: Path | None) -> EditOutcome:
         """Edit `src` into `dst` (None: dry run). `dst` gets a hard link when nothing changed."""
-        ds = read_dicom(src)
+        ds = read_dicom(src)  # bad input is caught the same way whatever the converter
         meta = ds.file_meta
         outcome = EditOutcome(
             sop_class_uid=str(meta.MediaStorageSOPClassUID),
             sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
             transfer_syntax=str(meta.TransferSyntaxUID),
         )
+        root = None
         if self.rules:
-            outcome.changes, outcome.missing = self._apply_rules(ds)
+            root, outcome.changes, outcome.missing = self._apply_rules(src, ds)
         if dst is None:
             return outcome
         if not outcome.changes:
             os.link(src, dst)  # unchanged: the very same bytes, no copy
+            return outcome
+        if self.converter is not None:
+            assert root is not None
+            self._write_with_toolkit(root, outcome.changes, src, dst)
             return outcome
         self._sync_media_uids(ds, outcome.changes)
         try:
@@ -158,8 +175,15 @@ class Editor:
                 raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
         return outcome
 
-    def _apply_rules(self, ds: FileDataset) -> tuple[list[AttributeChange], list[str]]:
-        root = dataset_to_xml(ds)
+    def _apply_rules(self, src: Path, ds: FileDataset
+                     ) -> tuple[etree._Element, list[AttributeChange], list[str]]:
+        if self.converter is None:
+            root = dataset_to_xml(ds)
+        else:
+            try:
+                root = self.converter.to_xml(src)
+            except (ValueError, OSError, etree.XMLSyntaxError) as exc:
+                raise BadInput("unreadable", f"toolkit converter: {exc}") from None
         before = copy.deepcopy(root)
         missing: list[str] = []
         for rule in self.rules:
@@ -171,11 +195,41 @@ class Editor:
                 missing.append(f"{rule.describe()}: {exc}")
             except RuleError as exc:
                 raise BadInput("rule-error", str(exc)) from None
+        # With the embedded converter the changes are set on `ds` as they are found; the
+        # toolkit writes the whole edited XML back itself.
+        target = ds if self.converter is None else None
         try:
-            changes = apply_xml_changes(ds, before, root)
+            changes = apply_xml_changes(target, before, root)
         except (ConversionError, ValueError, TypeError, KeyError) as exc:
             raise BadInput("rule-error", f"cannot write the edited header back: {exc}") from None
-        return changes, missing
+        return root, changes, missing
+
+    def _write_with_toolkit(self, root: etree._Element, changes: list[AttributeChange],
+                            src: Path, dst: Path) -> None:
+        assert self.converter is not None
+        removed = [c.path for c in changes if c.after is None]
+        if removed:
+            # xml2dcm merges the XML over the original: what the XML lacks stays.
+            raise BadInput("rule-error", f"converter = toolkit cannot remove attributes "
+                           f"({', '.join(removed)}); use converter = embedded")
+        changed = {c.path for c in changes}
+        for data_kw, meta_tag, meta_kw in (("SOPInstanceUID", 0x00020003,
+                                            "MediaStorageSOPInstanceUID"),
+                                           ("SOPClassUID", 0x00020002, "MediaStorageSOPClassUID")):
+            if data_kw in changed and meta_kw not in changed:
+                # xml2dcm keeps group 0002 from the XML: it must name the edited object.
+                value = root.xpath(f"/NativeDicomModel/DicomAttribute[@keyword='{data_kw}']"
+                                   "/Value/text()")
+                meta = root.xpath(f"/NativeDicomModel/DicomAttribute[@tag='{meta_tag:08X}']"
+                                  "/Value")
+                if value and meta:
+                    meta[0].text = str(value[0])
+        try:
+            self.converter.from_xml(root, src, dst)
+        except (ValueError, OSError) as exc:
+            raise BadInput("write-failed", f"toolkit converter: {exc}") from None
+        with open(dst, "rb") as fp:
+            os.fsync(fp.fileno())
 
     @staticmethod
     def _sync_media_uids(ds: Any, changes: list[AttributeChange]) -> None:

@@ -106,7 +106,10 @@ class Relay:
                     log.info("start-up: %d object(s) queued for %s", backlog,
                              sender.destination.name)
                 self._thread(sender.run, f"send-{sender.destination.name}")
-            processor = Processor(self.spool, Editor(self.config.rules), self.senders)
+            converter = (self.engine.toolkit_converter()
+                         if self.config.toolkit.converter == "toolkit" else None)
+            editor = Editor(self.config.rules, converter)
+            processor = Processor(self.spool, editor, self.senders)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.

@@ -74,6 +74,9 @@ class Spool:
     def __init__(self, root: Path, destinations: list[str] | tuple[str, ...] = ()) -> None:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
+        # For toolkits that write objects in place under their final name (DCMTK storescp):
+        # they write here and move complete objects into incoming/.
+        self.receiving = self.root / "receiving"
         self.work = self.root / "work"
         self.out = self.root / "out"
         self.failed = self.root / "failed"
@@ -81,7 +84,7 @@ class Spool:
 
     def create(self) -> Spool:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for folder in (self.incoming, self.work, self.out, self.failed):
+        for folder in (self.incoming, self.receiving, self.work, self.out, self.failed):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for dest in self.destinations:
             self.outbox(dest).mkdir(mode=0o700, exist_ok=True)
@@ -118,6 +121,17 @@ class Spool:
             raise
         os.close(fd)
         return self.commit_incoming(partial, name)
+
+    def quarantine_unfinished(self, folder: Path, detail: str) -> int:
+        """Objects a receiver left behind when it died: maybe cut short, never acknowledged
+        (the modality got no success and sends again). Kept in failed/, never forwarded."""
+        count = 0
+        if not folder.is_dir():
+            return 0
+        for path in _files(folder):
+            self.fail(path, Failure("incomplete-receive", detail, "receive"))
+            count += 1
+        return count
 
     # --- processing ------------------------------------------------------------------------
 

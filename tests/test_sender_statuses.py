@@ -14,7 +14,8 @@ from peers import free_port
 from relay.config import Destination, SenderConfig
 from relay.send import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import Outcome
+from relay.toolkits.base import DestinationUnavailable, Engine, Outcome
+from relay.toolkits.dcmtk import DcmtkEngine
 from relay.toolkits.embedded import EmbeddedEngine
 
 
@@ -43,6 +44,12 @@ class ScriptedSCP:
         self.server.shutdown()
 
 
+@pytest.fixture(params=["embedded", "dcmtk"])
+def engine(request: pytest.FixtureRequest, dcmtk: Path) -> Engine:
+    """Each engine's sender against the same real peers."""
+    return EmbeddedEngine() if request.param == "embedded" else DcmtkEngine(dcmtk)
+
+
 @pytest.fixture
 def files_in_outbox(tmp_path: Path) -> tuple[Spool, list[Path]]:
     spool = Spool(tmp_path / "spool", ["scp"]).create()
@@ -50,12 +57,13 @@ def files_in_outbox(tmp_path: Path) -> tuple[Spool, list[Path]]:
     return spool, spool.queued("scp")
 
 
-def test_statuses_from_a_real_peer(files_in_outbox: tuple[Spool, list[Path]]) -> None:
+def test_statuses_from_a_real_peer(files_in_outbox: tuple[Spool, list[Path]],
+                                   engine: Engine) -> None:
     spool, files = files_in_outbox
     scp = ScriptedSCP({2: 0xA700, 3: 0xA900, 4: 0xC000, 5: 0xB000})
     try:
         dest = Destination("scp", "SCRIPTED", "127.0.0.1", scp.port)
-        sender = DestinationSender(spool, dest, EmbeddedEngine(), SenderConfig(retry_initial=60))
+        sender = DestinationSender(spool, dest, engine, SenderConfig(retry_initial=60))
         sender.load_backlog()
         results = sender.send_batch(sender._next_batch())
         by_name = {r.path.name: r for r in results}
@@ -72,10 +80,11 @@ def test_statuses_from_a_real_peer(files_in_outbox: tuple[Spool, list[Path]]) ->
         scp.close()
 
 
-def test_connection_refused_keeps_everything(files_in_outbox: tuple[Spool, list[Path]]) -> None:
+def test_connection_refused_keeps_everything(files_in_outbox: tuple[Spool, list[Path]],
+                                             engine: Engine) -> None:
     spool, files = files_in_outbox
     dest = Destination("scp", "NOBODY", "127.0.0.1", free_port())
-    sender = DestinationSender(spool, dest, EmbeddedEngine(), SenderConfig(timeout=5))
+    sender = DestinationSender(spool, dest, engine, SenderConfig(timeout=5))
     sender.load_backlog()
     results = sender.send_batch(sender._next_batch())
     assert {r.outcome for r in results} == {Outcome.RETRY}
@@ -84,7 +93,7 @@ def test_connection_refused_keeps_everything(files_in_outbox: tuple[Spool, list[
 
 
 def test_association_rejected_keeps_everything(
-        files_in_outbox: tuple[Spool, list[Path]]) -> None:
+        files_in_outbox: tuple[Spool, list[Path]], engine: Engine) -> None:
     spool, files = files_in_outbox
     ae = AE("PICKY")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
@@ -93,19 +102,21 @@ def test_association_rejected_keeps_everything(
     server = ae.start_server(("127.0.0.1", port), block=False)
     try:
         dest = Destination("scp", "PICKY", "127.0.0.1", port)
-        sender = DestinationSender(spool, dest, EmbeddedEngine(), SenderConfig())
+        sender = DestinationSender(spool, dest, engine, SenderConfig())
         sender.load_backlog()
         results = sender.send_batch(sender._next_batch())
         assert {r.outcome for r in results} == {Outcome.RETRY}
-        assert "rejected" in results[0].detail
+        assert "rejected" in results[0].detail.lower()
         assert spool.queued("scp") == files
     finally:
         server.shutdown()
 
 
-def test_echo() -> None:
+def test_echo(engine: Engine) -> None:
     scp = ScriptedSCP({})
     try:
-        EmbeddedEngine().echo(Destination("scp", "SCRIPTED", "127.0.0.1", scp.port), "ME", 5)
+        engine.echo(Destination("scp", "SCRIPTED", "127.0.0.1", scp.port), "ME", 5)
     finally:
         scp.close()
+    with pytest.raises(DestinationUnavailable):
+        engine.echo(Destination("scp", "SCRIPTED", "127.0.0.1", free_port()), "ME", 5)

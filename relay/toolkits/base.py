@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from relay.config import Config, Destination
+    from relay.edit import ToolkitConverter
     from relay.spool import Spool
 
 
@@ -88,3 +89,7 @@ class Engine(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def toolkit_converter(self) -> ToolkitConverter | None:
+        """The toolkit's own DICOM ⇄ XML tools, for `converter = "toolkit"` (None: none)."""
+        return None

@@ -1,0 +1,174 @@
+"""Runs and restarts a toolkit's receiver subprocess (storescp), as systemd would, but per object.
+
+- started from an argv list, never through a shell, in its own process group;
+- its output goes through our logger, a line at a time;
+- if it dies it is restarted with capped exponential backoff (a `before_start` hook runs
+  first, so the adapter can deal with what the dead one left half-written);
+- `stop()` sends SIGTERM to the whole group, then SIGKILL after a grace period, and waits:
+  no orphan keeps the port;
+- if the relay itself is killed, the kernel sends the child SIGTERM (PR_SET_PDEATHSIG);
+- it refuses to start when the port is taken, saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("relay.supervisor")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding (host, port) would fail because someone listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Supervisor:
+    def __init__(self, name: str, argv: Sequence[str], *, port: int, host: str = "0.0.0.0",  # noqa: S104
+                 env: dict[str, str] | None = None,
+                 before_start: Callable[[], None] | None = None,
+                 backoff_initial: float = 1.0, backoff_max: float = 30.0,
+                 stop_timeout: float = 5.0, start_timeout: float = 15.0) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.port = port
+        self.host = host
+        self.env = env
+        self.before_start = before_start
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.stop_timeout = stop_timeout
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    def start(self) -> None:
+        if port_in_use(self.host, self.port):
+            raise OSError(errno.EADDRINUSE,
+                          f"port {self.port} is already in use: is another relay or storescp "
+                          "running? (change [receiver].port)")
+        self._spawn()
+        assert self.proc is not None
+        if not wait_listening(self.port, self.proc, self.start_timeout):
+            code = self.proc.poll()
+            self._kill_group()
+            raise OSError(f"{self.name} did not start listening on port {self.port}"
+                          + (f" (exited with {code})" if code is not None else "")
+                          + "; its output is in the log above")
+        log.info("%s started (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+        self._monitor = threading.Thread(target=self._watch, name=f"supervise-{self.name}",
+                                         daemon=True)
+        self._monitor.start()
+
+    def _spawn(self) -> None:
+        if self.before_start is not None:
+            self.before_start()
+        proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        with self._lock:
+            self.proc = proc
+        threading.Thread(target=self._pump, args=(proc,), name=f"log-{self.name}",
+                         daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                log.info("%s: %s", self.name, line)
+
+    def _watch(self) -> None:
+        delay = self.backoff_initial
+        while not self._stopping.is_set():
+            proc = self.proc
+            assert proc is not None
+            started = time.monotonic()
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            # Children it forked for associations (storescp --fork) would go on writing while
+            # the next one starts: end them too. Their modalities got no success and resend.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if time.monotonic() - started > 60:
+                delay = self.backoff_initial  # it ran fine for a while: start over
+            log.error("%s (pid %d) exited with %s; restarting in %.1f s", self.name, proc.pid,
+                      code, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(self.backoff_max, delay * 2)
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("cannot restart %s: %s", self.name, exc)
+                continue
+            self.restarts += 1
+            log.info("%s restarted (pid %d)", self.name, self.proc.pid)
+
+    def _kill_group(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop on %s", self.name, sig.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._kill_group()
+        if self._monitor is not None:
+            self._monitor.join(timeout=self.stop_timeout + 10)

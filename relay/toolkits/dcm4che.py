@@ -1,0 +1,194 @@
+"""The dcm4che engine (the toolkit at /opt/dcm4che-toolkit, bundled in our Docker image).
+
+- storescp (`-b AET@host:port --directory incoming/`) writes `<uid>.part` in the directory
+  root and renames it when complete: the watcher never takes a `.part` file.
+- storescu sends many files over one association (`-c AET@host:port f1 f2 …`). It exits 0
+  even when C-STORE responses carry a failure status (it prints
+  `ERROR: Received C-STORE-RSP with Status A700H for MR_small.dcm`): that is how the original
+  scripts lost studies. Per-file results come from its log of C-STORE-RSP lines, matched to
+  the files by SOP Instance UID; a file without a response line was not stored.
+- dcm2xml / xml2dcm are the `toolkit` converter; xml2dcm `-i original` merges the edited XML
+  into the original file, so bulk data is streamed from it and never becomes text.
+
+dcm4che cannot be installed on our CI machines: argv construction and output parsing are
+tested against recordings of the real tools (tests/data/dcm4che/); the integration test runs
+only where /opt/dcm4che-toolkit exists (the Docker test profile).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lxml import etree
+from pydicom.filereader import read_file_meta_info
+
+from relay.dicomxml import safe_parser, to_string
+from relay.spool import Failure
+from relay.supervisor import Supervisor
+from relay.toolkits.base import (
+    DestinationUnavailable,
+    Engine,
+    Outcome,
+    Receiver,
+    SendResult,
+    classify_status,
+)
+
+if TYPE_CHECKING:
+    from relay.config import Config, Destination
+    from relay.spool import Spool
+
+log = logging.getLogger("relay.dcm4che")
+
+# `>> 2:C-STORE-RSP[pcid=9, status=a700H` then, on a following line, `iuid=<uid> - ?`
+_RSP_RE = re.compile(r">> \d+:C-STORE-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H\s*\n"
+                     r"(?:.*\n)*?\s*iuid=(\S+)")
+_ECHO_RE = re.compile(r">> \d+:C-ECHO-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H")
+
+
+def storescp_argv(bin_dir: Path, ae_title: str, host: str, port: int,
+                  incoming: Path) -> list[str]:
+    return [str(bin_dir / "storescp"), "-b", f"{ae_title}@{host}:{port}",
+            "--directory", str(incoming), "--accept-unknown"]
+
+
+def storescu_argv(bin_dir: Path, files: list[Path], destination: Destination,
+                  calling_ae: str, timeout: float) -> list[str]:
+    ms = str(int(timeout * 1000))
+    return [str(bin_dir / "storescu"), "-b", calling_ae,
+            "-c", f"{destination.ae_title}@{destination.host}:{destination.port}",
+            "--connect-timeout", ms, "--accept-timeout", ms,
+            *[str(f) for f in files]]
+
+
+def parse_storescu_output(output: str) -> dict[str, list[int]]:
+    """SOP Instance UID → the statuses of its C-STORE responses, in order."""
+    statuses: dict[str, list[int]] = {}
+    for status, uid in _RSP_RE.findall(output):
+        statuses.setdefault(uid, []).append(int(status, 16))
+    return statuses
+
+
+def results_from_output(files: list[tuple[Path, str]], output: str,
+                        returncode: int) -> list[SendResult]:
+    """Per-file results: from C-STORE-RSP lines, never from the exit code alone."""
+    statuses = parse_storescu_output(output)
+    why = "connection refused" if "Connection refused" in output else "no C-STORE-RSP for it"
+    results = []
+    for path, uid in files:
+        answers = statuses.get(uid)
+        if answers:
+            code = answers.pop(0)  # two copies of one instance: one answer each, in order
+            results.append(SendResult(path, classify_status(code), code, "storescu"))
+        else:
+            results.append(SendResult(path, Outcome.RETRY, None,
+                                      f"storescu (exit {returncode}): {why}"))
+    return results
+
+
+class Dcm4cheReceiver(Receiver):
+    def __init__(self, engine: Dcm4cheEngine, config: Config, spool: Spool) -> None:
+        rc = config.receiver
+        if rc.allowed_calling_aets:
+            raise OSError("receiver.allowed_calling_aets: dcm4che's storescp has no option to "
+                          "restrict calling AE titles; use engine = \"embedded\" for that")
+        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming)
+        self.spool = spool
+        self.supervisor = Supervisor("storescp", argv, port=rc.port, host=rc.host,
+                                     before_start=self._sweep)
+
+    def _sweep(self) -> None:
+        # dcm4che renames <uid>.part when complete: a .part left behind was never finished.
+        partial = [p for p in self.spool.incoming.glob("*.part") if not p.name.startswith(".")]
+        for path in partial:
+            self.spool.fail(path, Failure("incomplete-receive", "storescp stopped while "
+                                          "writing it; the sender got no success", "receive"))
+
+    def start(self) -> None:
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+
+    def alive(self) -> bool:
+        return self.supervisor.alive()
+
+
+class Dcm4cheEngine(Engine):
+    name = "dcm4che"
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.bin_dir = self.home / "bin"
+        for tool in ("storescp", "storescu"):
+            if not (self.bin_dir / tool).exists():
+                raise FileNotFoundError(f"dcm4che's {tool} not found in {self.bin_dir} "
+                                        "(set [toolkit].dcm4che_home)")
+
+    def describe(self) -> str:
+        return f"dcm4che ({self.home})"
+
+    def toolkit_converter(self) -> Dcm4cheEngine:
+        return self
+
+    def receiver(self, config: Config, spool: Spool) -> Receiver:
+        return Dcm4cheReceiver(self, config, spool)
+
+    def send(self, files: list[Path], destination: Destination, calling_ae: str,
+             timeout: float) -> Iterator[SendResult]:
+        named = []
+        for path in files:
+            try:
+                named.append((path, str(read_file_meta_info(path).MediaStorageSOPInstanceUID)))
+            except Exception as exc:  # noqa: BLE001 - an unreadable file fails alone
+                yield SendResult(path, Outcome.FAILED, None, f"cannot read file meta: {exc}")
+        if not named:
+            return
+        argv = storescu_argv(self.bin_dir, [p for p, _ in named], destination, calling_ae,
+                             timeout)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=timeout * (2 + len(named)), check=False)
+            output, code = proc.stdout + "\n" + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            output, code = str(exc.stdout or ""), -1
+        yield from results_from_output(named, output, code)
+
+    def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
+        argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * 3,
+                              check=False)
+        match = _ECHO_RE.search(proc.stdout)
+        if proc.returncode != 0 or match is None or int(match.group(1), 16) != 0:
+            raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO failed "
+                                         f"(exit {proc.returncode})")
+
+    # --- the `toolkit` converter -----------------------------------------------------------
+
+    def to_xml(self, path: Path) -> etree._Element:
+        """`dcm2xml -B`: the PS3.19 XML of the header, group 0002 included, no bulk data."""
+        proc = subprocess.run([str(self.bin_dir / "dcm2xml"), "-B", str(path)],
+                              capture_output=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise ValueError(f"dcm2xml failed: {proc.stderr.decode(errors='replace')[-300:]}")
+        return etree.fromstring(proc.stdout, safe_parser())
+
+    def from_xml_argv(self, original: Path, xml: Path, out: Path) -> list[str]:
+        # -i original: bulk data streamed from it, attributes from the XML merged over it.
+        return [str(self.bin_dir / "xml2dcm"), "-i", str(original), "-x", str(xml),
+                "-o", str(out)]
+
+    def from_xml(self, root: etree._Element, original: Path, out: Path) -> None:
+        with tempfile.NamedTemporaryFile(suffix=".xml", dir=out.parent) as tmp:
+            tmp.write(to_string(root))
+            tmp.flush()
+            proc = subprocess.run(self.from_xml_argv(original, Path(tmp.name), out),
+                                  capture_output=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise ValueError(f"xml2dcm failed: {proc.stderr.decode(errors='replace')[-300:]}")

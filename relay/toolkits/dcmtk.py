@@ -1,0 +1,222 @@
+"""The DCMTK engine (Debian package `dcmtk`): storescp receives, dcmsend sends, echoscu echoes.
+
+Facts it is built on (measured here, see design.md):
+- DCMTK leaves Nagle on unless the environment has TCP_NODELAY=1: every subprocess gets it.
+- pynetdicom installs `storescp`/`storescu` scripts that shadow DCMTK's on a venv PATH, so
+  executables are taken from `toolkit.dcmtk_bin`, never found by bare name.
+- storescp writes each object in place under its final name, and IN_CLOSE_WRITE also fires
+  when it dies mid-write. So it writes into spool/receiving/ and, once an object is complete,
+  `--exec-on-reception` with `--exec-sync` moves it into incoming/ before the C-STORE response
+  goes out. What is left in receiving/ when storescp dies was never acknowledged.
+  The command runs through /bin/sh (DCMTK's mechanism), but no peer text reaches it: with
+  `--unique-filenames` the file name (#f) is made by DCMTK from a UID it generates itself
+  ("CT.X.1.2.276…"), and DCMTK maps anything outside [A-Za-z0-9._] to '_' in any case.
+- dcmsend keeps going after a failure (--no-halt), never decompresses (--decompress-never,
+  so each file keeps its transfer syntax), and its report file gives a status per file.
+  Its exit code alone proves nothing about single files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from relay.supervisor import Supervisor
+from relay.toolkits.base import (
+    DestinationUnavailable,
+    Engine,
+    Outcome,
+    Receiver,
+    SendResult,
+    classify_status,
+)
+
+if TYPE_CHECKING:
+    from relay.config import Config, Destination
+    from relay.spool import Spool
+
+log = logging.getLogger("relay.dcmtk")
+
+_ELF = b"\x7fELF"
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def find_tool(bin_dir: Path, name: str) -> Path:
+    """A DCMTK executable in bin_dir; refuses a Python console script of the same name."""
+    path = bin_dir / name
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(64)
+    except OSError:
+        raise FileNotFoundError(f"DCMTK's {name} not found in {bin_dir} "
+                                "(install Debian's dcmtk or set [toolkit].dcmtk_bin)") from None
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"{path} is not executable")
+    if not head.startswith(_ELF) and b"python" in head.split(b"\n", 1)[0]:
+        raise FileNotFoundError(f"{path} is a Python script (pynetdicom's {name}?), not "
+                                "DCMTK's: set [toolkit].dcmtk_bin to DCMTK's folder")
+    return path
+
+
+def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
+                  incoming: Path) -> list[str]:
+    move = f"/bin/mv -f -- {shlex.quote(str(receiving))}/#f {shlex.quote(str(incoming))}/"
+    return [
+        str(storescp),
+        "--aetitle", ae_title,
+        "--accept-all",          # every transfer syntax DCMTK knows: compressed stay compressed
+        "--promiscuous",         # storage SOP classes DCMTK does not know yet, too
+        "--fork",                # one process per association: modalities do not queue
+        "--output-directory", str(receiving),
+        "--unique-filenames",    # DCMTK-made names: no peer text, no overwrite on resend
+        "--exec-on-reception", move,
+        "--exec-sync",           # moved before the C-STORE response is sent
+        "--socket-timeout", "60",
+        "--acse-timeout", "30",
+        "--dimse-timeout", "60",
+        str(port),
+    ]
+
+
+def dcmsend_argv(dcmsend: Path, files: list[Path], destination: Destination, calling_ae: str,
+                 timeout: float, report: Path) -> list[str]:
+    seconds = str(max(1, int(timeout)))
+    return [
+        str(dcmsend),
+        "--aetitle", calling_ae,
+        "--call", destination.ae_title,
+        "--no-halt",
+        "--decompress-never",
+        "--no-uid-checks",       # the PACS judges the UIDs, not the sender
+        "--timeout", seconds,
+        "--acse-timeout", seconds,
+        "--dimse-timeout", seconds,
+        "--create-report-file", str(report),
+        destination.host, str(destination.port),
+        *[str(f) for f in files],
+    ]
+
+
+_STATUS_RE = re.compile(r"^0x([0-9A-Fa-f]{4})")
+
+
+def parse_dcmsend_report(text: str) -> dict[str, tuple[Outcome, int | None, str]]:
+    """Filename → (outcome, status, detail) from dcmsend's --create-report-file."""
+    results: dict[str, tuple[Outcome, int | None, str]] = {}
+    for block in text.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(" : ")
+            if sep:
+                fields[key.strip()] = value.strip()
+        name, status = fields.get("Filename"), fields.get("DIMSE Status")
+        if name is None or status is None:
+            continue
+        match = _STATUS_RE.match(status)
+        if match:
+            code = int(match.group(1), 16)
+            results[name] = (classify_status(code), code, status)
+        elif status == "<not sent>":
+            results[name] = (Outcome.RETRY, None, "not sent (association ended before it)")
+        else:  # <no acceptable presentation context>, <invalid dataset pointer>
+            results[name] = (Outcome.FAILED, None, status.strip("<>"))
+    return results
+
+
+class DcmtkReceiver(Receiver):
+    def __init__(self, engine: DcmtkEngine, config: Config, spool: Spool) -> None:
+        rc = config.receiver
+        if rc.allowed_calling_aets:
+            raise OSError("receiver.allowed_calling_aets: DCMTK's storescp cannot restrict "
+                          "calling AE titles; use engine = \"embedded\" for that")
+        if rc.host not in ("0.0.0.0", "::", ""):  # noqa: S104
+            log.warning("DCMTK's storescp cannot bind to one address: it listens on all, "
+                        "not only %s", rc.host)
+        self.spool = spool
+        argv = storescp_argv(find_tool(engine.bin_dir, "storescp"), rc.ae_title, rc.port,
+                             spool.receiving, spool.incoming)
+        self.supervisor = Supervisor("storescp", argv, port=rc.port, env=dcmtk_env(),
+                                     before_start=self._sweep)
+
+    def _sweep(self) -> None:
+        left = self.spool.quarantine_unfinished(
+            self.spool.receiving, "storescp stopped while writing it (or before moving it in); "
+            "the sender got no success and sends it again")
+        if left:
+            log.warning("%d object(s) left half-received by storescp: quarantined in "
+                        "failed/incomplete-receive/", left)
+
+    def start(self) -> None:
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+
+    def alive(self) -> bool:
+        return self.supervisor.alive()
+
+
+class DcmtkEngine(Engine):
+    name = "dcmtk"
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = Path(bin_dir)
+        self.dcmsend = find_tool(self.bin_dir, "dcmsend")
+        self.echoscu = find_tool(self.bin_dir, "echoscu")
+
+    def describe(self) -> str:
+        return f"dcmtk ({self.bin_dir})"
+
+    def receiver(self, config: Config, spool: Spool) -> Receiver:
+        return DcmtkReceiver(self, config, spool)
+
+    def send(self, files: list[Path], destination: Destination, calling_ae: str,
+             timeout: float) -> Iterator[SendResult]:
+        if not files:
+            return
+        with tempfile.TemporaryDirectory(prefix="dicom-relay-dcmsend-") as tmp:
+            report = Path(tmp) / "report.txt"
+            argv = dcmsend_argv(self.dcmsend, files, destination, calling_ae, timeout, report)
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(),
+                                      timeout=timeout * (2 + len(files)), check=False)
+                output = (proc.stdout + proc.stderr).strip()
+            except subprocess.TimeoutExpired:
+                output = "dcmsend timed out"
+            text = report.read_text(errors="replace") if report.exists() else None
+        if text is None:
+            # No report: no association (refused, rejected, timed out).
+            why = next((ln for ln in output.splitlines() if ln.startswith("F:")), output[-300:])
+            for path in files:
+                yield SendResult(path, Outcome.RETRY, None, f"dcmsend: {why}")
+            return
+        by_name = parse_dcmsend_report(text)
+        for path in files:
+            found = by_name.get(str(path))
+            if found is None:
+                # dcmsend refused the file before sending (unreadable as DICOM).
+                yield SendResult(path, Outcome.FAILED, None, "dcmsend could not read it")
+            else:
+                yield SendResult(path, *found)
+
+    def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
+        seconds = str(max(1, int(timeout)))
+        argv = [str(self.echoscu), "--aetitle", calling_ae, "--call", destination.ae_title,
+                "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
+                destination.host, str(destination.port)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(),
+                              timeout=timeout * 3, check=False)
+        if proc.returncode != 0:
+            why = (proc.stderr or proc.stdout).strip().splitlines()
+            raise DestinationUnavailable(f"{destination.name}: echoscu: "
+                                         f"{why[-1] if why else f'exit {proc.returncode}'}")
