@@ -30,7 +30,8 @@ ENGINES = ["embedded", "dcmtk"]
 
 
 def write_config(path: Path, *, port: int, spool: Path, destinations: list[tuple[str, Orthanc]],
-                 rules: str | None = None, extra: str = "", engine: str = "embedded") -> Path:
+                 rules: str | None = None, extra: str = "", engine: str = "embedded",
+                 converter: str = "embedded") -> Path:
     dests = "".join(f"""
 [[destinations]]
 name = "{name}"
@@ -51,6 +52,7 @@ path = "{spool}"
 
 [toolkit]
 engine = "{engine}"
+converter = "{converter}"
 
 [sender]
 retry_initial = 0.3

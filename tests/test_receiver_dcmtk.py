@@ -1,0 +1,152 @@
+"""The DCMTK receiver under its supervisor, with real processes: kill -9, SIGTERM, and a
+receiver killed in the middle of writing a large object."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from test_e2e import write_config
+
+from dicomdata import bundled, ct_series
+from peers import Orthanc, RelayProcess, dcmsend, dcmtk_env, free_port, spool_files, wait_until
+from relay.supervisor import port_in_use
+
+pytestmark = pytest.mark.e2e
+
+
+def storescp_pids(relay: RelayProcess) -> list[int]:
+    return [int(p) for p in re.findall(r"storescp (?:started|restarted) \(pid (\d+)\)",
+                                        relay.output())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().split(")")[-1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+@pytest.fixture
+def dcmtk_relay(tmp_path: Path, orthanc: Orthanc, dcmtk: Path):  # noqa: ANN201
+    port = free_port()
+    spool = tmp_path / "spool"
+    cfg = write_config(tmp_path / "relay.toml", port=port, spool=spool,
+                       destinations=[("central", orthanc)], engine="dcmtk")
+    relay = RelayProcess(cfg, tmp_path).start(port)
+    yield port, spool, relay
+    relay.stop()
+
+
+def test_storescp_is_restarted_after_kill_9(
+        tmp_path: Path, orthanc: Orthanc, dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
+    port, _spool, relay = dcmtk_relay
+    [first] = storescp_pids(relay)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: len(storescp_pids(relay)) == 2, 20, what="storescp restarted")
+    assert "exited with -9; restarting" in relay.output()
+    wait_until(lambda: port_in_use("0.0.0.0", port), 10, what="listening again")  # noqa: S104
+    uids = ct_series(tmp_path / "ct", 3, ethnic_group="AFTERKILL")
+    assert dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY").returncode == 0
+    wait_until(lambda: orthanc.count() == 3, 30, what="relayed after the restart")
+    assert set(orthanc.tags_by_sop_uid()) == set(uids)
+
+
+def test_sigterm_stops_everything_and_leaves_no_orphan(
+        dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
+    port, _spool, relay = dcmtk_relay
+    [pid] = storescp_pids(relay)
+    assert relay.proc is not None
+    started = time.monotonic()
+    code = relay.stop(timeout=10)
+    assert code == 0
+    assert time.monotonic() - started < 10
+    assert not alive(pid)
+    assert group_members(pid) == [], "a storescp child survived"
+    assert not port_in_use("0.0.0.0", port)  # noqa: S104
+
+
+def _large_object(path: Path, megabytes: int) -> str:
+    """CT_small's pixels repeated into a multi-frame object of about `megabytes` MB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(bundled("CT_small.dcm"))
+    frame = ds.PixelData
+    frames = megabytes * 1024 * 1024 // len(frame)
+    ds.NumberOfFrames = frames
+    ds.PixelData = frame * frames
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.EthnicGroup = "BIG"
+    ds.save_as(path, enforce_file_format=False)
+    return uid
+
+
+def test_receiver_killed_mid_object_forwards_nothing_truncated(
+        tmp_path: Path, orthanc: Orthanc, dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
+    port, spool, relay = dcmtk_relay
+    big = tmp_path / "big.dcm"
+    uid = _large_object(big, 300)
+    size = big.stat().st_size
+    [pid] = storescp_pids(relay)
+    modality = subprocess.Popen(
+        ["/usr/bin/dcmsend", "-aec", "DICOMRELAY", "127.0.0.1", str(port), str(big)],
+        env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Wait for storescp to be writing the object, then kill the receiver (its whole group).
+    deadline = time.monotonic() + 60
+    written = 0
+    while time.monotonic() < deadline and written == 0:
+        for f in spool_files(spool, "receiving"):
+            written = f.stat().st_size
+        time.sleep(0.001)
+    os.killpg(pid, signal.SIGKILL)
+    assert 0 < written < size, f"killed with {written} of {size} bytes written"
+    assert modality.wait(timeout=60) != 0, "the modality got no success"
+
+    # Restarted; what was half-written is quarantined, not forwarded.
+    wait_until(lambda: len(storescp_pids(relay)) == 2, 30, what="storescp restarted")
+    failed = [p for p in spool_files(spool, "failed/incomplete-receive")
+              if p.suffix != ".json"]
+    assert len(failed) == 1 and failed[0].stat().st_size < size
+    assert orthanc.count() == 0 and spool_files(spool, "incoming") == []
+
+    # The modality sends again: the complete object arrives, whole.
+    wait_until(lambda: port_in_use("0.0.0.0", port), 10, what="listening again")  # noqa: S104
+    assert dcmsend([big], port, "DICOMRELAY").returncode == 0
+    wait_until(lambda: orthanc.count() == 1, 120, what="the resent object")
+    [stored] = orthanc.instance_ids()
+    tags = orthanc.rest(f"/instances/{stored}/simplified-tags")
+    assert tags["SOPInstanceUID"] == uid and tags["PatientID"] == "BIG"
+    assert int(tags["NumberOfFrames"]) > 1000
+    # Whole: the header edit changes a few bytes, a truncation would remove megabytes.
+    stored_size = int(orthanc.rest(f"/instances/{stored}/statistics")["DicomDiskSize"])
+    assert abs(stored_size - size) < 4096
