@@ -325,6 +325,39 @@ def retry(
     typer.echo(f"{count} object(s) requeued")
 
 
+@app.command(epilog="Example: `dicom-relay systemd --config /etc/dicom-relay/relay.toml "
+              "--output /etc/systemd/system`")
+def systemd(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder to write the files into; printed when left out.")]
+    = None,
+    user: Annotated[str, typer.Option(help="The dedicated system user to run as.")]
+    = "dicom-relay",
+) -> None:
+    """Render systemd units: `dicom-relay.service` (run), or the split pair
+    `dicom-relay-receive.service` + `dicom-relay-process.service`, with a sysusers.d entry
+    for the dedicated user and a tmpfiles.d entry for the spool."""
+    from relay.systemd import render_units
+
+    cfg = _load(config)
+    try:
+        files = render_units(cfg, user=user)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if output is None:
+        for name, text in files.items():
+            typer.echo(f"# ---- {name}\n{text}")
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (output / name).write_text(text)
+        typer.echo(f"wrote {output / name}")
+    typer.echo("then: systemd-sysusers, systemd-tmpfiles --create, systemctl daemon-reload, "
+               "systemctl enable --now dicom-relay (or -receive and -process)")
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"dicom-relay {__version__}")
