@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from relay import __version__
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, ConfigError, Destination, load_config
 from relay.edit import BadInput, Editor
 from relay.pipeline import Relay, spool_for
 from relay.toolkits import select_engine
@@ -174,10 +174,26 @@ def echo(
     destination: Annotated[str | None, typer.Argument(
         help="A destination name; all destinations when left out.")] = None,
     config: ConfigOpt = Path(DEFAULT_CONFIG),
+    receiver: Annotated[bool, typer.Option(
+        "--receiver", help="C-ECHO this relay's own receiver instead (a health check).")]
+    = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """C-ECHO destinations (DICOM ping). Exits 1 if any does not answer."""
     cfg = _load(config, verbose)
+    if receiver:
+        from relay.toolkits.embedded import EmbeddedEngine
+
+        rc = cfg.receiver
+        host = "127.0.0.1" if rc.host in ("0.0.0.0", "") else rc.host  # noqa: S104
+        own = Destination("receiver", rc.ae_title, host, rc.port)
+        try:  # pynetdicom whatever the engine: no JVM start for a health check
+            EmbeddedEngine().echo(own, cfg.sender.calling_ae_title, 10.0)
+        except DestinationUnavailable as exc:
+            typer.echo(f"FAIL {exc}")
+            raise typer.Exit(1) from None
+        typer.echo(f"ok   receiver {rc.ae_title}@{host}:{rc.port}")
+        return
     if not _echo_all(cfg, destination):
         raise typer.Exit(1)
 

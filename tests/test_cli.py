@@ -135,3 +135,17 @@ def test_run_refuses_a_taken_port(tmp_path: Path) -> None:
         result = cli("run", "--config", str(config(tmp_path, 104, receiver_port=port)))
     assert result.returncode == 1
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_echo_receiver_is_a_health_check(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = config(tmp_path, 104, receiver_port=port)
+    assert cli("echo", "--config", str(cfg), "--receiver").returncode == 1
+    from peers import RelayProcess
+
+    relay = RelayProcess(cfg, tmp_path, verb="receive").start(port)
+    try:
+        result = cli("echo", "--config", str(cfg), "--receiver")
+        assert result.returncode == 0 and "ok   receiver DICOMRELAY@127.0.0.1" in result.stdout
+    finally:
+        relay.stop()
