@@ -196,20 +196,25 @@ def _known(tag: int) -> bool:
     return True
 
 
-def _add_dataset(parent: etree._Element, ds: Dataset, charset: Any, path: str = "") -> None:
+def _add_dataset(parent: etree._Element, ds: Dataset, charset: Any, path: str = "",
+                 only: frozenset[int] | None = None) -> None:
     creators: dict[int, str | None] = {}
     for tag in sorted(ds.keys()):
-        _add_attribute(parent, ds, int(tag), charset, path, creators)
+        if only is None or tag in only:
+            _add_attribute(parent, ds, int(tag), charset, path, creators)
 
 
-def dataset_to_xml(ds: Dataset) -> etree._Element:
-    """The PS3.19 `NativeDicomModel` of a dataset's header, file meta (group 0002) first."""
+def dataset_to_xml(ds: Dataset, only: frozenset[int] | None = None) -> etree._Element:
+    """The PS3.19 `NativeDicomModel` of a dataset's header, file meta (group 0002) first.
+
+    `only`: just these top-level attributes (rules that name the attributes they touch need
+    no more, and building the XML of a whole header is most of an edit's cost)."""
     root = etree.Element("NativeDicomModel")
     root.set("{http://www.w3.org/XML/1998/namespace}space", "preserve")
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        _add_dataset(root, meta, [default_encoding])
-    _add_dataset(root, ds, _charset_of(ds, [default_encoding]))
+        _add_dataset(root, meta, [default_encoding], only=only)
+    _add_dataset(root, ds, _charset_of(ds, [default_encoding]), only=only)
     return root
 
 

@@ -138,6 +138,11 @@ class Editor:
                  converter: ToolkitConverter | None = None) -> None:
         self.rules = tuple(rules)
         self.converter = converter
+        # When every rule names the attributes it touches (the keyword form), the XML needs
+        # only those: same result, a fraction of the work.
+        reads = [rule.reads() for rule in self.rules]
+        self.only: frozenset[int] | None = (
+            None if any(r is None for r in reads) else frozenset().union(*reads))  # type: ignore[arg-type]
 
     def edit(self, src: Path, dst: Path | None) -> EditOutcome:
         """Edit `src` into `dst` (None: dry run). `dst` gets a hard link when nothing changed."""
@@ -178,7 +183,7 @@ class Editor:
     def _apply_rules(self, src: Path, ds: FileDataset
                      ) -> tuple[etree._Element, list[AttributeChange], list[str]]:
         if self.converter is None:
-            root = dataset_to_xml(ds)
+            root = dataset_to_xml(ds, self.only)
         else:
             try:
                 root = self.converter.to_xml(src)

@@ -49,6 +49,10 @@ class EditRule(Protocol):
 
     def describe(self) -> str: ...
 
+    def reads(self) -> frozenset[int] | None:
+        """The top-level tags this rule reads or writes, or None: it may look at anything."""
+        ...
+
 
 def _tag_of(name: str) -> int:
     """A keyword (`PatientID`) or 8 hex digits (`00100020`) → tag."""
@@ -124,6 +128,12 @@ class KeywordRule:
             _tag_of(self.copy_from)
         if sum([self.copy_from is not None, self.value is not None, self.delete]) != 1:
             raise RuleError("expected exactly one of copy_from, value or delete = true")
+
+    def reads(self) -> frozenset[int]:
+        tags = {_tag_of(self.target)}
+        if self.copy_from is not None:
+            tags.add(_tag_of(self.copy_from))
+        return frozenset(tags)
 
     def describe(self) -> str:
         if self.delete:
@@ -206,6 +216,9 @@ class XPathRule:
         if (self.value_from_xpath is None) == (self.value is None):
             raise RuleError("expected exactly one of value_from_xpath or value")
 
+    def reads(self) -> None:
+        return None  # an XPath may look anywhere
+
     def describe(self) -> str:
         src = self.value_from_xpath if self.value is None else repr(self.value)
         return f"{self.xpath} := {src}"
@@ -251,6 +264,9 @@ class XSLTRule:
             self._transform = etree.XSLT(doc, access_control=etree.XSLTAccessControl.DENY_ALL)
         except etree.XSLTParseError as exc:
             raise RuleError(f"xslt: {str(path)!r} is not a valid stylesheet: {exc}") from None
+
+    def reads(self) -> None:
+        return None
 
     def describe(self) -> str:
         return f"xslt {self.path}"

@@ -197,3 +197,18 @@ def test_changing_sop_instance_uid_updates_file_meta(tmp_path: Path) -> None:
     Editor([KeywordRule("SOPInstanceUID", value="1.2.3.4")]).edit(_study(tmp_path), out)
     ds = dcmread(out)
     assert ds.SOPInstanceUID == "1.2.3.4" == ds.file_meta.MediaStorageSOPInstanceUID
+
+
+def test_keyword_rules_build_only_the_xml_they_need(tmp_path: Path) -> None:
+    src = _study(tmp_path, ethnic_group="EG5", patient_id="OLD")
+    keyword = [KeywordRule("PatientID", copy_from="EthnicGroup"),
+               KeywordRule("InstitutionName", delete=True)]
+    lean = Editor(keyword)
+    assert lean.only == {0x00100020, 0x00102160, 0x00080080}
+    # A no-op XPath rule forces the whole header into XML: the result must be the same.
+    full = Editor([*keyword, XPathRule("//DicomAttribute[@keyword='Nothing']/Value", value="x")])
+    assert full.only is None
+    a, b = tmp_path / "lean.dcm", tmp_path / "full.dcm"
+    assert [str(c) for c in lean.edit(src, a).changes] == [
+        str(c) for c in full.edit(src, b).changes]
+    assert a.read_bytes() == b.read_bytes()
