@@ -62,6 +62,8 @@ def dcmtk_relay(tmp_path: Path, orthanc: Orthanc, dcmtk: Path):  # noqa: ANN201
     cfg = write_config(tmp_path / "relay.toml", port=port, spool=spool,
                        destinations=[("central", orthanc)], engine="dcmtk")
     relay = RelayProcess(cfg, tmp_path).start(port)
+    # The port answers a moment before the relay logs storescp's pid.
+    wait_until(lambda: storescp_pids(relay), 10, what="storescp's pid in the log")
     yield port, spool, relay
     relay.stop()
 
