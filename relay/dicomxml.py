@@ -132,7 +132,8 @@ def _inline(node: etree._Element, data: bytes) -> None:
 def _add_attribute(parent: etree._Element, ds: Dataset, tag: int, charset: Any,
                    path: str, creators: dict[int, str | None]) -> None:
     raw = ds.get_item(tag, keep_deferred=True)
-    vr = raw.VR if raw is not None and raw.VR else (dictionary_VR(tag) if _known(tag) else "UN")
+    vr = raw.VR if raw is not None and raw.VR else (
+        dictionary_VR(tag) if in_dictionary(tag) else "UN")
     node = etree.SubElement(parent, "DicomAttribute", tag=_tag_hex(tag), vr=vr)
     keyword = keyword_for_tag(tag)
     if keyword:
@@ -188,7 +189,8 @@ def _add_attribute(parent: etree._Element, ds: Dataset, tag: int, charset: Any,
             etree.SubElement(node, "Value", number=str(i)).text = texts[i - 1]
 
 
-def _known(tag: int) -> bool:
+def in_dictionary(tag: int) -> bool:
+    """Whether pydicom's data dictionary knows the tag (and so its VR)."""
     try:
         dictionary_VR(tag)
     except KeyError:
@@ -251,7 +253,7 @@ def _parse_value(vr: str, text: str) -> Any:
 def element_from_xml(node: etree._Element, charset: Any) -> DataElement:
     """Build a DataElement from one <DicomAttribute> (used only for what the rules changed)."""
     tag = int(node.get("tag", ""), 16)
-    vr = node.get("vr") or (dictionary_VR(tag) if _known(tag) else "UN")
+    vr = node.get("vr") or (dictionary_VR(tag) if in_dictionary(tag) else "UN")
     if node.find("BulkData") is not None:
         raise ConversionError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}): a rule changed an "
                               "attribute holding bulk data, which cannot be rebuilt from XML")

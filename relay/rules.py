@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from lxml import etree
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from relay.dicomxml import PN_COMPONENTS, PN_GROUPS, safe_parser
+from relay.dicomxml import PN_COMPONENTS, PN_GROUPS, in_dictionary, safe_parser
 
 if TYPE_CHECKING:
     from relay.config import Table
@@ -157,7 +157,7 @@ class KeywordRule:
         else:
             values = str(self.value).split("\\")
         if node is None:
-            vr = dictionary_VR(tag) if _dictionary_has(tag) else "LO"
+            vr = dictionary_VR(tag) if in_dictionary(tag) else "LO"
             node = etree.Element("DicomAttribute", tag=f"{tag:08X}", vr=vr)
             keyword = keyword_for_tag(tag)
             if keyword:
@@ -165,14 +165,6 @@ class KeywordRule:
             _insert_sorted(root, node)
         _set_values(node, node.get("vr", "LO"), values)
         return root
-
-
-def _dictionary_has(tag: int) -> bool:
-    try:
-        dictionary_VR(tag)
-    except KeyError:
-        return False
-    return True
 
 
 def _xpath_strings(result: object) -> list[str]:

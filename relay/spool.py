@@ -11,6 +11,7 @@ under a temporary name, fsynced, then renamed in.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 # Suffix of files still being written (ours and dcm4che storescp's): never processed.
 PARTIAL_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".json"
+log = logging.getLogger("relay.spool")
 _UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
 _REASON_RE = re.compile(r"[^A-Za-z0-9-]+")
 
@@ -122,16 +124,15 @@ class Spool:
         os.close(fd)
         return self.commit_incoming(partial, name)
 
-    def quarantine_unfinished(self, folder: Path, detail: str) -> int:
+    def quarantine_unfinished(self, paths: list[Path], detail: str) -> int:
         """Objects a receiver left behind when it died: maybe cut short, never acknowledged
         (the modality got no success and sends again). Kept in failed/, never forwarded."""
-        count = 0
-        if not folder.is_dir():
-            return 0
-        for path in _files(folder):
+        for path in paths:
             self.fail(path, Failure("incomplete-receive", detail, "receive"))
-            count += 1
-        return count
+        if paths:
+            log.warning("%d object(s) left half-received by the receiver: quarantined in "
+                        "failed/incomplete-receive/", len(paths))
+        return len(paths)
 
     # --- processing ------------------------------------------------------------------------
 
@@ -256,6 +257,7 @@ class Spool:
 
     def depth(self) -> dict[str, int]:
         counts = {
+            "receiving": len(list(_files(self.receiving))) if self.receiving.is_dir() else 0,
             "incoming": len(self.ready_incoming()) if self.incoming.is_dir() else 0,
             "work": len(list(_files(self.work))) if self.work.is_dir() else 0,
         }

@@ -23,6 +23,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 log = logging.getLogger("relay.supervisor")
 
@@ -172,3 +176,29 @@ class Supervisor:
             self._kill_group()
         if self._monitor is not None:
             self._monitor.join(timeout=self.stop_timeout + 10)
+
+
+class SupervisedReceiver:
+    """A toolkit receiver run as a supervised subprocess (relay.toolkits.base.Receiver)."""
+
+    toolkit = "?"
+
+    def __init__(self, config: Config, argv: Sequence[str], *, host: str,
+                 env: dict[str, str] | None = None) -> None:
+        if config.receiver.allowed_calling_aets:
+            raise OSError(f"receiver.allowed_calling_aets: {self.toolkit}'s storescp cannot "
+                          "restrict calling AE titles; use engine = \"embedded\" for that")
+        self.supervisor = Supervisor("storescp", argv, port=config.receiver.port, host=host,
+                                     env=env, before_start=self.sweep)
+
+    def sweep(self) -> None:
+        """Before each (re)start: deal with what a dead receiver left half-written."""
+
+    def start(self) -> None:
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+
+    def alive(self) -> bool:
+        return self.supervisor.alive()

@@ -132,5 +132,5 @@ def test_hostile_reason_stays_inside_failed(spool: Spool) -> None:
 def test_depth(spool: Spool) -> None:
     _incoming(spool)
     _incoming(spool)
-    assert spool.depth() == {"incoming": 2, "work": 0, "out/central": 0, "out/backup": 0,
-                             "failed": 0}
+    assert spool.depth() == {"receiving": 0, "incoming": 2, "work": 0, "out/central": 0,
+                             "out/backup": 0, "failed": 0}

@@ -29,8 +29,7 @@ from lxml import etree
 from pydicom.filereader import read_file_meta_info
 
 from relay.dicomxml import safe_parser, to_string
-from relay.spool import Failure
-from relay.supervisor import Supervisor
+from relay.supervisor import SupervisedReceiver
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -92,32 +91,20 @@ def results_from_output(files: list[tuple[Path, str]], output: str,
     return results
 
 
-class Dcm4cheReceiver(Receiver):
+class Dcm4cheReceiver(SupervisedReceiver, Receiver):
+    toolkit = "dcm4che"
+
     def __init__(self, engine: Dcm4cheEngine, config: Config, spool: Spool) -> None:
         rc = config.receiver
-        if rc.allowed_calling_aets:
-            raise OSError("receiver.allowed_calling_aets: dcm4che's storescp has no option to "
-                          "restrict calling AE titles; use engine = \"embedded\" for that")
-        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming)
         self.spool = spool
-        self.supervisor = Supervisor("storescp", argv, port=rc.port, host=rc.host,
-                                     before_start=self._sweep)
+        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming)
+        super().__init__(config, argv, host=rc.host)
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         # dcm4che renames <uid>.part when complete: a .part left behind was never finished.
-        partial = [p for p in self.spool.incoming.glob("*.part") if not p.name.startswith(".")]
-        for path in partial:
-            self.spool.fail(path, Failure("incomplete-receive", "storescp stopped while "
-                                          "writing it; the sender got no success", "receive"))
-
-    def start(self) -> None:
-        self.supervisor.start()
-
-    def stop(self) -> None:
-        self.supervisor.stop()
-
-    def alive(self) -> bool:
-        return self.supervisor.alive()
+        self.spool.quarantine_unfinished(
+            [p for p in self.spool.incoming.glob("*.part") if not p.name.startswith(".")],
+            "storescp stopped while writing it; the sender got no success and sends it again")
 
 
 class Dcm4cheEngine(Engine):

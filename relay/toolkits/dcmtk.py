@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relay.supervisor import Supervisor
+from relay.supervisor import SupervisedReceiver
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -133,37 +133,24 @@ def parse_dcmsend_report(text: str) -> dict[str, tuple[Outcome, int | None, str]
     return results
 
 
-class DcmtkReceiver(Receiver):
+class DcmtkReceiver(SupervisedReceiver, Receiver):
+    toolkit = "DCMTK"
+
     def __init__(self, engine: DcmtkEngine, config: Config, spool: Spool) -> None:
         rc = config.receiver
-        if rc.allowed_calling_aets:
-            raise OSError("receiver.allowed_calling_aets: DCMTK's storescp cannot restrict "
-                          "calling AE titles; use engine = \"embedded\" for that")
         if rc.host not in ("0.0.0.0", "::", ""):  # noqa: S104
             log.warning("DCMTK's storescp cannot bind to one address: it listens on all, "
                         "not only %s", rc.host)
         self.spool = spool
         argv = storescp_argv(find_tool(engine.bin_dir, "storescp"), rc.ae_title, rc.port,
                              spool.receiving, spool.incoming)
-        self.supervisor = Supervisor("storescp", argv, port=rc.port, env=dcmtk_env(),
-                                     before_start=self._sweep)
+        super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env())  # noqa: S104
 
-    def _sweep(self) -> None:
-        left = self.spool.quarantine_unfinished(
-            self.spool.receiving, "storescp stopped while writing it (or before moving it in); "
-            "the sender got no success and sends it again")
-        if left:
-            log.warning("%d object(s) left half-received by storescp: quarantined in "
-                        "failed/incomplete-receive/", left)
-
-    def start(self) -> None:
-        self.supervisor.start()
-
-    def stop(self) -> None:
-        self.supervisor.stop()
-
-    def alive(self) -> bool:
-        return self.supervisor.alive()
+    def sweep(self) -> None:
+        self.spool.quarantine_unfinished(
+            list(self.spool.receiving.iterdir()) if self.spool.receiving.is_dir() else [],
+            "storescp stopped while writing it (or before moving it in); the sender got no "
+            "success and sends it again")
 
 
 class DcmtkEngine(Engine):
