@@ -18,7 +18,7 @@ from relay.config import Config, ConfigError, Destination, load_config
 from relay.edit import BadInput, Editor
 from relay.pipeline import Relay, spool_for
 from relay.toolkits import select_engine
-from relay.toolkits.base import DestinationUnavailable, Outcome
+from relay.toolkits.base import DestinationUnavailable, Engine, Outcome
 
 app = typer.Typer(
     name="dicom-relay",
@@ -60,7 +60,7 @@ def _load(config: Path, verbose: bool = False) -> Config:
     return cfg
 
 
-def _engine(cfg: Config):  # noqa: ANN202 - an Engine
+def _engine(cfg: Config) -> Engine:
     try:
         return select_engine(cfg)
     except ConfigError as exc:

@@ -143,7 +143,7 @@ def _add_attribute(parent: etree._Element, ds: Dataset, tag: int, charset: Any,
         node.set("privateCreator", creator)
 
     # Deferred (large, not yet read) values stay on disk: a reference, never text.
-    if isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0,):
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.length > 0:
         etree.SubElement(node, "BulkData", uri=f"bulk:{path}{_tag_hex(tag)}")
         return
     if isinstance(raw, RawDataElement):
