@@ -120,3 +120,28 @@ def test_echo(engine: Engine) -> None:
         scp.close()
     with pytest.raises(DestinationUnavailable):
         engine.echo(Destination("scp", "SCRIPTED", "127.0.0.1", free_port()), "ME", 5)
+
+
+def test_unacceptable_files_do_not_block_the_queue(tmp_path: Path, engine: Engine) -> None:
+    # A PACS that takes CT only: a batch of nothing but JPEG 2000 secondary captures must go to
+    # failed/ with the reason, not be retried forever in front of everything else.
+    from dicomdata import bundled, copy_with_new_uids
+
+    spool = Spool(tmp_path / "spool", ["scp"]).create()
+    j2k = spool.outbox("scp") / "j2k.dcm"
+    copy_with_new_uids(bundled("JPEG2000.dcm"), j2k)
+    ae = AE("CTONLY")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        dest = Destination("scp", "CTONLY", "127.0.0.1", port)
+        sender = DestinationSender(spool, dest, engine, SenderConfig(timeout=10))
+        sender.load_backlog()
+        [result] = sender.send_batch(sender._next_batch())
+        assert result.outcome is Outcome.FAILED
+        assert "presentation context" in result.detail
+        assert spool.queued("scp") == []
+        assert [p.name for p in spool.failed.rglob("*.dcm")] == ["scp--j2k.dcm"]
+    finally:
+        server.shutdown()

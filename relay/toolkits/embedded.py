@@ -51,6 +51,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
+class ContextsRefused(DestinationUnavailable):
+    """The destination answered but accepted none of the proposed presentation contexts."""
+
+
 def set_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off on this association's socket."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
@@ -180,12 +184,17 @@ class EmbeddedEngine(Engine):
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
         if not assoc.is_established:
+            if connected and assoc.rejected_contexts and not assoc.accepted_contexts:
+                # It answered, and refused every context we proposed: sending the same files
+                # again will not change that, and retrying would block the queue behind them.
+                raise ContextsRefused(f"{destination.name} accepts none of the presentation "
+                                      "contexts proposed (SOP class / transfer syntax)")
             if not connected:
                 why = "cannot connect (refused, unreachable or timed out)"
             elif assoc.is_rejected:
                 why = "association rejected"
             else:
-                why = "association aborted (no presentation context accepted, or a timeout)"
+                why = "association aborted"
             raise DestinationUnavailable(
                 f"{destination.name} ({destination.ae_title}@{destination.host}:"
                 f"{destination.port}): {why}")
@@ -218,6 +227,11 @@ class EmbeddedEngine(Engine):
                     calling_ae: str, timeout: float) -> Iterator[SendResult]:
         try:
             assoc = self._associate(destination, calling_ae, timeout, contexts)
+        except ContextsRefused as exc:
+            for path, context in batch:
+                yield SendResult(path, Outcome.FAILED, None,
+                                 f"{exc}: {context[0]} in {context[1]}")
+            return
         except DestinationUnavailable as exc:
             for path, _ in batch:
                 yield SendResult(path, Outcome.RETRY, None, str(exc))
