@@ -106,44 +106,50 @@ class DestinationSender:
 
     def send_batch(self, batch: list[Path]) -> list[SendResult]:
         started = self.clock()
-        results = list(self.engine.send(batch, self.destination, self.config.calling_ae_title,
-                                        self.config.timeout))
+        results = []
+        # Each confirmed file leaves the spool as its response arrives, not at the end of the
+        # batch: a crash mid-batch then resends only what was not confirmed yet.
+        for result in self.engine.send(batch, self.destination, self.config.calling_ae_title,
+                                       self.config.timeout):
+            self._settle(result)
+            results.append(result)
         answered = {r.path for r in results}
         # An adapter must answer for every file; one it forgot is retried, never dropped.
         results += [SendResult(p, Outcome.RETRY, None, "no result from the engine")
                     for p in batch if p not in answered]
-        self.record(results)
+        self._schedule_retries(results)
         delivered = sum(r.outcome is Outcome.DELIVERED for r in results)
         if delivered:
             log.info("%s: %d of %d delivered in %.2f s (%d still queued)", self.destination.name,
                      delivered, len(results), self.clock() - started, self.pending())
         return results
 
-    def record(self, results: list[SendResult]) -> None:
-        """Turn results into spool moves and queue bookkeeping."""
+    def _settle(self, r: SendResult) -> None:
+        """A final answer for one file: delivered (delete it) or refused (quarantine it)."""
+        key = r.status_text
+        self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
+        if r.outcome is Outcome.DELIVERED:
+            self.spool.delivered(r.path)
+            self.stats.delivered += 1
+            self._forget(r.path)
+        elif r.outcome is Outcome.FAILED:
+            log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
+                      r.path.name, r.status_text, r.detail)
+            reason = f"status-{r.status:04X}" if r.status is not None else "not-sendable"
+            try:
+                self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
+                                                "send", self.destination.name))
+            except FileNotFoundError:
+                log.error("%s vanished before it could be quarantined", r.path)
+            self.stats.failed += 1
+            self._forget(r.path)
+
+    def _schedule_retries(self, results: list[SendResult]) -> None:
         retry = [r for r in results if r.outcome is Outcome.RETRY]
-        any_answer = any(r.status is not None for r in results)
-        for r in results:
-            key = r.status_text
-            self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
-            if r.outcome is Outcome.DELIVERED:
-                self.spool.delivered(r.path)
-                self.stats.delivered += 1
-                self._forget(r.path)
-            elif r.outcome is Outcome.FAILED:
-                log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
-                          r.path.name, r.status_text, r.detail)
-                reason = f"status-{r.status:04X}" if r.status is not None else "not-sendable"
-                try:
-                    self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
-                                                    "send", self.destination.name))
-                except FileNotFoundError:
-                    log.error("%s vanished before it could be quarantined", r.path)
-                self.stats.failed += 1
-                self._forget(r.path)
         if not retry:
             self._down_attempts = 0
             return
+        any_answer = any(r.status is not None for r in results)
         self.stats.retried += len(retry)
         now = self.clock()
         with self._cond:

@@ -165,6 +165,12 @@ class Spool:
                 continue
             os.rename(path, self.incoming / path.name)
             count += 1
+        # A publish cut short leaves a temporary link in out/<dest>/; its original is still in
+        # work/ (now back in incoming/) and will be published again.
+        for dest in self.destinations:
+            if self.outbox(dest).is_dir():
+                for path in self.outbox(dest).glob(f".*{PARTIAL_SUFFIX}"):
+                    path.unlink()
         return count
 
     def edited_path(self, claimed: Path) -> Path:
@@ -206,7 +212,8 @@ class Spool:
         reason = _REASON_RE.sub("-", failure.reason).strip("-") or "unknown"
         folder = self.failed / reason
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        name = path.name
+        # A partial file (".x.part") is kept under a visible name so status/retry see it.
+        name = path.name.lstrip(".").removesuffix(PARTIAL_SUFFIX) or "object"
         if failure.destination:
             name = f"{failure.destination}--{name}"
         target = folder / name

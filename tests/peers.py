@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -189,3 +190,56 @@ def spool_files(spool: Path, folder: str) -> list[Path]:
     if not root.exists():
         return []
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+class ScriptedSCP:
+    """A pynetdicom Storage SCP that answers the status scripted per InstanceNumber (default
+    success), counts what it stored per SOP Instance UID, and can drop the connection in the
+    middle of an association (after `reset_after` objects) like a crashing PACS."""
+
+    def __init__(self, statuses: dict[int, int] | None = None, ae_title: str = "SCRIPTED",
+                 reset_after: int | None = None) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        from relay.toolkits.embedded import set_nodelay
+
+        self.statuses = statuses or {}
+        self.reset_after = reset_after
+        self.received: list[str] = []
+        self.resets = 0
+        self.port = free_port()
+        self._per_assoc: dict[int, int] = {}
+        ae = AE(ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = 50
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay)])
+
+    def on_store(self, event: Any) -> int:
+        key = id(event.assoc)
+        self._per_assoc[key] = self._per_assoc.get(key, 0) + 1
+        if self.reset_after is not None and self._per_assoc[key] > self.reset_after:
+            # Drop the TCP connection without a response, as a crashing PACS would.
+            self.resets += 1
+            sock = event.assoc.dul.socket.socket
+            linger_zero = struct.pack("ii", 1, 0)  # close with RST, not FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
+            sock.close()
+            return 0xA700
+        ds = event.dataset
+        status = self.statuses.get(int(ds.get("InstanceNumber", 0) or 0), 0x0000)
+        if status in (0x0000, 0xB000, 0xB006, 0xB007):
+            self.received.append(str(ds.SOPInstanceUID))
+        return status
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for uid in self.received:
+            out[uid] = out.get(uid, 0) + 1
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -6,42 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
 from dicomdata import ct_series
-from peers import free_port
+from peers import ScriptedSCP, free_port
 from relay.config import Destination, SenderConfig
 from relay.send import DestinationSender
 from relay.spool import Spool
 from relay.toolkits.base import DestinationUnavailable, Engine, Outcome
 from relay.toolkits.dcmtk import DcmtkEngine
 from relay.toolkits.embedded import EmbeddedEngine
-
-
-class ScriptedSCP:
-    """Answers C-STORE with the status scripted per InstanceNumber (default success)."""
-
-    def __init__(self, statuses: dict[int, int]) -> None:
-        self.statuses = statuses
-        self.received: list[str] = []
-        self.port = free_port()
-        ae = AE("SCRIPTED")
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
-
-    def on_store(self, event: evt.Event) -> int:
-        ds = event.dataset
-        status = self.statuses.get(int(ds.InstanceNumber), 0x0000)
-        if status in (0x0000, 0xB000):
-            self.received.append(ds.SOPInstanceUID)
-        return status
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 @pytest.fixture(params=["embedded", "dcmtk"])

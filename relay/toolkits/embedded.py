@@ -25,7 +25,7 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification
 
-from relay.spool import safe_name
+from relay.spool import PARTIAL_SUFFIX, safe_name
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -132,6 +132,10 @@ class EmbeddedReceiver(Receiver):
         return 0x0000
 
     def start(self) -> None:
+        # Partial writes of a previous run that died: never acknowledged, never complete.
+        self.spool.quarantine_unfinished(
+            sorted(self.spool.incoming.glob(f".*{PARTIAL_SUFFIX}")),
+            "the relay stopped while receiving it; the sender got no success and sends again")
         ae = self._make_ae()
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
                     (evt.EVT_REQUESTED, prefer_requestor_syntax)]
