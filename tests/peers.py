@@ -198,7 +198,7 @@ class ScriptedSCP:
     middle of an association (after `reset_after` objects) like a crashing PACS."""
 
     def __init__(self, statuses: dict[int, int] | None = None, ae_title: str = "SCRIPTED",
-                 reset_after: int | None = None) -> None:
+                 reset_after: int | None = None, port: int | None = None) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
@@ -208,7 +208,7 @@ class ScriptedSCP:
         self.reset_after = reset_after
         self.received: list[str] = []
         self.resets = 0
-        self.port = free_port()
+        self.port = port or free_port()
         self._per_assoc: dict[int, int] = {}
         ae = AE(ae_title)
         for cx in AllStoragePresentationContexts:
