@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from relay.config import Config
@@ -36,6 +36,15 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_tool(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None,
+             text: bool = True) -> subprocess.CompletedProcess[Any]:
+    """Run a toolkit command to completion: argv list, output captured, and it ends with the
+    relay if the relay is killed (a sender left running would deliver behind our back)."""
+    return subprocess.run(  # noqa: PLW1509 - prctl only, no Python in the child
+        [str(a) for a in argv], capture_output=True, text=text, env=env, timeout=timeout,
+        check=False, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
 
 def port_in_use(host: str, port: int) -> bool:

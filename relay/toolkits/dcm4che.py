@@ -29,7 +29,7 @@ from lxml import etree
 from pydicom.filereader import read_file_meta_info
 
 from relay.dicomxml import safe_parser, to_string
-from relay.supervisor import SupervisedReceiver
+from relay.supervisor import SupervisedReceiver, run_tool
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -140,8 +140,7 @@ class Dcm4cheEngine(Engine):
         argv = storescu_argv(self.bin_dir, [p for p, _ in named], destination, calling_ae,
                              timeout)
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True,
-                                  timeout=timeout * (2 + len(named)), check=False)
+            proc = run_tool(argv, timeout=timeout * (2 + len(named)))
             output, code = proc.stdout + "\n" + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
             output, code = str(exc.stdout or ""), -1
@@ -149,8 +148,7 @@ class Dcm4cheEngine(Engine):
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout)
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * 3,
-                              check=False)
+        proc = run_tool(argv, timeout=timeout * 3)
         match = _ECHO_RE.search(proc.stdout)
         if proc.returncode != 0 or match is None or int(match.group(1), 16) != 0:
             raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO failed "
@@ -160,8 +158,7 @@ class Dcm4cheEngine(Engine):
 
     def to_xml(self, path: Path) -> etree._Element:
         """`dcm2xml -B`: the PS3.19 XML of the header, group 0002 included, no bulk data."""
-        proc = subprocess.run([str(self.bin_dir / "dcm2xml"), "-B", str(path)],
-                              capture_output=True, timeout=120, check=False)
+        proc = run_tool([self.bin_dir / "dcm2xml", "-B", path], timeout=120, text=False)
         if proc.returncode != 0:
             raise ValueError(f"dcm2xml failed: {proc.stderr.decode(errors='replace')[-300:]}")
         return etree.fromstring(proc.stdout, safe_parser())
@@ -175,7 +172,7 @@ class Dcm4cheEngine(Engine):
         with tempfile.NamedTemporaryFile(suffix=".xml", dir=out.parent) as tmp:
             tmp.write(to_string(root))
             tmp.flush()
-            proc = subprocess.run(self.from_xml_argv(original, Path(tmp.name), out),
-                                  capture_output=True, timeout=120, check=False)
+            proc = run_tool(self.from_xml_argv(original, Path(tmp.name), out), timeout=120,
+                            text=False)
         if proc.returncode != 0:
             raise ValueError(f"xml2dcm failed: {proc.stderr.decode(errors='replace')[-300:]}")

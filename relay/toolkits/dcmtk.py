@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relay.supervisor import SupervisedReceiver
+from relay.supervisor import SupervisedReceiver, run_tool
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -175,8 +175,7 @@ class DcmtkEngine(Engine):
             report = Path(tmp) / "report.txt"
             argv = dcmsend_argv(self.dcmsend, files, destination, calling_ae, timeout, report)
             try:
-                proc = subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(),
-                                      timeout=timeout * (2 + len(files)), check=False)
+                proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * (2 + len(files)))
                 output = (proc.stdout + proc.stderr).strip()
             except subprocess.TimeoutExpired:
                 output = "dcmsend timed out"
@@ -201,8 +200,7 @@ class DcmtkEngine(Engine):
         argv = [str(self.echoscu), "--aetitle", calling_ae, "--call", destination.ae_title,
                 "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
                 destination.host, str(destination.port)]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(),
-                              timeout=timeout * 3, check=False)
+        proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * 3)
         if proc.returncode != 0:
             why = (proc.stderr or proc.stdout).strip().splitlines()
             raise DestinationUnavailable(f"{destination.name}: echoscu: "
