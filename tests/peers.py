@@ -242,4 +242,6 @@ class ScriptedSCP:
         return out
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
