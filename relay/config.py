@@ -66,6 +66,13 @@ class ProcessConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    path: Path | None = None  # None: audit.jsonl at the spool's root
+    enabled: bool = True
+    patient_values: bool = True
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -81,9 +88,16 @@ class Config:
     toolkit: ToolkitConfig = field(default_factory=ToolkitConfig)
     sender: SenderConfig = field(default_factory=SenderConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Any, ...] = ()  # relay.rules.EditRule instances, in order
     log_level: str = "INFO"
+
+    @property
+    def audit_path(self) -> Path | None:
+        if not self.audit.enabled:
+            return None
+        return self.audit.path or self.spool.path / "audit.jsonl"
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:
@@ -236,6 +250,17 @@ def _sender(t: Table, receiver: ReceiverConfig) -> SenderConfig:
     )
 
 
+def _audit(t: Table) -> AuditConfig:
+    t.check_keys(["path", "enabled", "patient_values"])
+    path = None
+    if t.has("path"):
+        path = Path(t.str("path", what="a file path"))
+        if not path.is_absolute():
+            path = (t.file.parent / path).resolve()
+    return AuditConfig(path=path, enabled=t.bool("enabled", True),
+                       patient_values=t.bool("patient_values", True))
+
+
 def _destination(t: Table) -> Destination:
     t.check_keys(["name", "ae_title", "host", "port"])
     return Destination(
@@ -264,8 +289,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
 
     top = Table(file, "", raw)
-    top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "destinations", "rules",
-                    "log_level"])
+    top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "audit", "destinations",
+                    "rules", "log_level"])
     receiver = _receiver(top.sub("receiver"))
     process = top.sub("process")
     process.check_keys(["workers"])
@@ -289,6 +314,7 @@ def load_config(path: str | Path) -> Config:
         toolkit=_toolkit(top.sub("toolkit")),
         sender=_sender(top.sub("sender"), receiver),
         process=ProcessConfig(workers=process.int("workers", ProcessConfig().workers, lo=1, hi=64)),
+        audit=_audit(top.sub("audit")),
         destinations=destinations,
         rules=tuple(rules),
         log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),

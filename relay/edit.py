@@ -46,6 +46,7 @@ class EditOutcome:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    source_ae: str | None = None  # (0002,0016): the calling AE title, as receivers record it
     changes: list[AttributeChange] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # rules skipped: source absent (kept)
 
@@ -152,6 +153,7 @@ class Editor:
             sop_class_uid=str(meta.MediaStorageSOPClassUID),
             sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
             transfer_syntax=str(meta.TransferSyntaxUID),
+            source_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
         )
         root = None
         if self.rules:

@@ -12,6 +12,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Config
 from relay.edit import BadInput, Editor
 from relay.send import DestinationSender
@@ -29,16 +30,19 @@ def spool_for(config: Config) -> Spool:
 class Processor:
     """Claims incoming objects, applies the rules, publishes to every destination's queue."""
 
-    def __init__(self, spool: Spool, editor: Editor, senders: list[DestinationSender]) -> None:
+    def __init__(self, spool: Spool, editor: Editor, senders: list[DestinationSender],
+                 audit: AuditLog = NO_AUDIT) -> None:
         self.spool = spool
         self.editor = editor
         self.senders = senders
+        self.audit = audit
 
     def process(self, path: Path) -> bool:
         """Handle one incoming object; False if another worker had already claimed it."""
         claimed = self.spool.claim(path)
         if claimed is None:
             return False
+        size = claimed.stat().st_size
         edited = self.spool.edited_path(claimed)
         try:
             outcome = self.editor.edit(claimed, edited)
@@ -46,6 +50,8 @@ class Processor:
             edited.unlink(missing_ok=True)
             log.error("%s: %s: quarantined in failed/%s/", claimed.name, exc.detail, exc.reason)
             self.spool.fail(claimed, Failure(exc.reason, exc.detail, "process"))
+            self.audit.record("failed", claimed.name, stage="process", reason=exc.reason,
+                              detail=exc.detail if self.audit.patient_values else None)
             return True
         except OSError as exc:
             # Disk trouble is not the object's fault: put it back and let it be retried.
@@ -59,12 +65,18 @@ class Processor:
             log.exception("%s: unexpected error while editing: quarantined", claimed.name)
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self.spool.fail(claimed, Failure("internal-error", detail, "process"))
+            self.audit.record("failed", claimed.name, stage="process", reason="internal-error")
             return True
         for missing in outcome.missing:
             log.warning("%s: rule not applied, source missing (on_missing = keep): %s",
                         claimed.name, missing)
         for change in outcome.changes:
             log.info("%s: %s", claimed.name, change)
+        self.audit.record("received", claimed.name, calling_ae=outcome.source_ae, size=size,
+                          sop_instance_uid=outcome.sop_instance_uid,
+                          transfer_syntax=outcome.transfer_syntax)
+        self.audit.record("edited", claimed.name, changes=self.audit.changes(outcome.changes),
+                          rules_skipped=len(outcome.missing) or None)
         queued = self.spool.publish(claimed, edited)
         for sender, path_out in zip(self.senders, queued, strict=True):
             sender.enqueue(path_out)
@@ -98,7 +110,10 @@ class Relay:
             if recovered:
                 log.info("start-up: %d object(s) left in work/ by a previous run requeued",
                          recovered)
-            self.senders = [DestinationSender(self.spool, d, self.engine, self.config.sender)
+            audit_path = self.config.audit_path
+            audit = AuditLog(audit_path, patient_values=self.config.audit.patient_values)
+            self.senders = [DestinationSender(self.spool, d, self.engine, self.config.sender,
+                                              audit=audit)
                             for d in self.config.destinations]
             for sender in self.senders:
                 backlog = sender.load_backlog()
@@ -109,7 +124,7 @@ class Relay:
             converter = (self.engine.toolkit_converter()
                          if self.config.toolkit.converter == "toolkit" else None)
             editor = Editor(self.config.rules, converter)
-            processor = Processor(self.spool, editor, self.senders)
+            processor = Processor(self.spool, editor, self.senders, audit)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.

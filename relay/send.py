@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Destination, SenderConfig
 from relay.spool import Failure, Spool
 from relay.toolkits.base import Engine, Outcome, SendResult
@@ -39,8 +40,10 @@ class DestinationSender:
     """Owns out/<dest>/: learns of new files through `enqueue`, of old ones by one scan."""
 
     def __init__(self, spool: Spool, destination: Destination, engine: Engine,
-                 config: SenderConfig, clock: Callable[[], float] = time.monotonic) -> None:
+                 config: SenderConfig, clock: Callable[[], float] = time.monotonic,
+                 audit: AuditLog = NO_AUDIT) -> None:
         self.spool = spool
+        self.audit = audit
         self.destination = destination
         self.engine = engine
         self.config = config
@@ -132,6 +135,8 @@ class DestinationSender:
             self.spool.delivered(r.path)
             self.stats.delivered += 1
             self._forget(r.path)
+            self.audit.record("delivered", r.path.name, destination=self.destination.name,
+                              status=r.status_text)
         elif r.outcome is Outcome.FAILED:
             log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
                       r.path.name, r.status_text, r.detail)
@@ -143,6 +148,9 @@ class DestinationSender:
                 log.error("%s vanished before it could be quarantined", r.path)
             self.stats.failed += 1
             self._forget(r.path)
+            self.audit.record("failed", r.path.name, stage="send",
+                              destination=self.destination.name, status=r.status_text,
+                              reason=reason, detail=r.detail)
 
     def _schedule_retries(self, results: list[SendResult]) -> None:
         retry = [r for r in results if r.outcome is Outcome.RETRY]
@@ -166,6 +174,8 @@ class DestinationSender:
             else:
                 self._down_attempts = 0
                 for r in retry:
+                    self.audit.record("deferred", r.path.name, destination=self.destination.name,
+                                      status=r.status_text, detail=r.detail)
                     attempt = self._attempts.get(r.path, 0) + 1
                     self._attempts[r.path] = attempt
                     delay = backoff_delay(attempt, self.config.retry_initial,

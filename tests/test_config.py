@@ -91,3 +91,15 @@ def test_not_toml(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.toml: no such file"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_audit_defaults_to_the_spool_and_can_be_switched(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, MINIMAL)
+    assert cfg.audit_path == Path("/srv/dicom_repo/audit.jsonl")
+    assert cfg.audit.patient_values is True
+    cfg = _load(tmp_path, MINIMAL + '[audit]\npath = "logs/audit.jsonl"\npatient_values = false\n')
+    assert cfg.audit_path == (tmp_path / "logs" / "audit.jsonl").resolve()
+    assert cfg.audit.patient_values is False
+    assert _load(tmp_path, MINIMAL + "[audit]\nenabled = false\n").audit_path is None
+    with pytest.raises(ConfigError, match=r"audit\.patient_values: expected true or false"):
+        _load(tmp_path, MINIMAL + '[audit]\npatient_values = "no"\n')

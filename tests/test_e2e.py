@@ -58,6 +58,7 @@ converter = "{converter}"
 retry_initial = 0.3
 retry_max = 2.0
 timeout = 10
+
 {extra}
 {dests}
 {rules}
@@ -254,3 +255,40 @@ def test_wrong_called_ae_title_is_rejected(
     result = dcmsend(sorted((tmp_path / "ct").iterdir()), port, "SOMEONEELSE")
     assert result.returncode != 0
     assert spool_files(spool, "incoming") == [] and spool_files(spool, "out") == []
+
+
+@pytest.mark.parametrize("patient_values", [True, False])
+def test_audit_log_tells_each_objects_story(tmp_path: Path, orthanc: Orthanc, dcmtk: Path,
+                                            engine: str, patient_values: bool) -> None:
+    port = free_port()
+    spool = tmp_path / "spool"
+    cfg = write_config(tmp_path / "relay.toml", port=port, spool=spool,
+                       destinations=[("central", orthanc)], engine=engine,
+                       extra=f"[audit]\npatient_values = {str(patient_values).lower()}\n")
+    relay = RelayProcess(cfg, tmp_path).start(port)
+    try:
+        uids = ct_series(tmp_path / "ct", 3, ethnic_group="SECRET-ID-42")
+        assert dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY",
+                       calling_aet="CT01").returncode == 0
+        wait_until(lambda: orthanc.count() == 3, 30, what="delivered")
+        audit = spool / "audit.jsonl"
+        wait_until(lambda: audit.exists() and audit.read_text().count('"delivered"') == 3, 10,
+                   what="audit lines")
+    finally:
+        assert relay.stop() == 0
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    by_object: dict[str, list[dict]] = {}
+    for line in lines:
+        by_object.setdefault(line["object"], []).append(line)
+    assert len(by_object) == 3
+    for steps in by_object.values():
+        assert [s["step"] for s in steps] == ["received", "edited", "delivered"]
+        received, edited, delivered = steps
+        assert received["calling_ae"] == "CT01" and received["sop_instance_uid"] in uids
+        assert delivered["destination"] == "central" and delivered["status"] == "0x0000"
+        if patient_values:
+            assert edited["changes"] == [
+                {"attribute": "PatientID", "before": "1CT1", "after": "SECRET-ID-42"}]
+        else:
+            assert edited["changes"] == [{"attribute": "PatientID"}]
+    assert ("SECRET-ID-42" in audit.read_text()) is patient_values

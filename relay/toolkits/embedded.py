@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -117,8 +119,8 @@ class EmbeddedReceiver(Receiver):
         request = event.request
         name = safe_name(request.AffectedSOPInstanceUID)
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # noqa: BLE001 - any decoding problem: refuse, don't store
+            data = self._file_bytes(event)
+        except Exception as exc:  # noqa: BLE001 - any encoding problem: refuse, don't store
             log.error("C-STORE from %s: cannot encode the received object (%s): refused",
                       event.assoc.requestor.ae_title, exc)
             return STATUS_CANNOT_UNDERSTAND
@@ -130,6 +132,17 @@ class EmbeddedReceiver(Receiver):
             return STATUS_OUT_OF_RESOURCES
         log.debug("received %s from %s", name, event.assoc.requestor.ae_title)
         return 0x0000
+
+    @staticmethod
+    def _file_bytes(event: evt.Event) -> bytes:
+        """The received object as a DICOM file: the data set exactly as sent (never decoded),
+        behind file meta that also names the calling AE title (0002,0016), as DCMTK does."""
+        meta = event.file_meta
+        meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+        buffer = DicomBytesIO()
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        return b"".join((b"\x00" * 128, b"DICM", buffer.getvalue(),
+                         event.encoded_dataset(include_meta=False)))
 
     def start(self) -> None:
         # Partial writes of a previous run that died: never acknowledged, never complete.
