@@ -207,6 +207,7 @@ class ScriptedSCP:
         self.statuses = statuses or {}
         self.reset_after = reset_after
         self.received: list[str] = []
+        self.patient_ids: dict[str, object] = {}
         self.resets = 0
         self.port = port or free_port()
         self._per_assoc: dict[int, int] = {}
@@ -233,6 +234,7 @@ class ScriptedSCP:
         status = self.statuses.get(int(ds.get("InstanceNumber", 0) or 0), 0x0000)
         if status in (0x0000, 0xB000, 0xB006, 0xB007):
             self.received.append(str(ds.SOPInstanceUID))
+            self.patient_ids[str(ds.SOPInstanceUID)] = ds.get("PatientID")
         return status
 
     def counts(self) -> dict[str, int]:
