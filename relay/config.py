@@ -6,6 +6,7 @@ PACS administrator looking at a systemd journal, not at a Python traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ class ReceiverConfig:
     host: str = "0.0.0.0"  # noqa: S104 - a relay listens for modalities on the network
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # IP addresses or networks (CIDR); empty: any
     max_associations: int = 10
 
 
@@ -201,8 +203,16 @@ AE_WHAT = "an AE title (1-16 printable ASCII characters, no backslash)"
 
 
 def _receiver(t: Table) -> ReceiverConfig:
-    t.check_keys(["ae_title", "host", "port", "allowed_calling_aets", "max_associations"])
+    t.check_keys(["ae_title", "host", "port", "allowed_calling_aets", "allowed_hosts",
+                  "max_associations"])
     d = ReceiverConfig()
+    hosts = t.str_list("allowed_hosts", what="an IP address or network such as 10.1.0.0/16")
+    for host in hosts:
+        try:
+            ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            raise t.error("allowed_hosts", "a list of IP addresses or networks such as "
+                          "10.1.0.0/16", host) from None
     return ReceiverConfig(
         ae_title=t.str("ae_title", d.ae_title, pattern=_AE_RE, what=AE_WHAT).strip(),
         host=t.str("host", d.host, what="an IP address or host name to listen on"),
@@ -210,6 +220,7 @@ def _receiver(t: Table) -> ReceiverConfig:
         allowed_calling_aets=tuple(
             a.strip() for a in t.str_list("allowed_calling_aets", pattern=_AE_RE, what=AE_WHAT)
         ),
+        allowed_hosts=hosts,
         max_associations=t.int("max_associations", d.max_associations, lo=1, hi=1000),
     )
 

@@ -194,9 +194,10 @@ class SupervisedReceiver:
 
     def __init__(self, config: Config, argv: Sequence[str], *, host: str,
                  env: dict[str, str] | None = None) -> None:
-        if config.receiver.allowed_calling_aets:
-            raise OSError(f"receiver.allowed_calling_aets: {self.toolkit}'s storescp cannot "
-                          "restrict calling AE titles; use engine = \"embedded\" for that")
+        for key in ("allowed_calling_aets", "allowed_hosts"):
+            if getattr(config.receiver, key):
+                raise OSError(f"receiver.{key}: {self.toolkit}'s storescp cannot enforce it; "
+                              "use engine = \"embedded\" for that (or a firewall)")
         self.supervisor = Supervisor("storescp", argv, port=config.receiver.port, host=host,
                                      env=env, before_start=self.sweep)
 

@@ -87,10 +87,9 @@ def test_sigterm_stops_everything_and_leaves_no_orphan(
     port, _spool, relay = dcmtk_relay
     [pid] = storescp_pids(relay)
     assert relay.proc is not None
-    started = time.monotonic()
+    # stop() sends SIGTERM and waits (bounded; it raises if the relay does not exit).
     code = relay.stop(timeout=10)
     assert code == 0
-    assert time.monotonic() - started < 10
     assert not alive(pid)
     assert group_members(pid) == [], "a storescp child survived"
     assert not port_in_use("0.0.0.0", port)  # noqa: S104

@@ -8,6 +8,7 @@ each file in chunks without decoding it, so the transfer syntax and bytes go out
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 from collections.abc import Iterator
@@ -99,6 +100,8 @@ class EmbeddedReceiver(Receiver):
         self.config = config.receiver
         self.spool = spool
         self.server: Any = None
+        self.networks = [ipaddress.ip_network(h, strict=False)
+                         for h in config.receiver.allowed_hosts]
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -133,6 +136,22 @@ class EmbeddedReceiver(Receiver):
         log.debug("received %s from %s", name, event.assoc.requestor.ae_title)
         return 0x0000
 
+    def on_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RQ: refuse a peer outside `allowed_hosts`, else negotiate."""
+        if self.networks:
+            address = event.assoc.requestor.address
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                ip = None
+            if ip is None or not any(ip in net for net in self.networks):
+                log.warning("association from %s (%s) refused: not in receiver.allowed_hosts",
+                            address, event.assoc.requestor.ae_title)
+                # Rejected permanently, by the service user, no reason given.
+                event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+                return
+        prefer_requestor_syntax(event)
+
     @staticmethod
     def _file_bytes(event: evt.Event) -> bytes:
         """The received object as a DICOM file: the data set exactly as sent (never decoded),
@@ -151,7 +170,7 @@ class EmbeddedReceiver(Receiver):
             "the relay stopped while receiving it; the sender got no success and sends again")
         ae = self._make_ae()
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
-                    (evt.EVT_REQUESTED, prefer_requestor_syntax)]
+                    (evt.EVT_REQUESTED, self.on_requested)]
         address = (self.config.host, self.config.port)
         try:
             self.server = ae.start_server(address, block=False, evt_handlers=handlers)

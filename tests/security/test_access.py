@@ -1,0 +1,127 @@
+"""Who may send: calling AE titles, hosts, the called AE title; and one stuck peer cannot
+block the others. Real peers (DCMTK dcmsend) against `dicom-relay run`."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from dicomdata import ct_series
+from peers import RelayProcess, ScriptedSCP, dcmsend, free_port, spool_files, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _config(tmp_path: Path, port: int, sink: ScriptedSCP, engine: str = "embedded",
+            receiver: str = "") -> Path:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(f"""
+[receiver]
+host = "127.0.0.1"
+port = {port}
+{receiver}
+[spool]
+path = "{tmp_path / 'spool'}"
+[toolkit]
+engine = "{engine}"
+[[destinations]]
+name = "sink"
+ae_title = "SCRIPTED"
+host = "127.0.0.1"
+port = {sink.port}
+""")
+    return cfg
+
+
+@pytest.fixture
+def sink():  # noqa: ANN201
+    scp = ScriptedSCP()
+    yield scp
+    scp.close()
+
+
+def test_only_allowed_calling_ae_titles(tmp_path: Path, sink: ScriptedSCP, dcmtk: Path) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, port, sink, receiver='allowed_calling_aets = ["CT01"]')
+    relay = RelayProcess(cfg, tmp_path).start(port)
+    try:
+        ct_series(tmp_path / "ct", 2)
+        files = sorted((tmp_path / "ct").iterdir())
+        refused = dcmsend(files, port, "DICOMRELAY", calling_aet="INTRUDER")
+        assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
+        assert spool_files(tmp_path / "spool", "incoming") == []
+        assert dcmsend(files, port, "DICOMRELAY", calling_aet="CT01").returncode == 0
+        wait_until(lambda: len(sink.counts()) == 2, 30, what="the allowed modality's study")
+    finally:
+        relay.stop()
+
+
+@pytest.mark.parametrize(("allowed", "accepted"), [("10.0.0.0/8", False),
+                                                   ("127.0.0.0/8", True)])
+def test_only_allowed_hosts(tmp_path: Path, sink: ScriptedSCP, dcmtk: Path, allowed: str,
+                            accepted: bool) -> None:
+    # Traffic only ever goes to 127.0.0.1: the allow-list decides about that address.
+    port = free_port()
+    cfg = _config(tmp_path, port, sink, receiver=f'allowed_hosts = ["{allowed}"]')
+    relay = RelayProcess(cfg, tmp_path).start(port)
+    try:
+        ct_series(tmp_path / "ct", 1)
+        result = dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY")
+        assert (result.returncode == 0) is accepted
+        if accepted:
+            wait_until(lambda: len(sink.counts()) == 1, 30, what="stored")
+        else:
+            assert "not in receiver.allowed_hosts" in relay.output()
+            assert spool_files(tmp_path / "spool", "incoming") == []
+    finally:
+        relay.stop()
+
+
+@pytest.mark.parametrize("key", ["allowed_hosts = [\"127.0.0.1\"]",
+                                 "allowed_calling_aets = [\"CT01\"]"])
+def test_toolkit_engines_refuse_what_they_cannot_enforce(tmp_path: Path, sink: ScriptedSCP,
+                                                        dcmtk: Path, key: str) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, port, sink, engine="dcmtk", receiver=key)
+    relay = RelayProcess(cfg, tmp_path)
+    relay.start()
+    assert relay.proc is not None
+    assert relay.proc.wait(timeout=30) == 1
+    assert "cannot enforce it" in relay.output()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True  # nothing to read, not closed
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+def test_a_stuck_peer_does_not_block_the_others(tmp_path: Path, sink: ScriptedSCP, dcmtk: Path,
+                                                engine: str) -> None:
+    port = free_port()
+    relay = RelayProcess(_config(tmp_path, port, sink, engine=engine), tmp_path).start(port)
+    stuck = []
+    try:
+        # Three peers connect and never say a word (or stop half-way through a PDU header).
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"\x01\x00")
+            stuck.append(sock)
+        uids = ct_series(tmp_path / "ct", 10)
+        assert dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY").returncode == 0
+        wait_until(lambda: set(sink.counts()) == set(uids), 30, what="relayed meanwhile")
+        # Proof without a stopwatch: the stuck peers are all still connected, so the study
+        # did not wait for them to time out.
+        for sock in stuck:
+            assert _still_open(sock)
+    finally:
+        for sock in stuck:
+            sock.close()
+        relay.stop()
