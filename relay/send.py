@@ -22,6 +22,10 @@ from relay.toolkits.base import Engine, Outcome, SendResult
 
 log = logging.getLogger("relay.send")
 
+# An object on the wire each time the destination broke off this many associations is taken
+# to be what breaks them: it is quarantined (failed/not-sendable/) instead of retried.
+POISON_STRIKES = 3
+
 
 def backoff_delay(attempt: int, initial: float, cap: float) -> float:
     """Capped exponential backoff: initial, 2×initial, 4×initial, … never above cap."""
@@ -53,6 +57,7 @@ class DestinationSender:
         self._known: set[Path] = set()
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
         self._attempts: dict[Path, int] = {}
+        self._strikes: dict[Path, int] = {}  # times the association broke with it in flight
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._hold_until = 0.0  # whole destination backing off (it is down)
@@ -127,7 +132,7 @@ class DestinationSender:
                      delivered, len(results), self.clock() - started, self.pending())
         return results
 
-    def _settle(self, r: SendResult) -> None:
+    def _settle(self, r: SendResult, reason: str | None = None) -> None:
         """A final answer for one file: delivered (delete it) or refused (quarantine it)."""
         key = r.status_text
         self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
@@ -140,7 +145,8 @@ class DestinationSender:
         elif r.outcome is Outcome.FAILED:
             log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
                       r.path.name, r.status_text, r.detail)
-            reason = f"status-{r.status:04X}" if r.status is not None else "not-sendable"
+            reason = reason or (f"status-{r.status:04X}" if r.status is not None
+                                else "not-sendable")
             try:
                 self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
                                                 "send", self.destination.name))
@@ -157,7 +163,16 @@ class DestinationSender:
         if not retry:
             self._down_attempts = 0
             return
-        any_answer = any(r.status is not None for r in results)
+        suspects = [r for r in retry if r.in_flight]
+        if suspects:
+            # The destination was there and broke off while receiving one object. That object
+            # goes aside (so the others are not held behind it); if it breaks the association
+            # every time, it is quarantined rather than blocking the queue for ever.
+            self._set_aside(suspects[0])
+            retry = [r for r in retry if r is not suspects[0]]
+            if not retry:
+                return
+        any_answer = any(r.status is not None for r in results) or bool(suspects)
         self.stats.retried += len(retry)
         now = self.clock()
         with self._cond:
@@ -186,8 +201,25 @@ class DestinationSender:
                                 delay)
             self._cond.notify()
 
+    def _set_aside(self, r: SendResult) -> None:
+        strikes = self._strikes.get(r.path, 0) + 1
+        self._strikes[r.path] = strikes
+        if strikes >= POISON_STRIKES:
+            self._settle(SendResult(
+                r.path, Outcome.FAILED, None,
+                f"the destination broke off the association {strikes} times while receiving "
+                f"it ({r.detail})"), reason="breaks-association")
+            return
+        delay = backoff_delay(strikes, self.config.retry_initial, self.config.retry_max)
+        log.warning("%s: association broke while sending %s (%s): set aside for %.1f s",
+                    self.destination.name, r.path.name, r.detail, delay)
+        with self._cond:
+            self._delayed[r.path] = self.clock() + delay
+            self._cond.notify()
+
     def _forget(self, path: Path) -> None:
         with self._cond:
             self._known.discard(path)
             self._attempts.pop(path, None)
             self._delayed.pop(path, None)
+            self._strikes.pop(path, None)

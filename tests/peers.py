@@ -198,14 +198,17 @@ class ScriptedSCP:
     middle of an association (after `reset_after` objects) like a crashing PACS."""
 
     def __init__(self, statuses: dict[int, int] | None = None, ae_title: str = "SCRIPTED",
-                 reset_after: int | None = None, port: int | None = None) -> None:
+                 reset_after: int | None = None, port: int | None = None,
+                 keep_files: Path | None = None) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        from relay.toolkits.embedded import set_nodelay
+        from relay.toolkits.embedded import prefer_requestor_syntax, set_nodelay
 
         self.statuses = statuses or {}
         self.reset_after = reset_after
+        self.keep_files = keep_files  # write what arrives, byte for byte
+        self.kept: list[tuple[str, Path]] = []  # (Affected SOP Instance UID, file)
         self.received: list[str] = []
         self.patient_ids: dict[str, object] = {}
         self.resets = 0
@@ -217,7 +220,8 @@ class ScriptedSCP:
         ae.add_supported_context(Verification)
         ae.maximum_associations = 50
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay)])
+            (evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, prefer_requestor_syntax)])
 
     def on_store(self, event: Any) -> int:
         key = id(event.assoc)
@@ -230,11 +234,18 @@ class ScriptedSCP:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
             sock.close()
             return 0xA700
+        if self.keep_files is not None:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            kept = self.keep_files / f"{len(self.kept):05d}.dcm"
+            kept.write_bytes(event.encoded_dataset())
+            self.kept.append((uid, kept))
         ds = event.dataset
-        status = self.statuses.get(int(ds.get("InstanceNumber", 0) or 0), 0x0000)
+        number = ds.get("InstanceNumber", 0)
+        status = self.statuses.get(int(number) if isinstance(number, int) else 0, 0x0000)
         if status in (0x0000, 0xB000, 0xB006, 0xB007):
-            self.received.append(str(ds.SOPInstanceUID))
-            self.patient_ids[str(ds.SOPInstanceUID)] = ds.get("PatientID")
+            uid = str(event.request.AffectedSOPInstanceUID)
+            self.received.append(uid)
+            self.patient_ids[uid] = ds.get("PatientID")
         return status
 
     def counts(self) -> dict[str, int]:

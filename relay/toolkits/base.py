@@ -47,6 +47,9 @@ class SendResult:
     outcome: Outcome
     status: int | None  # the C-STORE status, None when no response was received
     detail: str = ""
+    # The association broke while this very object was on the wire (not merely queued behind
+    # it): the destination was reachable, and this object may be what makes it abort.
+    in_flight: bool = False
 
     @property
     def status_text(self) -> str:

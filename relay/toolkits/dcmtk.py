@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydicom import dcmread
+
 from relay.supervisor import SupervisedReceiver, run_tool
 from relay.toolkits.base import (
     DestinationUnavailable,
@@ -96,6 +98,7 @@ def dcmsend_argv(dcmsend: Path, files: list[Path], destination: Destination, cal
         "--aetitle", calling_ae,
         "--call", destination.ae_title,
         "--no-halt",
+        "--verbose", "--verbose-pc",  # the A-ASSOCIATE-AC: which contexts the peer refused
         "--decompress-never",
         "--no-uid-checks",       # the PACS judges the UIDs, not the sender
         "--timeout", seconds,
@@ -108,10 +111,31 @@ def dcmsend_argv(dcmsend: Path, files: list[Path], destination: Destination, cal
 
 
 _STATUS_RE = re.compile(r"^0x([0-9A-Fa-f]{4})")
+_CONTEXT_RE = re.compile(r"Context ID:\s+(\d+) \(([^)]*)\)")
 
 
-def parse_dcmsend_report(text: str) -> dict[str, tuple[Outcome, int | None, str]]:
-    """Filename → (outcome, status, detail) from dcmsend's --create-report-file."""
+def refused_contexts(output: str) -> dict[tuple[int, int], str]:
+    """(association number, context ID) → why the peer refused it, from the A-ASSOCIATE-AC
+    sections dcmsend prints with --verbose --verbose-pc."""
+    refused: dict[tuple[int, int], str] = {}
+    association = 0
+    in_ac = False
+    for line in output.splitlines():
+        if "BEGIN A-ASSOCIATE-AC" in line:
+            association += 1
+            in_ac = True
+        elif "END A-ASSOCIATE-AC" in line:
+            in_ac = False
+        elif in_ac and (match := _CONTEXT_RE.search(line)) and match.group(2) != "Accepted":
+            refused[(association, int(match.group(1)))] = match.group(2)
+    return refused
+
+
+def parse_dcmsend_report(text: str, output: str = ""
+                         ) -> dict[str, tuple[Outcome, int | None, str]]:
+    """Filename → (outcome, status, detail) from dcmsend's --create-report-file (and its
+    verbose output, which says which presentation contexts the peer refused)."""
+    refused = refused_contexts(output)
     results: dict[str, tuple[Outcome, int | None, str]] = {}
     for block in text.split("\n\n"):
         fields = {}
@@ -123,14 +147,33 @@ def parse_dcmsend_report(text: str) -> dict[str, tuple[Outcome, int | None, str]
         if name is None or status is None:
             continue
         match = _STATUS_RE.match(status)
+        context = (int(fields.get("Association", "0") or 0),
+                   int(fields.get("Pres. Context", "0") or 0))
         if match:
             code = int(match.group(1), 16)
             results[name] = (classify_status(code), code, status)
+        elif context in refused:
+            # The peer answered and refused this SOP class / transfer syntax: sending it again
+            # will not change that (and must not hold up the rest of the queue).
+            results[name] = (Outcome.FAILED, None, f"destination refused the presentation "
+                             f"context ({refused[context]})")
         elif status == "<not sent>":
             results[name] = (Outcome.RETRY, None, "not sent (association ended before it)")
         else:  # <no acceptable presentation context>, <invalid dataset pointer>
             results[name] = (Outcome.FAILED, None, status.strip("<>"))
     return results
+
+
+def _sendable(path: Path) -> str | None:
+    """Why dcmsend cannot send this file at all, or None. It needs the SOP Class and Instance
+    UIDs in the data set itself, where some files only have them in the file meta."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    except Exception as exc:  # noqa: BLE001 - unreadable: dcmsend cannot read it either
+        return f"unreadable: {exc}"
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
+    return f"the data set lacks {', '.join(missing)}" if missing else None
 
 
 class DcmtkReceiver(SupervisedReceiver, Receiver):
@@ -169,6 +212,14 @@ class DcmtkEngine(Engine):
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float) -> Iterator[SendResult]:
+        sendable = []
+        for path in files:
+            why = _sendable(path)
+            if why is None:
+                sendable.append(path)
+            else:
+                yield SendResult(path, Outcome.FAILED, None, f"dcmsend cannot send it: {why}")
+        files = sendable
         if not files:
             return
         with tempfile.TemporaryDirectory(prefix="dicom-relay-dcmsend-") as tmp:
@@ -186,14 +237,20 @@ class DcmtkEngine(Engine):
             for path in files:
                 yield SendResult(path, Outcome.RETRY, None, f"dcmsend: {why}")
             return
-        by_name = parse_dcmsend_report(text)
+        by_name = parse_dcmsend_report(text, output)
+        # dcmsend sends in order: when the association broke, the first file it did not get
+        # a response for was the one on the wire.
+        aborted = "Peer aborted" in output or "Failed receiving DIMSE response" in output
+        flagged = False
         for path in files:
             found = by_name.get(str(path))
             if found is None:
                 # dcmsend refused the file before sending (unreadable as DICOM).
                 yield SendResult(path, Outcome.FAILED, None, "dcmsend could not read it")
-            else:
-                yield SendResult(path, *found)
+                continue
+            in_flight = aborted and not flagged and found[0] is Outcome.RETRY
+            flagged |= in_flight
+            yield SendResult(path, *found, in_flight=in_flight)
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))

@@ -293,7 +293,8 @@ class EmbeddedEngine(Engine):
                 if "Status" not in status:
                     # No response: aborted, reset or timed out. Not stored as far as we know.
                     yield SendResult(path, Outcome.RETRY, None,
-                                     "no C-STORE response (association aborted or timed out)")
+                                     "no C-STORE response (association aborted or timed out)",
+                                     in_flight=True)
                     continue
                 code = int(status.Status)
                 comment = str(status.get("ErrorComment", "") or "")

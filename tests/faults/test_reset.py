@@ -3,6 +3,8 @@ was not confirmed, and everything arrives once the destination behaves."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -42,5 +44,45 @@ def test_connection_reset_mid_batch(tmp_path: Path, dcmtk: Path, engine_name: st
             sender.send_batch(batch)
         assert spool.queued("scp") == []
         assert set(scp.counts()) == set(uids)
+    finally:
+        scp.close()
+
+
+class PoisonSCP(ScriptedSCP):
+    """Breaks off the association whenever it receives one particular object."""
+
+    poison: str = ""
+
+    def on_store(self, event):  # noqa: ANN001, ANN201
+        if str(event.request.AffectedSOPInstanceUID) == self.poison:
+            event.assoc.dul.socket.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            event.assoc.dul.socket.socket.close()
+            return 0xA700
+        return super().on_store(event)
+
+
+@pytest.mark.parametrize("engine_name", ["embedded", "dcmtk"])
+def test_an_object_that_breaks_every_association_is_quarantined(
+        tmp_path: Path, dcmtk: Path, engine_name: str) -> None:
+    engine = EmbeddedEngine() if engine_name == "embedded" else DcmtkEngine(dcmtk)
+    spool = Spool(tmp_path / "spool", ["scp"]).create()
+    uids = ct_series(spool.outbox("scp"), 8)
+    scp = PoisonSCP()
+    scp.poison = uids[0]  # the first in the queue: everything else waits behind it
+    try:
+        dest = Destination("scp", "SCRIPTED", "127.0.0.1", scp.port)
+        sender = DestinationSender(spool, dest, engine, SenderConfig(retry_initial=0.05,
+                                                                     retry_max=0.1, timeout=5))
+        sender.load_backlog()
+        for _ in range(30):
+            if not spool.queued("scp"):
+                break
+            sender.send_batch(sender._next_batch())
+        assert set(scp.counts()) == set(uids[1:]), "the others were not held behind it"
+        [poison] = [p for p in spool.failed.rglob("*.dcm")]
+        assert poison.parent.name == "breaks-association"
+        assert "broke off the association 3 times" in (
+            poison.with_name(poison.name + ".json").read_text())
     finally:
         scp.close()
