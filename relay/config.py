@@ -29,6 +29,18 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """DICOM TLS. For the receiver: our certificate and key, and the CA that peers'
+    certificates must chain to. For a destination: the CA its certificate must chain to, and
+    optionally our client certificate and key."""
+
+    ca: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    require_peer_certificate: bool = True
+
+
+@dataclass(frozen=True)
 class ReceiverConfig:
     ae_title: str = "DICOMRELAY"
     host: str = "0.0.0.0"  # noqa: S104 - a relay listens for modalities on the network
@@ -36,6 +48,7 @@ class ReceiverConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # IP addresses or networks (CIDR); empty: any
     max_associations: int = 10
+    tls: TLSConfig | None = None  # set: TLS only, plain connections are refused
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: TLSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +218,7 @@ AE_WHAT = "an AE title (1-16 printable ASCII characters, no backslash)"
 
 def _receiver(t: Table) -> ReceiverConfig:
     t.check_keys(["ae_title", "host", "port", "allowed_calling_aets", "allowed_hosts",
-                  "max_associations"])
+                  "max_associations", "tls"])
     d = ReceiverConfig()
     hosts = t.str_list("allowed_hosts", what="an IP address or network such as 10.1.0.0/16")
     for host in hosts:
@@ -222,6 +236,7 @@ def _receiver(t: Table) -> ReceiverConfig:
         ),
         allowed_hosts=hosts,
         max_associations=t.int("max_associations", d.max_associations, lo=1, hi=1000),
+        tls=_tls(t.sub("tls"), server=True) if t.has("tls") else None,
     )
 
 
@@ -272,14 +287,42 @@ def _audit(t: Table) -> AuditConfig:
                        patient_values=t.bool("patient_values", True))
 
 
+def _tls_file(t: Table, key: str) -> Path | None:
+    if not t.has(key):
+        return None
+    path = Path(t.str(key, what="a PEM file path"))
+    if not path.is_absolute():
+        path = (t.file.parent / path).resolve()
+    if not path.is_file():
+        raise t.error(key, "an existing PEM file", str(path))
+    return path
+
+
+def _tls(t: Table, *, server: bool) -> TLSConfig:
+    t.check_keys(["ca", "certificate", "private_key", "require_peer_certificate"])
+    tls = TLSConfig(ca=_tls_file(t, "ca"), certificate=_tls_file(t, "certificate"),
+                    private_key=_tls_file(t, "private_key"),
+                    require_peer_certificate=t.bool("require_peer_certificate", True))
+    if server and (tls.certificate is None or tls.private_key is None):
+        raise t.error("certificate", "certificate and private_key for a TLS receiver",
+                      show_got=False)
+    if (tls.certificate is None) != (tls.private_key is None):
+        raise t.error("private_key", "certificate and private_key together", show_got=False)
+    if tls.require_peer_certificate and tls.ca is None:
+        raise t.error("ca", "the CA that peers' certificates chain to (or "
+                      "require_peer_certificate = false)", show_got=False)
+    return tls
+
+
 def _destination(t: Table) -> Destination:
-    t.check_keys(["name", "ae_title", "host", "port"])
+    t.check_keys(["name", "ae_title", "host", "port", "tls"])
     return Destination(
         name=t.str("name", what="a name of letters, digits, '-', '_' or '.' (it names a spool "
                    "folder)", pattern=_NAME_RE),
         ae_title=t.str("ae_title", pattern=_AE_RE, what=AE_WHAT).strip(),
         host=t.str("host", what="an IP address or host name"),
         port=t.int("port", None, lo=1, hi=65535),
+        tls=_tls(t.sub("tls"), server=False) if t.has("tls") else None,
     )
 
 

@@ -199,7 +199,7 @@ class ScriptedSCP:
 
     def __init__(self, statuses: dict[int, int] | None = None, ae_title: str = "SCRIPTED",
                  reset_after: int | None = None, port: int | None = None,
-                 keep_files: Path | None = None) -> None:
+                 keep_files: Path | None = None, ssl_context: Any = None) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
@@ -219,7 +219,8 @@ class ScriptedSCP:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 50
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      ssl_context=ssl_context, evt_handlers=[
             (evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REQUESTED, prefer_requestor_syntax)])
 

@@ -103,3 +103,19 @@ def test_audit_defaults_to_the_spool_and_can_be_switched(tmp_path: Path) -> None
     assert _load(tmp_path, MINIMAL + "[audit]\nenabled = false\n").audit_path is None
     with pytest.raises(ConfigError, match=r"audit\.patient_values: expected true or false"):
         _load(tmp_path, MINIMAL + '[audit]\npatient_values = "no"\n')
+
+
+def test_tls_settings_are_checked(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("not really a certificate, only its path is checked here")
+    with pytest.raises(ConfigError, match=r"receiver\.tls\.certificate: expected certificate "
+                                          r"and private_key for a TLS receiver"):
+        _load(tmp_path, MINIMAL + f'[receiver.tls]\nca = "{pem}"\n')
+    with pytest.raises(ConfigError, match=r"receiver\.tls\.ca: expected an existing PEM file"):
+        _load(tmp_path, MINIMAL + f'[receiver.tls]\ncertificate = "{pem}"\n'
+              f'private_key = "{pem}"\nca = "missing.pem"\n')
+    with pytest.raises(ConfigError, match=r"receiver\.tls\.ca: expected the CA"):
+        _load(tmp_path, MINIMAL + f'[receiver.tls]\ncertificate = "{pem}"\n'
+              f'private_key = "{pem}"\n')
+    cfg = _load(tmp_path, MINIMAL.replace("port = 104", f'port = 104\ntls = {{ ca = "{pem}" }}'))
+    assert cfg.destinations[0].tls is not None and cfg.destinations[0].tls.ca == pem

@@ -32,6 +32,20 @@ def _auto(config: Config) -> tuple[str, str]:
     return "dcmtk", f"no dcm4che at {tk.dcm4che_home}; DCMTK found in {tk.dcmtk_bin}"
 
 
+def _check_tls(config: Config, engine: str) -> None:
+    """Refuse TLS settings an engine cannot honour, rather than send in the clear."""
+    if engine == "dcmtk":
+        for i, dest in enumerate(config.destinations):
+            if dest.tls is not None:
+                raise ConfigError(f"{config.source}: [[destinations]][{i}].tls: DCMTK's dcmsend "
+                                  "cannot send over TLS; expected engine = \"embedded\" for "
+                                  "TLS destinations")
+    if engine == "dcm4che" and (config.receiver.tls is not None
+                                or any(d.tls for d in config.destinations)):
+        raise ConfigError(f"{config.source}: tls: the dcm4che engine does not support TLS yet "
+                          "(its tools need Java key stores); expected engine = \"embedded\"")
+
+
 def select_engine(config: Config) -> Engine:
     """The engine the config asks for; config errors name the file and the key."""
     tk = config.toolkit
@@ -43,6 +57,7 @@ def select_engine(config: Config) -> Engine:
         raise ConfigError(f"{config.source}: toolkit.converter: 'toolkit' needs engine dcm4che "
                           f"(engine is {wanted}; DCMTK's xml2dcm cannot read PS3.19 native "
                           "XML): expected 'embedded'")
+    _check_tls(config, wanted)
     try:
         if wanted == "dcm4che":
             from relay.toolkits.dcm4che import Dcm4cheEngine

@@ -41,7 +41,7 @@ from relay.toolkits.base import (
 )
 
 if TYPE_CHECKING:
-    from relay.config import Config, Destination
+    from relay.config import Config, Destination, TLSConfig
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcmtk")
@@ -70,11 +70,23 @@ def find_tool(bin_dir: Path, name: str) -> Path:
     return path
 
 
+def tls_args(tls: TLSConfig | None) -> list[str]:
+    """storescp's DICOM TLS options for the receiver's [receiver.tls]."""
+    if tls is None:
+        return []
+    assert tls.private_key is not None and tls.certificate is not None
+    args = ["--enable-tls", str(tls.private_key), str(tls.certificate), "--null-passwd"]
+    if tls.ca is not None:
+        args += ["--add-cert-file", str(tls.ca)]
+    args.append("--require-peer-cert" if tls.require_peer_certificate else "--ignore-peer-cert")
+    return args
+
+
 def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
-                  incoming: Path) -> list[str]:
+                  incoming: Path, tls: TLSConfig | None = None) -> list[str]:
     move = f"/bin/mv -f -- {shlex.quote(str(receiving))}/#f {shlex.quote(str(incoming))}/"
     return [
-        str(storescp),
+        str(storescp), *tls_args(tls),
         "--aetitle", ae_title,
         "--accept-all",          # every transfer syntax DCMTK knows: compressed stay compressed
         "--promiscuous",         # storage SOP classes DCMTK does not know yet, too
@@ -186,7 +198,7 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
                         "not only %s", rc.host)
         self.spool = spool
         argv = storescp_argv(find_tool(engine.bin_dir, "storescp"), rc.ae_title, rc.port,
-                             spool.receiving, spool.incoming)
+                             spool.receiving, spool.incoming, rc.tls)
         super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env())  # noqa: S104
 
     def sweep(self) -> None:

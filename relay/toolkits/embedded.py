@@ -29,6 +29,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification
 
 from relay.spool import PARTIAL_SUFFIX, safe_name
+from relay.tls import client_context, server_context
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -172,15 +173,18 @@ class EmbeddedReceiver(Receiver):
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
                     (evt.EVT_REQUESTED, self.on_requested)]
         address = (self.config.host, self.config.port)
+        ssl_context = server_context(self.config.tls) if self.config.tls else None
         try:
-            self.server = ae.start_server(address, block=False, evt_handlers=handlers)
+            self.server = ae.start_server(address, block=False, evt_handlers=handlers,
+                                          ssl_context=ssl_context)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise OSError(exc.errno, f"port {self.config.port} on {self.config.host} is "
                               "already in use: is another relay or storescp running? "
                               "(change [receiver].port)") from None
             raise
-        log.info("embedded receiver listening as %s on %s:%d", self.config.ae_title, *address)
+        log.info("embedded receiver listening as %s on %s:%d%s", self.config.ae_title, *address,
+                 " (TLS only)" if ssl_context else "")
 
     def stop(self) -> None:
         if self.server is not None:
@@ -217,8 +221,10 @@ class EmbeddedEngine(Engine):
             connected.append(True)
             set_nodelay(event)
 
+        tls_args = ((client_context(destination.tls), destination.host)
+                    if destination.tls else None)
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=tls_args)
         if not assoc.is_established:
             if connected and assoc.rejected_contexts and not assoc.accepted_contexts:
                 # It answered, and refused every context we proposed: sending the same files
