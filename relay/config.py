@@ -48,6 +48,10 @@ class ReceiverConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # IP addresses or networks (CIDR); empty: any
     max_associations: int = 10
+    # A peer silent this long is disconnected (association negotiation gets half of it); a
+    # C-STORE whose data stops coming for request_timeout is aborted.
+    idle_timeout: float = 60.0
+    request_timeout: float = 60.0
     tls: TLSConfig | None = None  # set: TLS only, plain connections are refused
 
 
@@ -218,7 +222,7 @@ AE_WHAT = "an AE title (1-16 printable ASCII characters, no backslash)"
 
 def _receiver(t: Table) -> ReceiverConfig:
     t.check_keys(["ae_title", "host", "port", "allowed_calling_aets", "allowed_hosts",
-                  "max_associations", "tls"])
+                  "max_associations", "idle_timeout", "request_timeout", "tls"])
     d = ReceiverConfig()
     hosts = t.str_list("allowed_hosts", what="an IP address or network such as 10.1.0.0/16")
     for host in hosts:
@@ -236,6 +240,8 @@ def _receiver(t: Table) -> ReceiverConfig:
         ),
         allowed_hosts=hosts,
         max_associations=t.int("max_associations", d.max_associations, lo=1, hi=1000),
+        idle_timeout=t.float("idle_timeout", d.idle_timeout, lo=1, hi=3600),
+        request_timeout=t.float("request_timeout", d.request_timeout, lo=1, hi=3600),
         tls=_tls(t.sub("tls"), server=True) if t.has("tls") else None,
     )
 

@@ -83,7 +83,8 @@ def tls_args(tls: TLSConfig | None) -> list[str]:
 
 
 def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
-                  incoming: Path, tls: TLSConfig | None = None) -> list[str]:
+                  incoming: Path, tls: TLSConfig | None = None, idle_timeout: float = 60,
+                  request_timeout: float = 60) -> list[str]:
     move = f"/bin/mv -f -- {shlex.quote(str(receiving))}/#f {shlex.quote(str(incoming))}/"
     return [
         str(storescp), *tls_args(tls),
@@ -95,9 +96,9 @@ def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
         "--unique-filenames",    # DCMTK-made names: no peer text, no overwrite on resend
         "--exec-on-reception", move,
         "--exec-sync",           # moved before the C-STORE response is sent
-        "--socket-timeout", "60",
-        "--acse-timeout", "30",
-        "--dimse-timeout", "60",
+        "--socket-timeout", str(max(1, int(idle_timeout))),
+        "--acse-timeout", str(max(1, int(idle_timeout / 2))),
+        "--dimse-timeout", str(max(1, int(request_timeout))),
         str(port),
     ]
 
@@ -198,7 +199,8 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
                         "not only %s", rc.host)
         self.spool = spool
         argv = storescp_argv(find_tool(engine.bin_dir, "storescp"), rc.ae_title, rc.port,
-                             spool.receiving, spool.incoming, rc.tls)
+                             spool.receiving, spool.incoming, rc.tls, rc.idle_timeout,
+                             rc.request_timeout)
         super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env())  # noqa: S104
 
     def sweep(self) -> None:

@@ -112,9 +112,11 @@ class EmbeddedReceiver(Receiver):
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.maximum_associations = self.config.max_associations
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
+        ae.network_timeout = self.config.idle_timeout
+        # The A-ASSOCIATE-RQ follows the connection at once: a connection that sends none (a
+        # TCP health probe) holds an association slot only this long.
+        ae.acse_timeout = max(1.0, min(10.0, self.config.idle_timeout / 2))
+        ae.dimse_timeout = self.config.request_timeout
         return ae
 
     def on_store(self, event: evt.Event) -> int:
@@ -136,6 +138,14 @@ class EmbeddedReceiver(Receiver):
             return STATUS_OUT_OF_RESOURCES
         log.debug("received %s from %s", name, event.assoc.requestor.ae_title)
         return 0x0000
+
+    def on_conn_open(self, event: evt.Event) -> None:
+        set_nodelay(event)
+        # pynetdicom's idle timer runs only between PDUs: a peer that stops in the middle of
+        # one would hold its thread (and a clean shutdown) for ever. A socket timeout ends it.
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            sock.settimeout(self.config.idle_timeout)
 
     def on_requested(self, event: evt.Event) -> None:
         """A-ASSOCIATE-RQ: refuse a peer outside `allowed_hosts`, else negotiate."""
@@ -170,7 +180,7 @@ class EmbeddedReceiver(Receiver):
             sorted(self.spool.incoming.glob(f".*{PARTIAL_SUFFIX}")),
             "the relay stopped while receiving it; the sender got no success and sends again")
         ae = self._make_ae()
-        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, set_nodelay),
+        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_conn_open),
                     (evt.EVT_REQUESTED, self.on_requested)]
         address = (self.config.host, self.config.port)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
@@ -188,6 +198,10 @@ class EmbeddedReceiver(Receiver):
 
     def stop(self) -> None:
         if self.server is not None:
+            # Peers still connected would keep shutdown() waiting for their threads: abort
+            # them (an object not yet acknowledged is sent again by its modality).
+            for assoc in list(self.server.active_associations):
+                assoc.abort()
             self.server.shutdown()
             self.server = None
 

@@ -125,3 +125,48 @@ def test_a_stuck_peer_does_not_block_the_others(tmp_path: Path, sink: ScriptedSC
         for sock in stuck:
             sock.close()
         relay.stop()
+
+
+@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+def test_a_silent_peer_is_disconnected_after_idle_timeout(tmp_path: Path, sink: ScriptedSCP,
+                                                          dcmtk: Path, engine: str) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, port, sink, engine=engine,
+                  receiver="idle_timeout = 2\nrequest_timeout = 2")
+    relay = RelayProcess(cfg, tmp_path).start(port)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"\x01\x00")  # the first bytes of an A-ASSOCIATE-RQ, then silence
+        # Bounded wait (a guard, not a measurement): the relay hangs up on it.
+        wait_until(lambda: not _still_open(sock), 30, interval=0.2, what="the peer dropped")
+        sock.close()
+    finally:
+        relay.stop()
+
+
+def test_at_most_max_associations_at_once(tmp_path: Path, sink: ScriptedSCP,
+                                          dcmtk: Path) -> None:
+    # Embedded engine: beyond the limit an association is rejected (transient: try later).
+    from pynetdicom import AE
+
+    port = free_port()
+    relay = RelayProcess(_config(tmp_path, port, sink, receiver="max_associations = 2"),
+                         tmp_path).start()
+    # Not probed by a bare TCP connect: that would hold a slot until the ACSE timeout.
+    wait_until(lambda: "receiver listening" in relay.output(), 20, what="listening")
+    try:
+        held = []
+        for _ in range(2):
+            ae = AE("HOLDER")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOMRELAY")
+            assert assoc.is_established
+            held.append(assoc)
+        extra = AE("EXTRA")
+        extra.add_requested_context("1.2.840.10008.1.1")
+        refused = extra.associate("127.0.0.1", port, ae_title="DICOMRELAY")
+        assert refused.is_rejected
+        for assoc in held:
+            assoc.release()
+    finally:
+        relay.stop()
