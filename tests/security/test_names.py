@@ -1,0 +1,82 @@
+"""File names never come from peer-supplied values unchecked: a SOP Instance UID like
+`../../x` cannot put a file outside the spool, whatever the engine. And the XML the relay
+parses (a toolkit's output, a stylesheet) never resolves entities."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from lxml import etree
+from pydicom import dcmread
+from pynetdicom import AE
+
+from dicomdata import bundled
+from peers import RelayProcess, ScriptedSCP, free_port, wait_until
+from relay.dicomxml import safe_parser
+
+HOSTILE_UIDS = ["1.2.3/../../../escaped", "../../escaped2", "1.2.3$(touch escaped3)"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+def test_hostile_sop_instance_uids_stay_in_the_spool(tmp_path: Path, dcmtk: Path,
+                                                     engine: str) -> None:
+    sink = ScriptedSCP()
+    port = free_port()
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    spool = work / "spool"
+    cfg = work / "relay.toml"
+    cfg.write_text(f"""
+[receiver]
+host = "127.0.0.1"
+port = {port}
+[spool]
+path = "{spool}"
+[toolkit]
+engine = "{engine}"
+[[destinations]]
+name = "sink"
+ae_title = "SCRIPTED"
+host = "127.0.0.1"
+port = {sink.port}
+""")
+    relay = RelayProcess(cfg, work).start(port)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = dcmread(bundled("CT_small.dcm"))
+        ae = AE("MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMRELAY")
+        assert assoc.is_established
+        for uid in HOSTILE_UIDS:
+            ds.SOPInstanceUID = uid
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
+            assoc.send_c_store(ds)
+        assoc.release()
+        wait_until(lambda: len(sink.received) == len(HOSTILE_UIDS), 30, what="relayed")
+    finally:
+        relay.stop()
+        sink.close()
+    everything = {p.name for p in tmp_path.rglob("*")}
+    assert not any(n.startswith("escaped") for n in everything), everything
+    outside = [p for p in tmp_path.rglob("*") if p.is_file()
+               and spool not in p.parents and p.parent != work]
+    assert outside == []
+
+
+def test_xml_parsing_resolves_no_entities(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    xxe = (f'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY e SYSTEM "file://{secret}">]>'
+           '<NativeDicomModel><DicomAttribute tag="00100020" vr="LO">'
+           '<Value number="1">&e;</Value></DicomAttribute></NativeDicomModel>').encode()
+    root = etree.fromstring(xxe, safe_parser())
+    assert b"TOPSECRET" not in etree.tostring(root)
+    billion = (b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
+               b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+               b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]><r>&c;</r>')
+    assert len(etree.tostring(etree.fromstring(billion, safe_parser()))) < 1000
