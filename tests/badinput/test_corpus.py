@@ -69,7 +69,12 @@ def _broken_files() -> dict[str, bytes]:
     bad_length[meta_end + 6:meta_end + 8] = b"\xf0\x7f"  # explicit VR: 2-byte length
     bad_length[meta_end + 4:meta_end + 6] = b"UN"  # then a 4-byte length form
     bad_length[meta_end + 8:meta_end + 12] = struct.pack("<I", 0x7FFFFFF0)
+    wrong_vr = bytearray(ct)
+    # StudyDate (0008,0020) DA, 8 bytes, re-declared as US: four 16-bit numbers.
+    at = ct.index(b"\x08\x00\x20\x00DA")
+    wrong_vr[at + 4:at + 6] = b"US"
     return {
+        "wrong-vr.dcm": bytes(wrong_vr),
         "notes.txt": b"this is not DICOM\n" * 100,
         "empty.dcm": b"",
         "cut-in-meta.dcm": ct[:150],
@@ -127,8 +132,27 @@ copy_from = "EthnicGroup"
         broken = _broken_files()
         for name, data in broken.items():
             _drop(spool, name, data)
+        # A wrong VR is still a readable object: relayed as the rule says, VR and all.
+        relayable = {"wrong-vr.dcm": "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"}
+        for name in relayable:
+            del broken[name]
+        # A huge multi-frame object (120 MB) goes through like any other.
+        huge = sent / "huge.dcm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            big = dcmread(bundled("CT_small.dcm"))
+        frames = 120 * 1024 * 1024 // len(big.PixelData)
+        big.NumberOfFrames = frames
+        big.PixelData = big.PixelData * frames
+        big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        big.EthnicGroup = "HUGE"
+        big.save_as(huge, enforce_file_format=False)
+        expected[big.SOPInstanceUID] = "HUGE"
+        del big
+        assert dcmsend([huge], port, "DICOMRELAY").returncode == 0
 
-        wait_until(lambda: set(sink.counts()) >= set(expected), 60, what="the good ones")
+        wait_until(lambda: set(sink.counts()) >= set(expected) | set(relayable.values()), 120,
+                   what="the good ones")
         wait_until(lambda: len([p for p in spool_files(spool, "failed")
                                 if p.suffix != ".json"]) == len(broken), 60,
                    what="every broken file quarantined")
