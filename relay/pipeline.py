@@ -42,7 +42,7 @@ class Processor:
         claimed = self.spool.claim(path)
         if claimed is None:
             return False
-        size = claimed.stat().st_size
+        stat = claimed.stat()
         edited = self.spool.edited_path(claimed)
         try:
             outcome = self.editor.edit(claimed, edited)
@@ -72,7 +72,8 @@ class Processor:
                         claimed.name, missing)
         for change in outcome.changes:
             log.info("%s: %s", claimed.name, change)
-        self.audit.record("received", claimed.name, calling_ae=outcome.source_ae, size=size,
+        self.audit.record("received", claimed.name, calling_ae=outcome.source_ae,
+                          size=stat.st_size, arrived=round(stat.st_mtime, 3),
                           sop_instance_uid=outcome.sop_instance_uid,
                           transfer_syntax=outcome.transfer_syntax)
         self.audit.record("edited", claimed.name, changes=self.audit.changes(outcome.changes),

@@ -1,0 +1,396 @@
+"""dicom-relay benchmark: the same generated data through each scenario, in one run, on
+127.0.0.1, timed from the first byte sent until the last instance is stored at the sink.
+
+    .venv/bin/python bench/run.py            # the full run (minutes) -> bench/RESULTS.md
+    .venv/bin/python bench/run.py --smoke    # tiny sizes, for CI: shape, not speed
+
+Scenarios (sink: DCMTK storescp unless said otherwise):
+  direct           dcmsend -> sink (and -> Orthanc)
+  relay-embedded   dcmsend -> dicom-relay (embedded engine, PatientID := EthnicGroup) -> sink
+  relay-dcmtk      the same on the DCMTK engine
+  relay-dcm4che    where /opt/dcm4che-toolkit exists
+  per-file         the original relay's shape, rebuilt with the installed toolkit: storescp
+                   receives; per file dcm2xml -> xmllint (read EthnicGroup) -> dcmodify (write
+                   PatientID) -> storescu (send one file) -> delete
+  orthanc-router   Orthanc with a Lua OnStoredInstance: modify PatientID, send to the sink,
+                   delete (the recipe in design.md)
+Data sets: small (CT_small copies, new UIDs), large (multi-frame, >= 20 MB each), and a backlog
+already in the relay's spool at start-up. Latency per instance: stored in the relay's spool ->
+stored at the sink (p50, p99), from the audit log and the sink's file times.
+The machine is shared by sender, relay and sink (2 cores): read ratios, not absolute figures.
+Nothing here asserts a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from pydicom import dcmread  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from dicomdata import bundled, ct_series  # noqa: E402
+from peers import (  # noqa: E402
+    DCMTK_BIN,
+    Orthanc,
+    RelayProcess,
+    dcmtk_env,
+    free_port,
+    wait_for_port,
+    wait_until,
+)
+
+HERE = Path(__file__).resolve().parent
+DCM4CHE = Path("/opt/dcm4che-toolkit")
+
+
+@dataclass
+class Row:
+    scenario: str
+    data: str
+    instances: int
+    seconds: float
+    megabytes: float
+    ratio: float | None = None
+    rss_mb: float | None = None
+    cpu_s: float | None = None
+    latency: tuple[float, float] | None = None  # p50, p99 seconds
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Sink:
+    """DCMTK storescp writing each object under its UID; counts what arrived."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(DCMTK_BIN / "storescp"), "--aetitle", "SINK", "--accept-all",
+             "--output-directory", str(folder), str(self.port)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self.folder))
+
+    def times(self) -> dict[str, float]:
+        """SOP Instance UID -> when it was stored (the file's mtime)."""
+        out = {}
+        for entry in os.scandir(self.folder):
+            uid = entry.name.split(".", 1)[1] if "." in entry.name else entry.name
+            out[uid] = entry.stat().st_mtime
+        return out
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def dcmsend(files: list[Path], port: int, aec: str) -> None:
+    argv = [str(DCMTK_BIN / "dcmsend"), "-aec", aec, "--no-halt", "127.0.0.1", str(port),
+            *map(str, files)]
+    subprocess.run(argv, env=dcmtk_env(), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=3600)
+
+
+def megabytes(files: list[Path]) -> float:
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds incl. waited-for children) of a live process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = sum(int(x) for x in fields[11:15]) / ticks
+    return hwm / 1024, cpu
+
+
+def large_set(folder: Path, count: int, mb: int) -> list[Path]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(bundled("CT_small.dcm"))
+    frame = ds.PixelData
+    frames = mb * 1024 * 1024 // len(frame)
+    ds.NumberOfFrames = frames
+    ds.PixelData = frame * frames
+    ds.EthnicGroup = "BIG"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(folder / f"big{i:03d}.dcm", enforce_file_format=False)
+    return sorted(folder.iterdir())
+
+
+def relay_config(path: Path, engine: str, port: int, spool: Path, sink_port: int) -> Path:
+    path.write_text(f"""
+[receiver]
+host = "127.0.0.1"
+port = {port}
+[spool]
+path = "{spool}"
+[toolkit]
+engine = "{engine}"
+[sender]
+retry_initial = 0.2
+retry_max = 2.0
+[[destinations]]
+name = "sink"
+ae_title = "SINK"
+host = "127.0.0.1"
+port = {sink_port}
+[[rules]]
+set = "PatientID"
+copy_from = "EthnicGroup"
+""")
+    return path
+
+
+def latencies(audit: Path, sink: Sink) -> tuple[float, float] | None:
+    """p50 and p99 of (stored at the sink) - (stored in the relay's spool), per instance."""
+    arrived = {}
+    for line in audit.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["step"] == "received" and "arrived" in entry:
+            arrived[entry["sop_instance_uid"]] = entry["arrived"]
+    stored = sink.times()
+    values = sorted(stored[uid] - t for uid, t in arrived.items() if uid in stored)
+    if len(values) < 2:
+        return None
+    return statistics.median(values), values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+def run_direct(work: Path, files: list[Path], data: str) -> list[Row]:
+    rows = []
+    sink = Sink(work / "direct-sink")
+    started = time.monotonic()
+    dcmsend(files, sink.port, "SINK")
+    wait_until(lambda: sink.count() >= len(files), 600, interval=0.01)
+    rows.append(Row("direct: dcmsend -> storescp", data, len(files),
+                    time.monotonic() - started, megabytes(files)))
+    sink.close()
+    if data == "small":
+        pacs = Orthanc(work / "direct-orthanc").start()
+        started = time.monotonic()
+        dcmsend(files, pacs.dicom_port, pacs.aet)
+        wait_until(lambda: int(pacs.rest("/statistics")["CountInstances"]) >= len(files), 600,
+                   interval=0.02)
+        rows.append(Row("direct: dcmsend -> Orthanc", data, len(files),
+                        time.monotonic() - started, megabytes(files)))
+        pacs.close()
+    return rows
+
+
+def run_relay(work: Path, engine: str, files: list[Path], data: str,
+              backlog: bool = False) -> Row:
+    tag = f"{engine}-{data}"
+    sink = Sink(work / f"sink-{tag}")
+    port = free_port()
+    spool = work / f"spool-{tag}"
+    cfg = relay_config(work / f"relay-{tag}.toml", engine, port, spool, sink.port)
+    first_forwarded = None
+    if backlog:
+        # Already queued at start-up: put into incoming/ as a receiver would have.
+        (spool / "incoming").mkdir(parents=True)
+        for f in files:
+            os.link(f, spool / "incoming" / f.name)
+        started = time.monotonic()
+        relay = RelayProcess(cfg, work).start(port)
+        wait_until(lambda: sink.count() >= 1, 600, interval=0.01)
+        first_forwarded = time.monotonic() - started
+    else:
+        relay = RelayProcess(cfg, work).start(port)
+        started = time.monotonic()
+        dcmsend(files, port, "DICOMRELAY")
+    wait_until(lambda: sink.count() >= len(files), 3600, interval=0.02)
+    seconds = time.monotonic() - started
+    assert relay.proc is not None
+    rss, cpu = proc_stats(relay.proc.pid)
+    relay.stop()
+    row = Row(f"relay ({engine})", data, len(files), seconds, megabytes(files), rss_mb=rss,
+              cpu_s=cpu, latency=None if backlog else latencies(spool / "audit.jsonl", sink))
+    if first_forwarded is not None:
+        row.extra["first forwarded after (s)"] = first_forwarded
+        row.note = f"first forwarded after {first_forwarded:.2f} s"
+    sink.close()
+    return row
+
+
+def run_per_file(work: Path, files: list[Path], data: str) -> Row:
+    """The original relay's shape with the installed toolkit: one tool launch per step."""
+    sink = Sink(work / f"sink-perfile-{data}")
+    inbox = work / f"perfile-in-{data}"
+    inbox.mkdir()
+    port = free_port()
+    receiver = subprocess.Popen(
+        [str(DCMTK_BIN / "storescp"), "--aetitle", "DICOMRELAY", "--accept-all",
+         "--output-directory", str(inbox), str(port)], env=dcmtk_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc=receiver)
+    started = time.monotonic()
+    sender = subprocess.Popen([str(DCMTK_BIN / "dcmsend"), "-aec", "DICOMRELAY", "--no-halt",
+                               "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    seen: set[str] = set()
+    while done < len(files):
+        ready = [e for e in os.scandir(inbox) if e.name not in seen]
+        if not ready:
+            time.sleep(0.01)
+            continue
+        for entry in ready:
+            seen.add(entry.name)
+            path = Path(entry.path)
+            xml = path.with_suffix(".xml")
+            run = dict(env=dcmtk_env(), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+            subprocess.run([str(DCMTK_BIN / "dcm2xml"), str(path), str(xml)], **run)
+            value = subprocess.run(["xmllint", "--xpath",
+                                    'string(//element[@name="EthnicGroup"])', str(xml)],
+                                   capture_output=True, text=True, check=True).stdout
+            subprocess.run([str(DCMTK_BIN / "dcmodify"), "-nb", "-m",
+                            f"(0010,0020)={value}", str(path)], **run)
+            subprocess.run([str(DCMTK_BIN / "storescu"), "-aec", "SINK", "127.0.0.1",
+                            str(sink.port), str(path)], **run)
+            path.unlink()
+            xml.unlink()
+            done += 1
+    wait_until(lambda: sink.count() >= len(files), 600, interval=0.02)
+    seconds = time.monotonic() - started
+    sender.wait(timeout=60)
+    receiver.terminate()
+    receiver.wait(timeout=10)
+    sink.close()
+    return Row("original per-file pipeline (DCMTK tools)", data, len(files), seconds,
+               megabytes(files))
+
+
+LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if origin['RequestOrigin'] == 'Lua' then return end
+  local eg = tags['EthnicGroup']
+  local body = '{"Replace": {"PatientID": "' .. eg .. '"}, "Force": true, ' ..
+    '"Keep": ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]}'
+  local modified = RestApiPost('/instances/' .. instanceId .. '/modify', body)
+  local stored = ParseJson(RestApiPost('/instances', modified))
+  SendToModality(stored['ID'], 'sink')
+  Delete(stored['ID'])
+  Delete(instanceId)
+end
+"""
+
+
+def run_orthanc_router(work: Path, files: list[Path], data: str) -> Row:
+    sink = Sink(work / f"sink-orthanc-{data}")
+    folder = work / f"router-{data}"
+    pacs = Orthanc(folder, aet="ROUTER")
+    lua = folder / "route.lua"
+    lua.write_text(LUA)
+    config = json.loads(pacs.config_path.read_text())
+    config["LuaScripts"] = [str(lua)]
+    config["DicomModalities"] = {"sink": ["SINK", "127.0.0.1", sink.port]}
+    pacs.config_path.write_text(json.dumps(config))
+    pacs.start()
+    started = time.monotonic()
+    dcmsend(files, pacs.dicom_port, "ROUTER")
+    wait_until(lambda: sink.count() >= len(files), 3600, interval=0.05)
+    seconds = time.monotonic() - started
+    pacs.close()
+    sink.close()
+    return Row("Orthanc auto-router (Lua)", data, len(files), seconds, megabytes(files))
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| scenario | data | instances | seconds | instances/s | MB/s | ratio to direct "
+             "(storescp) | relay peak RSS MB | relay CPU s | latency p50 / p99 s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = f"{r.latency[0]:.3f} / {r.latency[1]:.3f}" if r.latency else ""
+        lines.append(
+            f"| {r.scenario} | {r.data} | {r.instances} | {r.seconds:.2f} | "
+            f"{r.instances / r.seconds:.1f} | {r.megabytes / r.seconds:.1f} | "
+            f"{'' if r.ratio is None else f'{r.ratio:.2f}'} | "
+            f"{'' if r.rss_mb is None else f'{r.rss_mb:.0f}'} | "
+            f"{'' if r.cpu_s is None else f'{r.cpu_s:.1f}'} | {lat} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="dicom-relay benchmark")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--output", type=Path, help="Markdown file for the results "
+                        "(default bench/RESULTS.md, none with --smoke)")
+    args = parser.parse_args()
+    small_n, large_n, large_mb, backlog_n, perfile_n = (
+        (20, 2, 2, 60, 10) if args.smoke else (500, 20, 24, 10000, 100))
+    engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE.is_dir() else [])
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="dicom-relay-bench-") as tmp:
+        work = Path(tmp)
+        ct_series(work / "small", small_n)
+        small = sorted((work / "small").iterdir())
+        large = large_set(work / "large", large_n, large_mb)
+        ct_series(work / "backlog", backlog_n)
+        backlog = sorted((work / "backlog").iterdir())
+
+        plan: list[tuple[str, Callable[[], list[Row] | Row]]] = [
+            ("direct small", lambda: run_direct(work, small, "small")),
+            ("direct large", lambda: run_direct(work, large, "large")),
+        ]
+        for engine in engines:
+            plan += [(f"{engine} small", lambda e=engine: run_relay(work, e, small, "small")),
+                     (f"{engine} large", lambda e=engine: run_relay(work, e, large, "large")),
+                     (f"{engine} backlog", lambda e=engine: run_relay(
+                         work, e, backlog, "backlog", backlog=True))]
+        plan += [("per-file", lambda: run_per_file(work, small[:perfile_n], "small")),
+                 ("orthanc-router", lambda: run_orthanc_router(work, small, "small"))]
+        for name, step in plan:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            result = step()
+            rows += result if isinstance(result, list) else [result]
+
+    direct = {r.data: r.seconds / r.instances for r in rows
+              if r.scenario == "direct: dcmsend -> storescp"}
+    direct["backlog"] = direct["small"]
+    for r in rows:
+        if r.data in direct:
+            r.ratio = (r.seconds / r.instances) / direct[r.data]
+    text = table(rows)
+    print(text)
+    if args.output or not args.smoke:
+        out = args.output or HERE / "RESULTS.md"
+        machine = (f"{platform.node()}: {os.cpu_count()} cores, "
+                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+                   f"{platform.platform()}, Python {platform.python_version()}")
+        out.write_text(f"# Benchmark results\n\n{datetime.now():%Y-%m-%d %H:%M}, {machine}.\n"
+                       f"Data: small = {small_n} x CT_small (39 KB), large = {large_n} x "
+                       f"{large_mb} MB multi-frame, backlog = {backlog_n} x CT_small queued at "
+                       f"start-up; the per-file pipeline ran on the first {perfile_n} small "
+                       "instances (ratios are per instance). Ratio: time per instance over the "
+                       "direct dcmsend -> storescp send of the same data in the same run. "
+                       "Sender, relay and sink share the machine's cores.\n\n"
+                       f"{text}\n")
+        print(f"written to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark's smoke run: every scenario runs and delivers everything (each step waits
+for all instances at its sink and fails otherwise). No timing is asserted: speed is measured
+by bench/run.py, not tested."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_smoke_runs_every_scenario(dcmtk: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for scenario in ("direct: dcmsend -> storescp", "direct: dcmsend -> Orthanc",
+                     "relay (embedded)", "relay (dcmtk)",
+                     "original per-file pipeline (DCMTK tools)", "Orthanc auto-router (Lua)"):
+        assert f"| {scenario} |" in result.stdout, scenario
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| relay (")]
+    assert {line.split(" | ")[1] for line in rows} == {"small", "large", "backlog"}
+    assert all("| 1.00 |" in line for line in result.stdout.splitlines()
+               if line.startswith("| direct: dcmsend -> storescp"))
