@@ -50,6 +50,7 @@ class AttributeChange:
     path: str  # e.g. "PatientID" or "OtherPatientIDsSequence[1].PatientID"
     before: str | None  # None: the attribute did not exist
     after: str | None  # None: the attribute was removed
+    tag: int | None = None  # the top-level tag when the change is top-level itself
 
     def __str__(self) -> str:
         def show(v: str | None) -> str:
@@ -368,10 +369,11 @@ def apply_xml_changes(ds: Dataset | None, before: etree._Element, after: etree._
         target = None if ds is None else _containers(ds, tag_hex) if not prefix else ds
         tag = int(tag_hex, 16)
         label = prefix + _name(n if n is not None else o)  # type: ignore[arg-type]
+        top = tag if not prefix else None
         if n is None:
             if target is not None:
                 del target[tag]
-            changes.append(AttributeChange(label, describe(o), None))
+            changes.append(AttributeChange(label, describe(o), None, top))
             continue
         if (o is not None and o.get("vr") == "SQ" and n.get("vr") == "SQ"
                 and len(o.findall("Item")) == len(n.findall("Item"))):
@@ -385,7 +387,7 @@ def apply_xml_changes(ds: Dataset | None, before: etree._Element, after: etree._
         element = element_from_xml(n, charset)  # also validates what the rules wrote
         if target is not None:
             target[tag] = element
-        changes.append(AttributeChange(label, describe(o), describe(n)))
+        changes.append(AttributeChange(label, describe(o), describe(n), top))
     return changes
 
 

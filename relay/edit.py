@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from relay.dicomxml import AttributeChange, ConversionError, apply_xml_changes, dataset_to_xml
 from relay.rules import EditRule, MissingSource, RuleError
+from relay.splice import splice_file
 
 log = logging.getLogger("relay.edit")
 
@@ -156,6 +157,8 @@ class Editor:
             source_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
         )
         root = None
+        # The elements as read, for splicing the changes into the original file.
+        read = {int(tag): ds.get_item(tag, keep_deferred=True) for tag in ds.keys()}  # noqa: SIM118
         if self.rules:
             root, outcome.changes, outcome.missing = self._apply_rules(src, ds)
         if dst is None:
@@ -168,6 +171,12 @@ class Editor:
             self._write_with_toolkit(root, outcome.changes, src, dst)
             return outcome
         self._sync_media_uids(ds, outcome.changes)
+        top_level = {c.tag for c in outcome.changes}
+        # SOP UID changes also change the file meta: pydicom rewrites those files whole.
+        if (None not in top_level
+                and not any(c.path in ("SOPInstanceUID", "SOPClassUID") for c in outcome.changes)
+                and splice_file(src, dst, ds, read, top_level)):  # type: ignore[arg-type]
+            return outcome
         try:
             _write(ds, dst)
         except (ValueError, TypeError, OverflowError):

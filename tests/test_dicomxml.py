@@ -153,3 +153,31 @@ def test_truncated_encapsulated_pixel_data_is_refused(cut_from_end: int, tmp_pat
     with pytest.raises(BadInput) as info:
         read_dicom(broken)
     assert info.value.reason in {"truncated", "unreadable"}
+
+
+def test_splice_and_full_rewrite_agree(tmp_path: Path) -> None:
+    # The fast path (splicing the changed elements into the original file) and pydicom's full
+    # rewrite must produce the same object.
+    import relay.edit as edit_module
+
+    src = bundled("CT_small.dcm")
+    rule = [KeywordRule("PatientID", value="A-MUCH-LONGER-PATIENT-IDENTIFIER"),
+            KeywordRule("InstitutionName", delete=True),
+            KeywordRule("AccessionNumber", value="ACC1")]  # absent before: inserted
+    spliced, rewritten = tmp_path / "spliced.dcm", tmp_path / "rewritten.dcm"
+    Editor(rule).edit(src, spliced)
+    original = edit_module.splice_file
+    edit_module.splice_file = lambda *a, **k: False  # force the full rewrite
+    try:
+        Editor(rule).edit(src, rewritten)
+    finally:
+        edit_module.splice_file = original
+    a, b = _read(spliced), _read(rewritten)
+    assert a.PatientID == "A-MUCH-LONGER-PATIENT-IDENTIFIER" and "InstitutionName" not in a
+    assert a.AccessionNumber == "ACC1"
+    assert {t for t in a.keys() if t.element} == {t for t in b.keys() if t.element}
+    for tag in a.keys():
+        if tag.element:
+            assert a[tag].value == b[tag].value, tag
+    # Untouched bytes are the original's: the pixel data ends the file in both.
+    assert spliced.read_bytes()[-1000:] == src.read_bytes()[-1000:]
