@@ -18,6 +18,7 @@ class AuditLog:
         self.path = path
         self.patient_values = patient_values
         self._lock = threading.Lock()
+        self._file: Any = None  # opened on first use, kept open (rotate with copytruncate)
 
     def record(self, step: str, obj: str, **fields: Any) -> None:
         if self.path is None:
@@ -26,8 +27,11 @@ class AuditLog:
                  + f".{int(time.time() * 1000) % 1000:03d}Z", "step": step, "object": obj}
         entry.update({k: v for k, v in fields.items() if v is not None})
         line = json.dumps(entry, ensure_ascii=False) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as fp:
-            fp.write(line)
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._file.write(line)
+            self._file.flush()
 
     def changes(self, changes: list[AttributeChange]) -> list[dict[str, Any]]:
         """Rule results for the log: with old -> new values, or only the attribute names."""
