@@ -20,7 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from dicomdata import ct_series  # noqa: E402
-from peers import Orthanc, RelayProcess, dcmsend, free_port, wait_until  # noqa: E402
+from peers import (  # noqa: E402
+    EG_RULE,
+    Orthanc,
+    RelayProcess,
+    dcmsend,
+    free_port,
+    relay_config,
+    wait_until,
+)
 
 
 def stored(pacs: Orthanc) -> int:
@@ -48,24 +56,9 @@ def main() -> None:
 
         pacs = Orthanc(work / "via-relay").start()
         port = free_port()
-        cfg = work / "relay.toml"
-        cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{work / 'spool'}"
-[toolkit]
-engine = "{args.engine}"
-[[destinations]]
-name = "pacs"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-[[rules]]
-set = "PatientID"
-copy_from = "EthnicGroup"
-""")
+        cfg = relay_config(work / "relay.toml", port=port, spool=work / "spool",
+                           engine=args.engine, rules=EG_RULE,
+                           destinations=[("pacs", pacs.aet, pacs.dicom_port)])
         relay = RelayProcess(cfg, work).start(port)
         started = time.monotonic()
         result = dcmsend(files, port, "DICOMRELAY", timeout=1800)

@@ -47,10 +47,12 @@ from pydicom.uid import generate_uid  # noqa: E402
 from dicomdata import bundled, ct_series  # noqa: E402
 from peers import (  # noqa: E402
     DCMTK_BIN,
+    EG_RULE,
     Orthanc,
     RelayProcess,
     dcmtk_env,
     free_port,
+    relay_config,
     wait_for_port,
     wait_until,
 )
@@ -151,30 +153,6 @@ def large_set(folder: Path, count: int, mb: int) -> list[Path]:
     return sorted(folder.iterdir())
 
 
-def relay_config(path: Path, engine: str, port: int, spool: Path, sink_port: int) -> Path:
-    path.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{spool}"
-[toolkit]
-engine = "{engine}"
-[sender]
-retry_initial = 0.2
-retry_max = 2.0
-[[destinations]]
-name = "sink"
-ae_title = "SINK"
-host = "127.0.0.1"
-port = {sink_port}
-[[rules]]
-set = "PatientID"
-copy_from = "EthnicGroup"
-""")
-    return path
-
-
 def latencies(audit: Path, sink: Sink) -> tuple[float, float] | None:
     """p50 and p99 of (stored at the sink) - (stored in the relay's spool), per instance."""
     arrived = {}
@@ -216,7 +194,8 @@ def run_relay(work: Path, engine: str, files: list[Path], data: str,
     sink = Sink(work / f"sink-{tag}")
     port = free_port()
     spool = work / f"spool-{tag}"
-    cfg = relay_config(work / f"relay-{tag}.toml", engine, port, spool, sink.port)
+    cfg = relay_config(work / f"relay-{tag}.toml", port=port, spool=spool, engine=engine,
+                       rules=EG_RULE, destinations=[("sink", "SINK", sink.port)])
     first_forwarded = None
     if backlog:
         # Already queued at start-up: put into incoming/ as a receiver would have.

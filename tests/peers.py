@@ -147,6 +147,48 @@ def dcmsend(files: Iterable[Path], port: int, called_aet: str, calling_aet: str 
                           timeout=timeout, check=False)
 
 
+def relay_config(path: Path, *, port: int, spool: Path,
+                 destinations: Iterable[tuple[str, str, int] | tuple[str, str, int, str]],
+                 engine: str = "embedded", converter: str = "embedded", rules: str = "",
+                 receiver: str = "", extra: str = "") -> Path:
+    """A relay config for tests and benchmarks: receiver on 127.0.0.1:port, fast retries.
+    destinations: (name, AE title, port[, more TOML for that destination])."""
+    dests = "".join(f"""
+[[destinations]]
+name = "{d[0]}"
+ae_title = "{d[1]}"
+host = "127.0.0.1"
+port = {d[2]}
+{d[3] if len(d) > 3 else ""}
+""" for d in destinations)
+    path.write_text(f"""
+[receiver]
+host = "127.0.0.1"
+port = {port}
+{receiver}
+
+[spool]
+path = "{spool}"
+
+[toolkit]
+engine = "{engine}"
+converter = "{converter}"
+
+[sender]
+retry_initial = 0.2
+retry_max = 1.0
+timeout = 10
+
+{extra}
+{dests}
+{rules}
+""")
+    return path
+
+
+EG_RULE = '[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
+
+
 class RelayProcess:
     """`dicom-relay VERB --config FILE` as a subprocess, as systemd would run it."""
 

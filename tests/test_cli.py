@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import Orthanc, free_port
+from peers import EG_RULE, Orthanc, free_port, relay_config
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry"]
@@ -22,26 +22,11 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 
 def config(tmp_path: Path, dest_port: int, rules: str = "", aet: str = "ORTHANC",
            receiver_port: int | None = None, engine: str = "embedded") -> Path:
-    path = tmp_path / "relay.toml"
-    path.write_text(f"""
-[receiver]
-port = {receiver_port or free_port()}
-host = "127.0.0.1"
-[spool]
-path = "{tmp_path / 'spool'}"
-[toolkit]
-engine = "{engine}"
-[[destinations]]
-name = "central"
-ae_title = "{aet}"
-host = "127.0.0.1"
-port = {dest_port}
-{rules}
-""")
-    return path
+    return relay_config(tmp_path / "relay.toml", port=receiver_port or free_port(),
+                        spool=tmp_path / "spool", engine=engine, rules=rules,
+                        destinations=[("central", aet, dest_port)])
 
 
-EG_RULE = '[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
 
 
 @pytest.mark.parametrize("verb", VERBS)

@@ -15,10 +15,12 @@ from pydicom.filebase import DicomBytesIO
 
 from dicomdata import bundled, ct_series, mixed_study
 from peers import (
+    EG_RULE,
     Orthanc,
     RelayProcess,
     dcmsend,
     free_port,
+    relay_config,
     spool_files,
     wait_until,
 )
@@ -32,38 +34,11 @@ ENGINES = ["embedded", "dcmtk"]
 def write_config(path: Path, *, port: int, spool: Path, destinations: list[tuple[str, Orthanc]],
                  rules: str | None = None, extra: str = "", engine: str = "embedded",
                  converter: str = "embedded") -> Path:
-    dests = "".join(f"""
-[[destinations]]
-name = "{name}"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-""" for name, pacs in destinations)
-    if rules is None:
-        rules = '[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
-    path.write_text(f"""
-[receiver]
-ae_title = "DICOMRELAY"
-host = "127.0.0.1"
-port = {port}
-
-[spool]
-path = "{spool}"
-
-[toolkit]
-engine = "{engine}"
-converter = "{converter}"
-
-[sender]
-retry_initial = 0.3
-retry_max = 2.0
-timeout = 10
-
-{extra}
-{dests}
-{rules}
-""")
-    return path
+    """A relay config forwarding to Orthancs, with the founding rule unless told otherwise."""
+    return relay_config(path, port=port, spool=spool, engine=engine, converter=converter,
+                        destinations=[(name, pacs.aet, pacs.dicom_port)
+                                      for name, pacs in destinations],
+                        rules=EG_RULE if rules is None else rules, extra=extra)
 
 
 def _read_bytes(data: bytes):  # noqa: ANN202

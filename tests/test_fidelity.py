@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pynetdicom import AllStoragePresentationContexts
 
 from dicomdata import readable_bundled_files
-from peers import RelayProcess, ScriptedSCP, free_port, spool_files, wait_until
+from peers import RelayProcess, ScriptedSCP, free_port, relay_config, spool_files, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -37,27 +37,9 @@ def test_every_bundled_file_survives_the_relay(tmp_path: Path, dcmtk: Path, engi
     sink = ScriptedSCP(keep_files=received)
     port = free_port()
     spool = tmp_path / "spool"
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{spool}"
-[toolkit]
-engine = "{engine}"
-[sender]
-retry_initial = 0.2
-retry_max = 1.0
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink.port}
-[[rules]]
-set = "PatientID"
-value = "RELAYED"
-""")
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=spool, engine=engine,
+                       destinations=[("sink", "SCRIPTED", sink.port)],
+                       rules='[[rules]]\nset = "PatientID"\nvalue = "RELAYED"\n')
     originals: list[Path] = []
     relay = RelayProcess(cfg, tmp_path).start(port)
     try:

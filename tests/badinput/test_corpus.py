@@ -15,7 +15,16 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicomdata import bundled, copy_with_new_uids, ct_series
-from peers import RelayProcess, ScriptedSCP, dcmsend, free_port, spool_files, wait_until
+from peers import (
+    EG_RULE,
+    RelayProcess,
+    ScriptedSCP,
+    dcmsend,
+    free_port,
+    relay_config,
+    spool_files,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -91,24 +100,8 @@ def test_bad_and_hostile_input(tmp_path: Path, dcmtk: Path, engine: str) -> None
     sink = ScriptedSCP()
     port = free_port()
     spool = tmp_path / "spool"
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{spool}"
-[toolkit]
-engine = "{engine}"
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink.port}
-[[rules]]
-set = "PatientID"
-copy_from = "EthnicGroup"
-""")
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=spool, engine=engine,
+                       destinations=[("sink", "SCRIPTED", sink.port)], rules=EG_RULE)
     before = {p for p in tmp_path.rglob("*")}
     relay = RelayProcess(cfg, tmp_path).start(port)
     try:

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import RelayProcess, ScriptedSCP, dcmsend, free_port, spool_files, wait_until
+from peers import (
+    RelayProcess,
+    ScriptedSCP,
+    dcmsend,
+    free_port,
+    relay_config,
+    spool_files,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -20,25 +28,8 @@ def test_destination_down_before_and_during_a_study(tmp_path: Path, dcmtk: Path,
     sink_port = free_port()
     port = free_port()
     spool = tmp_path / "spool"
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{spool}"
-[toolkit]
-engine = "{engine}"
-[sender]
-retry_initial = 0.2
-retry_max = 1.0
-timeout = 5
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink_port}
-""")
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=spool, engine=engine,
+                       destinations=[("sink", "SCRIPTED", sink_port)])
     uids = ct_series(tmp_path / "ct", 300)
     files = sorted((tmp_path / "ct").iterdir())
     relay = RelayProcess(cfg, tmp_path).start(port)

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import DCMTK_BIN, RelayProcess, ScriptedSCP, dcmtk_env, free_port, wait_until
+from peers import (
+    DCMTK_BIN,
+    RelayProcess,
+    ScriptedSCP,
+    dcmtk_env,
+    free_port,
+    relay_config,
+    wait_until,
+)
 from relay.toolkits.base import Outcome
 from relay.toolkits.dcmtk import parse_dcmsend_report
 
@@ -47,25 +55,8 @@ def test_full_disk_answers_out_of_resources_and_recovers(
         tmp_path: Path, small_disk: Path, dcmtk: Path, engine: str) -> None:
     sink_port = free_port()
     port = free_port()
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{small_disk / 'spool'}"
-[toolkit]
-engine = "{engine}"
-[sender]
-retry_initial = 0.2
-retry_max = 1.0
-timeout = 5
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink_port}
-""")
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=small_disk / "spool",
+                       engine=engine, destinations=[("sink", "SCRIPTED", sink_port)])
     uids = ct_series(tmp_path / "ct", 60)  # 60 x 39 KB: more than the 1.5 MB disk holds
     files = sorted((tmp_path / "ct").iterdir())
     relay = RelayProcess(cfg, tmp_path).start(port)

@@ -17,10 +17,12 @@ import pytest
 from dicomdata import ct_series
 from peers import (
     DCMTK_BIN,
+    EG_RULE,
     RelayProcess,
     ScriptedSCP,
     dcmtk_env,
     free_port,
+    relay_config,
     spool_files,
     wait_until,
 )
@@ -31,31 +33,6 @@ pytestmark = pytest.mark.e2e
 
 KILLS = 20
 INSTANCES = 300
-
-
-def _config(path: Path, port: int, spool: Path, sink: ScriptedSCP, engine: str) -> Path:
-    path.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{spool}"
-[toolkit]
-engine = "{engine}"
-[sender]
-retry_initial = 0.2
-retry_max = 1.0
-timeout = 10
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink.port}
-[[rules]]
-set = "PatientID"
-copy_from = "EthnicGroup"
-""")
-    return path
 
 
 def _modality_round(files: list[Path], port: int, report: Path) -> set[Path]:
@@ -76,7 +53,8 @@ def test_kill_9_twenty_times_loses_nothing(tmp_path: Path, dcmtk: Path, engine: 
     sink = ScriptedSCP()
     port = free_port()
     spool = tmp_path / "spool"
-    cfg = _config(tmp_path / "relay.toml", port, spool, sink, engine)
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=spool, engine=engine,
+                       destinations=[("sink", "SCRIPTED", sink.port)], rules=EG_RULE)
     uids = ct_series(tmp_path / "ct", INSTANCES, ethnic_group="KILLED")
     pending = sorted((tmp_path / "ct").iterdir())
     relay = RelayProcess(cfg, tmp_path).start(port)

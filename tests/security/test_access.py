@@ -9,30 +9,24 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import RelayProcess, ScriptedSCP, dcmsend, free_port, spool_files, wait_until
+from peers import (
+    RelayProcess,
+    ScriptedSCP,
+    dcmsend,
+    free_port,
+    relay_config,
+    spool_files,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
 
 def _config(tmp_path: Path, port: int, sink: ScriptedSCP, engine: str = "embedded",
             receiver: str = "") -> Path:
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-{receiver}
-[spool]
-path = "{tmp_path / 'spool'}"
-[toolkit]
-engine = "{engine}"
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink.port}
-""")
-    return cfg
+    return relay_config(tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
+                        engine=engine, receiver=receiver,
+                        destinations=[("sink", "SCRIPTED", sink.port)])
 
 
 @pytest.fixture

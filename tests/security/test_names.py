@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from dicomdata import bundled
-from peers import RelayProcess, ScriptedSCP, free_port, wait_until
+from peers import RelayProcess, ScriptedSCP, free_port, relay_config, wait_until
 from relay.dicomxml import safe_parser
 
 HOSTILE_UIDS = ["1.2.3/../../../escaped", "../../escaped2", "1.2.3$(touch escaped3)"]
@@ -28,21 +28,8 @@ def test_hostile_sop_instance_uids_stay_in_the_spool(tmp_path: Path, dcmtk: Path
     work = tmp_path / "deep" / "er"
     work.mkdir(parents=True)
     spool = work / "spool"
-    cfg = work / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-[spool]
-path = "{spool}"
-[toolkit]
-engine = "{engine}"
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink.port}
-""")
+    cfg = relay_config(work / "relay.toml", port=port, spool=spool, engine=engine,
+                       destinations=[("sink", "SCRIPTED", sink.port)])
     relay = RelayProcess(cfg, work).start(port)
     try:
         with warnings.catch_warnings():

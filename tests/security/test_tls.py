@@ -13,7 +13,15 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from dicomdata import ct_series
-from peers import RelayProcess, ScriptedSCP, dcmsend, free_port, spool_files, wait_until
+from peers import (
+    RelayProcess,
+    ScriptedSCP,
+    dcmsend,
+    free_port,
+    relay_config,
+    spool_files,
+    wait_until,
+)
 from relay.config import TLSConfig
 from relay.tls import client_context, server_context
 from security.pki import Pki, make_pki
@@ -49,28 +57,9 @@ def _relay_config(tmp_path: Path, port: int, sink_port: int, engine: str, pki: P
                 f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n') if receiver_tls else ""
     dest = (f'tls = {{ ca = "{pki.ca}", certificate = "{pki.client_cert}", '
             f'private_key = "{pki.client_key}" }}') if dest_tls else ""
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[receiver]
-host = "127.0.0.1"
-port = {port}
-{receiver}
-[spool]
-path = "{tmp_path / 'spool'}"
-[toolkit]
-engine = "{engine}"
-[sender]
-retry_initial = 0.2
-retry_max = 1.0
-timeout = 5
-[[destinations]]
-name = "sink"
-ae_title = "SCRIPTED"
-host = "127.0.0.1"
-port = {sink_port}
-{dest}
-""")
-    return cfg
+    return relay_config(tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
+                        engine=engine, receiver=receiver,
+                        destinations=[("sink", "SCRIPTED", sink_port, dest)])
 
 
 @pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
