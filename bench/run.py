@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,10 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from inotify_simple import INotify, flags  # noqa: E402
-from pydicom import dcmread  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
 
-from dicomdata import bundled, ct_series  # noqa: E402
+from dicomdata import ct_series, multiframe_ct  # noqa: E402
 from peers import (  # noqa: E402
     DCMTK_BIN,
     EG_RULE,
@@ -136,21 +133,10 @@ def proc_stats(pid: int) -> tuple[float, float]:
 
 
 def large_set(folder: Path, count: int, mb: int) -> list[Path]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = dcmread(bundled("CT_small.dcm"))
-    frame = ds.PixelData
-    frames = mb * 1024 * 1024 // len(frame)
-    ds.NumberOfFrames = frames
-    ds.PixelData = frame * frames
-    ds.EthnicGroup = "BIG"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.save_as(folder / f"big{i:03d}.dcm", enforce_file_format=False)
-    return sorted(folder.iterdir())
+    files = [folder / f"big{i:03d}.dcm" for i in range(count)]
+    for path in files:
+        multiframe_ct(path, mb)
+    return files
 
 
 def latencies(audit: Path, sink: Sink) -> tuple[float, float] | None:

@@ -107,3 +107,22 @@ def ct_series(folder: Path, count: int, ethnic_group: str = "EG-CT") -> list[str
         ds.save_as(folder / f"ct{i:05d}.dcm", enforce_file_format=False)
         uids.append(uid)
     return uids
+
+
+def multiframe_ct(target: Path, megabytes: int, *, ethnic_group: str = "BIG") -> str:
+    """A large multi-frame object: CT_small's pixels repeated to about `megabytes` MB, new
+    UIDs. Returns its SOP Instance UID."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(bundled("CT_small.dcm"))
+    frame = ds.PixelData
+    frames = megabytes * 1024 * 1024 // len(frame)
+    ds.NumberOfFrames = frames
+    ds.PixelData = frame * frames
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.EthnicGroup = ethnic_group
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=False)
+    return uid

@@ -8,15 +8,12 @@ import re
 import signal
 import subprocess
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 from test_e2e import write_config
 
-from dicomdata import bundled, ct_series
+from dicomdata import ct_series, multiframe_ct
 from peers import Orthanc, RelayProcess, dcmsend, dcmtk_env, free_port, spool_files, wait_until
 from relay.supervisor import port_in_use
 
@@ -95,28 +92,11 @@ def test_sigterm_stops_everything_and_leaves_no_orphan(
     assert not port_in_use("0.0.0.0", port)  # noqa: S104
 
 
-def _large_object(path: Path, megabytes: int) -> str:
-    """CT_small's pixels repeated into a multi-frame object of about `megabytes` MB."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = dcmread(bundled("CT_small.dcm"))
-    frame = ds.PixelData
-    frames = megabytes * 1024 * 1024 // len(frame)
-    ds.NumberOfFrames = frames
-    ds.PixelData = frame * frames
-    uid = generate_uid()
-    ds.SOPInstanceUID = uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.EthnicGroup = "BIG"
-    ds.save_as(path, enforce_file_format=False)
-    return uid
-
-
 def test_receiver_killed_mid_object_forwards_nothing_truncated(
         tmp_path: Path, orthanc: Orthanc, dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
     port, spool, relay = dcmtk_relay
     big = tmp_path / "big.dcm"
-    uid = _large_object(big, 300)
+    uid = multiframe_ct(big, 300)
     size = big.stat().st_size
     [pid] = storescp_pids(relay)
     modality = subprocess.Popen(

@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicomdata import bundled, copy_with_new_uids, ct_series
+from dicomdata import bundled, copy_with_new_uids, ct_series, multiframe_ct
 from peers import (
     EG_RULE,
     RelayProcess,
@@ -131,17 +131,7 @@ def test_bad_and_hostile_input(tmp_path: Path, dcmtk: Path, engine: str) -> None
             del broken[name]
         # A huge multi-frame object (120 MB) goes through like any other.
         huge = sent / "huge.dcm"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            big = dcmread(bundled("CT_small.dcm"))
-        frames = 120 * 1024 * 1024 // len(big.PixelData)
-        big.NumberOfFrames = frames
-        big.PixelData = big.PixelData * frames
-        big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        big.EthnicGroup = "HUGE"
-        big.save_as(huge, enforce_file_format=False)
-        expected[big.SOPInstanceUID] = "HUGE"
-        del big
+        expected[multiframe_ct(huge, 120, ethnic_group="HUGE")] = "HUGE"
         assert dcmsend([huge], port, "DICOMRELAY").returncode == 0
 
         wait_until(lambda: set(sink.counts()) >= set(expected) | set(relayable.values()), 120,
