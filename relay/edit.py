@@ -157,8 +157,11 @@ class Editor:
             source_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
         )
         root = None
-        # The elements as read, for splicing the changes into the original file.
-        read = {int(tag): ds.get_item(tag, keep_deferred=True) for tag in ds.keys()}  # noqa: SIM118
+        # The elements as read (before the rules change `ds`), for splicing the changes into
+        # the original file; only the embedded converter writes that way.
+        read = ({int(tag): ds.get_item(tag, keep_deferred=True)
+                 for tag in ds.keys()}  # noqa: SIM118
+                if self.rules and self.converter is None else {})
         if self.rules:
             root, outcome.changes, outcome.missing = self._apply_rules(src, ds)
         if dst is None:
