@@ -169,10 +169,15 @@ class DestinationSender:
             # goes aside (so the others are not held behind it); if it breaks the association
             # every time, it is quarantined rather than blocking the queue for ever.
             self._set_aside(suspects[0])
-            retry = [r for r in retry if r is not suspects[0]]
-            if not retry:
-                return
-        any_answer = any(r.status is not None for r in results) or bool(suspects)
+            # The ones queued behind it were never on the wire: straight back to the front,
+            # not penalised with a backoff of their own.
+            behind = [r.path for r in retry if r is not suspects[0]]
+            with self._cond:
+                self._ready.extendleft(reversed(behind))
+                self._cond.notify()
+            self._down_attempts = 0
+            return
+        any_answer = any(r.status is not None for r in results)
         self.stats.retried += len(retry)
         now = self.clock()
         with self._cond:

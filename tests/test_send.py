@@ -139,3 +139,35 @@ def test_forgotten_file_is_retried_not_dropped(spool: Spool) -> None:
     sender.load_backlog()
     results = sender.send_batch(sender._next_batch())
     assert results[0].outcome is Outcome.RETRY and path.exists()
+
+
+def test_object_in_flight_at_a_break_is_set_aside_and_the_rest_goes_on(spool: Spool) -> None:
+    files = _queued(spool, "a.dcm", "b.dcm", "c.dcm")
+
+    class Breaking(FakeEngine):
+        """The association breaks while a.dcm is on the wire, every time."""
+
+        def send(self, files, destination, calling_ae, timeout):  # noqa: ANN001, ANN202
+            self.calls.append([f.name for f in files])
+            for i, f in enumerate(files):
+                if f.name == "a.dcm":
+                    yield SendResult(f, Outcome.RETRY, None, "aborted", in_flight=True)
+                    for rest in files[i + 1:]:
+                        yield SendResult(rest, Outcome.RETRY, None, "association lost")
+                    return
+                yield SendResult(f, Outcome.DELIVERED, 0, "")
+
+    clock = Clock()
+    engine = Breaking({})
+    sender = _sender(spool, engine, clock)
+    sender.load_backlog()
+    sender.send_batch(sender._next_batch())
+    # b and c were never on the wire: they go next, at once, without a.
+    assert sender._next_batch() == [files[1], files[2]]
+    sender._ready.extendleft([files[2], files[1]])
+    for _ in range(2):  # a keeps breaking the association whenever it is sent
+        clock.now += 100
+        sender.send_batch(sender._next_batch())
+    assert engine.calls == [["a.dcm", "b.dcm", "c.dcm"], ["b.dcm", "c.dcm", "a.dcm"], ["a.dcm"]]
+    assert not any(f.exists() for f in files)
+    assert (spool.failed / "breaks-association" / "central--a.dcm").exists()
