@@ -14,9 +14,11 @@ Scenarios (sink: DCMTK storescp unless said otherwise):
                    PatientID) -> storescu (send one file) -> delete
   orthanc-router   Orthanc with a Lua OnStoredInstance: modify PatientID, send to the sink,
                    delete (the recipe in design.md)
-Data sets: small (CT_small copies, new UIDs), large (multi-frame, >= 20 MB each), and a backlog
-already in the relay's spool at start-up. Latency per instance: stored in the relay's spool ->
-stored at the sink (p50, p99), from the audit log and the sink's file times.
+Data sets: small (CT_small copies, new UIDs), large (multi-frame, >= 20 MB each), a backlog
+already in the relay's spool at start-up, and a steady stream (a modality sending 20 objects a
+second). Latency per instance: stored in the relay's spool -> stored at the sink (p50, p99),
+from the audit log and the sink's file times. CPU seconds are given for the relay, the sender
+(dcmsend) and the sink (storescp), to show how the shared cores are split.
 The machine is shared by sender, relay and sink (2 cores): read ratios, not absolute figures.
 Nothing here asserts a threshold.
 """
@@ -27,19 +29,23 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # relay, without installing
 
 from inotify_simple import INotify, flags  # noqa: E402
+from pydicom import dcmread  # noqa: E402
 
 from dicomdata import ct_series, multiframe_ct  # noqa: E402
 from peers import (  # noqa: E402
@@ -56,6 +62,7 @@ from peers import (  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DCM4CHE = Path("/opt/dcm4che-toolkit")
+STREAM_RATE = 20.0  # objects per second of the steady stream: well below every engine's rate
 
 
 @dataclass
@@ -68,6 +75,8 @@ class Row:
     ratio: float | None = None
     rss_mb: float | None = None
     cpu_s: float | None = None
+    sender_cpu_s: float | None = None
+    sink_cpu_s: float | None = None
     latency: tuple[float, float] | None = None  # p50, p99 seconds
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
@@ -111,11 +120,38 @@ class Sink:
         self.inotify.close()
 
 
-def dcmsend(files: list[Path], port: int, aec: str) -> None:
+def dcmsend(files: list[Path], port: int, aec: str) -> float:
+    """Send like a modality; returns the CPU seconds dcmsend used."""
     argv = [str(DCMTK_BIN / "dcmsend"), "-aec", aec, "--no-halt", "127.0.0.1", str(port),
             *map(str, files)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(argv, env=dcmtk_env(), check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=3600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def stream_send(files: list[Path], port: int, per_second: float) -> None:
+    """A modality sending at a steady rate, one object every 1/per_second s, one association
+    (pynetdicom, TCP_NODELAY, sending each file from disk as it is)."""
+    from pynetdicom import AE, evt
+
+    from relay.toolkits.embedded import set_nodelay  # also turns on chunked sending
+
+    ae = AE("MODALITY")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = dcmread(files[0], stop_before_pixels=True)
+    ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMRELAY",
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assert assoc.is_established
+    due = time.monotonic()
+    for path in files:
+        time.sleep(max(0.0, due - time.monotonic()))
+        assoc.send_c_store(path)
+        due += 1 / per_second
+    assoc.release()
 
 
 def megabytes(files: list[Path]) -> float:
@@ -157,10 +193,11 @@ def run_direct(work: Path, files: list[Path], data: str) -> list[Row]:
     rows = []
     sink = Sink(work / "direct-sink")
     started = time.monotonic()
-    dcmsend(files, sink.port, "SINK")
+    sender_cpu = dcmsend(files, sink.port, "SINK")
     wait_until(lambda: sink.count() >= len(files), 600, interval=0.01)
     rows.append(Row("direct: dcmsend -> storescp", data, len(files),
-                    time.monotonic() - started, megabytes(files)))
+                    time.monotonic() - started, megabytes(files), sender_cpu_s=sender_cpu,
+                    sink_cpu_s=proc_stats(sink.proc.pid)[1]))
     sink.close()
     if data == "small":
         pacs = Orthanc(work / "direct-orthanc").start()
@@ -175,7 +212,7 @@ def run_direct(work: Path, files: list[Path], data: str) -> list[Row]:
 
 
 def run_relay(work: Path, engine: str, files: list[Path], data: str,
-              backlog: bool = False) -> Row:
+              backlog: bool = False, stream: float | None = None) -> Row:
     tag = f"{engine}-{data}"
     sink = Sink(work / f"sink-{tag}")
     port = free_port()
@@ -192,20 +229,27 @@ def run_relay(work: Path, engine: str, files: list[Path], data: str,
         relay = RelayProcess(cfg, work).start(port)
         wait_until(lambda: sink.count() >= 1, 600, interval=0.01)
         first_forwarded = time.monotonic() - started
-    else:
+    sender_cpu = None
+    if not backlog:
         relay = RelayProcess(cfg, work).start(port)
         started = time.monotonic()
-        dcmsend(files, port, "DICOMRELAY")
+        if stream:
+            stream_send(files, port, stream)
+        else:
+            sender_cpu = dcmsend(files, port, "DICOMRELAY")
     wait_until(lambda: sink.count() >= len(files), 3600, interval=0.02)
     seconds = time.monotonic() - started
     assert relay.proc is not None
     rss, cpu = proc_stats(relay.proc.pid)
     relay.stop()
     row = Row(f"relay ({engine})", data, len(files), seconds, megabytes(files), rss_mb=rss,
-              cpu_s=cpu, latency=None if backlog else latencies(spool / "audit.jsonl", sink))
+              cpu_s=cpu, sender_cpu_s=sender_cpu, sink_cpu_s=proc_stats(sink.proc.pid)[1],
+              latency=None if backlog else latencies(spool / "audit.jsonl", sink))
     if first_forwarded is not None:
         row.extra["first forwarded after (s)"] = first_forwarded
         row.note = f"first forwarded after {first_forwarded:.2f} s"
+    if stream:
+        row.note = f"a steady {stream:g} objects/s from the modality"
     sink.close()
     return row
 
@@ -294,9 +338,17 @@ def run_orthanc_router(work: Path, files: list[Path], data: str) -> Row:
     return Row("Orthanc auto-router (Lua)", data, len(files), seconds, megabytes(files))
 
 
+def _cpu(r: Row) -> str:
+    parts = [r.cpu_s, r.sender_cpu_s, r.sink_cpu_s]
+    if all(p is None for p in parts):
+        return ""
+    return " / ".join("-" if p is None else f"{p:.1f}" for p in parts)
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| scenario | data | instances | seconds | instances/s | MB/s | ratio to direct "
-             "(storescp) | relay peak RSS MB | relay CPU s | latency p50 / p99 s | note |",
+             "(storescp) | relay peak RSS MB | CPU s: relay / sender / sink | "
+             "latency p50 / p99 s | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = f"{r.latency[0]:.3f} / {r.latency[1]:.3f}" if r.latency else ""
@@ -305,7 +357,7 @@ def table(rows: list[Row]) -> str:
             f"{r.instances / r.seconds:.1f} | {r.megabytes / r.seconds:.1f} | "
             f"{'' if r.ratio is None else f'{r.ratio:.2f}'} | "
             f"{'' if r.rss_mb is None else f'{r.rss_mb:.0f}'} | "
-            f"{'' if r.cpu_s is None else f'{r.cpu_s:.1f}'} | {lat} | {r.note} |")
+            f"{_cpu(r)} | {lat} | {r.note} |")
     return "\n".join(lines)
 
 
@@ -315,8 +367,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="Markdown file for the results "
                         "(default bench/RESULTS.md, none with --smoke)")
     args = parser.parse_args()
-    small_n, large_n, large_mb, backlog_n, perfile_n = (
-        (20, 2, 2, 60, 10) if args.smoke else (500, 20, 24, 10000, 100))
+    small_n, large_n, large_mb, backlog_n, perfile_n, stream_n = (
+        (20, 2, 2, 60, 10, 10) if args.smoke else (500, 20, 24, 10000, 100, 200))
     engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE.is_dir() else [])
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="dicom-relay-bench-") as tmp:
@@ -326,6 +378,8 @@ def main() -> None:
         large = large_set(work / "large", large_n, large_mb)
         ct_series(work / "backlog", backlog_n)
         backlog = sorted((work / "backlog").iterdir())
+        ct_series(work / "stream", stream_n)
+        stream = sorted((work / "stream").iterdir())
 
         plan: list[tuple[str, Callable[[], list[Row] | Row]]] = [
             ("direct small", lambda: run_direct(work, small, "small")),
@@ -333,6 +387,8 @@ def main() -> None:
         ]
         for engine in engines:
             plan += [(f"{engine} small", lambda e=engine: run_relay(work, e, small, "small")),
+                     (f"{engine} stream", lambda e=engine: run_relay(
+                         work, e, stream, "stream", stream=STREAM_RATE)),
                      (f"{engine} large", lambda e=engine: run_relay(work, e, large, "large")),
                      (f"{engine} backlog", lambda e=engine: run_relay(
                          work, e, backlog, "backlog", backlog=True))]

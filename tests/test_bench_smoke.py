@@ -24,6 +24,6 @@ def test_bench_smoke_runs_every_scenario(dcmtk: Path) -> None:
                      "original per-file pipeline (DCMTK tools)", "Orthanc auto-router (Lua)"):
         assert f"| {scenario} |" in result.stdout, scenario
     rows = [line for line in result.stdout.splitlines() if line.startswith("| relay (")]
-    assert {line.split(" | ")[1] for line in rows} == {"small", "large", "backlog"}
+    assert {line.split(" | ")[1] for line in rows} == {"small", "large", "backlog", "stream"}
     assert all("| 1.00 |" in line for line in result.stdout.splitlines()
                if line.startswith("| direct: dcmsend -> storescp"))
