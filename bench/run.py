@@ -37,7 +37,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -79,7 +79,6 @@ class Row:
     sink_cpu_s: float | None = None
     latency: tuple[float, float] | None = None  # p50, p99 seconds
     note: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Sink:
@@ -246,7 +245,6 @@ def run_relay(work: Path, engine: str, files: list[Path], data: str,
               cpu_s=cpu, sender_cpu_s=sender_cpu, sink_cpu_s=proc_stats(sink.proc.pid)[1],
               latency=None if backlog else latencies(spool / "audit.jsonl", sink))
     if first_forwarded is not None:
-        row.extra["first forwarded after (s)"] = first_forwarded
         row.note = f"first forwarded after {first_forwarded:.2f} s"
     if stream:
         row.note = f"a steady {stream:g} objects/s from the modality"

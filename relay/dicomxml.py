@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,11 +388,6 @@ def apply_xml_changes(ds: Dataset | None, before: etree._Element, after: etree._
             target[tag] = element
         changes.append(AttributeChange(label, describe(o), describe(n), top))
     return changes
-
-
-def iter_attributes(root: etree._Element) -> Iterator[etree._Element]:
-    """Top-level attributes of a NativeDicomModel document."""
-    return root.iterchildren("DicomAttribute")
 
 
 def safe_parser() -> etree.XMLParser:

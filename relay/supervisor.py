@@ -89,7 +89,6 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
@@ -163,7 +162,6 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot restart %s: %s", self.name, exc)
                 continue
-            self.restarts += 1
             log.info("%s restarted (pid %d)", self.name, self.proc.pid)
 
     def _kill_group(self) -> None:
