@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,7 @@ class ScriptedSCP:
         self.kept: list[tuple[str, Path]] = []  # (Affected SOP Instance UID, file)
         self.received: list[str] = []
         self.patient_ids: dict[str, object] = {}
+        self.syntaxes: dict[str, str] = {}  # SOP Instance UID → transfer syntax it came in
         self.resets = 0
         self.port = port or free_port()
         self._per_assoc: dict[int, int] = {}
@@ -289,6 +291,7 @@ class ScriptedSCP:
             uid = str(event.request.AffectedSOPInstanceUID)
             self.received.append(uid)
             self.patient_ids[uid] = ds.get("PatientID")
+            self.syntaxes[uid] = str(event.context.transfer_syntax)
         return status
 
     def counts(self) -> dict[str, int]:
@@ -301,3 +304,22 @@ class ScriptedSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+
+@dataclass
+class Link:
+    """How a sender reaches its test peer: one engine, plain or over DICOM TLS (then
+    `server_ssl` is the peer's side and `tls` the destination's table, from a PKI the test
+    generated)."""
+
+    engine: Any  # relay.toolkits.base.Engine
+    server_ssl: Any = None  # ssl.SSLContext for ScriptedSCP / AE.start_server
+    tls: Any = None  # relay.config.TLSConfig
+
+    def destination(self, ae_title: str, port: int) -> Any:
+        from relay.config import Destination
+
+        return Destination("scp", ae_title, "127.0.0.1", port, tls=self.tls)
+
+    def scp(self, statuses: dict[int, int] | None = None, **kwargs: Any) -> ScriptedSCP:
+        return ScriptedSCP(statuses, ssl_context=self.server_ssl, **kwargs)

@@ -1,5 +1,6 @@
-"""The embedded sender against a scripted pynetdicom Storage SCP (a real network peer that
-answers chosen statuses), and against nothing at all (connection refused)."""
+"""Each engine's sender (DCMTK's also over TLS) against a scripted pynetdicom Storage SCP (a
+real network peer that answers chosen statuses), and against nothing at all (connection
+refused)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,11 @@ import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
 from dicomdata import ct_series
-from peers import ScriptedSCP, free_port
-from relay.config import Destination, SenderConfig
+from peers import Link, free_port
+from relay.config import SenderConfig
 from relay.send import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import DestinationUnavailable, Engine, Outcome
-from relay.toolkits.dcmtk import DcmtkEngine
-from relay.toolkits.embedded import EmbeddedEngine
-
-
-@pytest.fixture(params=["embedded", "dcmtk"])
-def engine(request: pytest.FixtureRequest, dcmtk: Path) -> Engine:
-    """Each engine's sender against the same real peers."""
-    return EmbeddedEngine() if request.param == "embedded" else DcmtkEngine(dcmtk)
+from relay.toolkits.base import DestinationUnavailable, Outcome
 
 
 @pytest.fixture
@@ -32,12 +25,12 @@ def files_in_outbox(tmp_path: Path) -> tuple[Spool, list[Path]]:
 
 
 def test_statuses_from_a_real_peer(files_in_outbox: tuple[Spool, list[Path]],
-                                   engine: Engine) -> None:
+                                   link: Link) -> None:
     spool, files = files_in_outbox
-    scp = ScriptedSCP({2: 0xA700, 3: 0xA900, 4: 0xC000, 5: 0xB000})
+    scp = link.scp({2: 0xA700, 3: 0xA900, 4: 0xC000, 5: 0xB000})
     try:
-        dest = Destination("scp", "SCRIPTED", "127.0.0.1", scp.port)
-        sender = DestinationSender(spool, dest, engine, SenderConfig(retry_initial=60))
+        dest = link.destination("SCRIPTED", scp.port)
+        sender = DestinationSender(spool, dest, link.engine, SenderConfig(retry_initial=60))
         sender.load_backlog()
         results = sender.send_batch(sender._next_batch())
         by_name = {r.path.name: r for r in results}
@@ -55,10 +48,10 @@ def test_statuses_from_a_real_peer(files_in_outbox: tuple[Spool, list[Path]],
 
 
 def test_connection_refused_keeps_everything(files_in_outbox: tuple[Spool, list[Path]],
-                                             engine: Engine) -> None:
+                                             link: Link) -> None:
     spool, files = files_in_outbox
-    dest = Destination("scp", "NOBODY", "127.0.0.1", free_port())
-    sender = DestinationSender(spool, dest, engine, SenderConfig(timeout=5))
+    dest = link.destination("NOBODY", free_port())
+    sender = DestinationSender(spool, dest, link.engine, SenderConfig(timeout=5))
     sender.load_backlog()
     results = sender.send_batch(sender._next_batch())
     assert {r.outcome for r in results} == {Outcome.RETRY}
@@ -67,16 +60,16 @@ def test_connection_refused_keeps_everything(files_in_outbox: tuple[Spool, list[
 
 
 def test_association_rejected_keeps_everything(
-        files_in_outbox: tuple[Spool, list[Path]], engine: Engine) -> None:
+        files_in_outbox: tuple[Spool, list[Path]], link: Link) -> None:
     spool, files = files_in_outbox
     ae = AE("PICKY")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2")
     ae.require_calling_aet = ["SOMEONE"]
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False)
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=link.server_ssl)
     try:
-        dest = Destination("scp", "PICKY", "127.0.0.1", port)
-        sender = DestinationSender(spool, dest, engine, SenderConfig())
+        dest = link.destination("PICKY", port)
+        sender = DestinationSender(spool, dest, link.engine, SenderConfig())
         sender.load_backlog()
         results = sender.send_batch(sender._next_batch())
         assert {r.outcome for r in results} == {Outcome.RETRY}
@@ -86,17 +79,17 @@ def test_association_rejected_keeps_everything(
         server.shutdown()
 
 
-def test_echo(engine: Engine) -> None:
-    scp = ScriptedSCP({})
+def test_echo(link: Link) -> None:
+    scp = link.scp()
     try:
-        engine.echo(Destination("scp", "SCRIPTED", "127.0.0.1", scp.port), "ME", 5)
+        link.engine.echo(link.destination("SCRIPTED", scp.port), "ME", 5)
     finally:
         scp.close()
     with pytest.raises(DestinationUnavailable):
-        engine.echo(Destination("scp", "SCRIPTED", "127.0.0.1", free_port()), "ME", 5)
+        link.engine.echo(link.destination("SCRIPTED", free_port()), "ME", 5)
 
 
-def test_unacceptable_files_do_not_block_the_queue(tmp_path: Path, engine: Engine) -> None:
+def test_unacceptable_files_do_not_block_the_queue(tmp_path: Path, link: Link) -> None:
     # A PACS that takes CT only: a batch of nothing but JPEG 2000 secondary captures must go to
     # failed/ with the reason, not be retried forever in front of everything else.
     from dicomdata import bundled, copy_with_new_uids
@@ -107,10 +100,10 @@ def test_unacceptable_files_do_not_block_the_queue(tmp_path: Path, engine: Engin
     ae = AE("CTONLY")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ALL_TRANSFER_SYNTAXES)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False)
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=link.server_ssl)
     try:
-        dest = Destination("scp", "CTONLY", "127.0.0.1", port)
-        sender = DestinationSender(spool, dest, engine, SenderConfig(timeout=10))
+        dest = link.destination("CTONLY", port)
+        sender = DestinationSender(spool, dest, link.engine, SenderConfig(timeout=10))
         sender.load_backlog()
         [result] = sender.send_batch(sender._next_batch())
         assert result.outcome is Outcome.FAILED

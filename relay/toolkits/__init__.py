@@ -34,12 +34,6 @@ def _auto(config: Config) -> tuple[str, str]:
 
 def _check_tls(config: Config, engine: str) -> None:
     """Refuse TLS settings an engine cannot honour, rather than send in the clear."""
-    if engine == "dcmtk":
-        for i, dest in enumerate(config.destinations):
-            if dest.tls is not None:
-                raise ConfigError(f"{config.source}: [[destinations]][{i}].tls: DCMTK's dcmsend "
-                                  "cannot send over TLS; expected engine = \"embedded\" for "
-                                  "TLS destinations")
     if engine == "dcm4che" and (config.receiver.tls is not None
                                 or any(d.tls for d in config.destinations)):
         raise ConfigError(f"{config.source}: tls: the dcm4che engine does not support TLS yet "

@@ -14,6 +14,11 @@ Facts it is built on (measured here, see design.md):
 - dcmsend keeps going after a failure (--no-halt), never decompresses (--decompress-never,
   so each file keeps its transfer syntax), and its report file gives a status per file.
   Its exit code alone proves nothing about single files.
+- dcmsend has no TLS. To a TLS destination storescu sends (+tls/+tla). Left to itself it
+  proposes only uncompressed syntaxes and, having no codecs, fails every compressed object;
+  so it gets an association profile (--config-file) proposing exactly each object's own
+  (SOP class, transfer syntax). Per-file statuses come from its debug log ("Sending file:",
+  then "DIMSE Status : 0x…"), matched in order to the files given.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from relay.supervisor import SupervisedReceiver, run_tool
 from relay.toolkits.base import (
@@ -76,6 +81,21 @@ def tls_args(tls: TLSConfig | None) -> list[str]:
         return []
     assert tls.private_key is not None and tls.certificate is not None
     args = ["--enable-tls", str(tls.private_key), str(tls.certificate), "--null-passwd"]
+    if tls.ca is not None:
+        args += ["--add-cert-file", str(tls.ca)]
+    args.append("--require-peer-cert" if tls.require_peer_certificate else "--ignore-peer-cert")
+    return args
+
+
+def tls_client_args(tls: TLSConfig) -> list[str]:
+    """storescu's / echoscu's DICOM TLS options for a destination's tls table: our certificate
+    if we have one (else anonymous TLS), the CA the destination's certificate must chain to.
+    DCMTK checks the chain, not that the certificate names the host (the embedded engine
+    checks both)."""
+    if tls.certificate is not None and tls.private_key is not None:
+        args = ["--enable-tls", str(tls.private_key), str(tls.certificate), "--null-passwd"]
+    else:
+        args = ["--anonymous-tls"]
     if tls.ca is not None:
         args += ["--add-cert-file", str(tls.ca)]
     args.append("--require-peer-cert" if tls.require_peer_certificate else "--ignore-peer-cert")
@@ -177,16 +197,127 @@ def parse_dcmsend_report(text: str, output: str = ""
     return results
 
 
-def _sendable(path: Path) -> str | None:
-    """Why dcmsend cannot send this file at all, or None. It needs the SOP Class and Instance
-    UIDs in the data set itself, where some files only have them in the file meta."""
+def _read_uids(path: Path) -> Dataset | str:
+    """The header with the SOP Class and Instance UIDs the DCMTK tools need in the data set
+    itself (some files only have them in the file meta), or why the file cannot be sent."""
     try:
         ds = dcmread(path, stop_before_pixels=True,
                      specific_tags=["SOPClassUID", "SOPInstanceUID"])
-    except Exception as exc:  # noqa: BLE001 - unreadable: dcmsend cannot read it either
+    except Exception as exc:  # noqa: BLE001 - unreadable: the DCMTK tools cannot read it either
         return f"unreadable: {exc}"
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
-    return f"the data set lacks {', '.join(missing)}" if missing else None
+    return f"the data set lacks {', '.join(missing)}" if missing else ds
+
+
+def _sendable(path: Path) -> str | None:
+    """Why dcmsend cannot send this file at all, or None (it judges no UID's form:
+    --no-uid-checks leaves that to the PACS)."""
+    found = _read_uids(path)
+    return found if isinstance(found, str) else None
+
+
+# What an association profile may name: a UID is digits and dots (PS3.5 9.1). Anything else
+# (peer-supplied text) must never reach the profile file, where it could add lines.
+_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+MAX_CONTEXTS = 128  # presentation context IDs are the odd numbers 1…255
+
+
+def _presentation(path: Path) -> tuple[str, str] | str:
+    """(SOP Class UID, transfer syntax UID) the file goes as, or why it cannot be sent."""
+    ds = _read_uids(path)
+    if isinstance(ds, str):
+        return ds
+    sop_class = str(ds.SOPClassUID)
+    syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    for what, uid in (("SOP Class UID", sop_class), ("transfer syntax UID", syntax)):
+        if not _UID_RE.fullmatch(uid) or len(uid) > 64:
+            return f"its {what} {uid[:80]!r} is not a UID"
+    return sop_class, syntax
+
+
+def association_profile(contexts: list[tuple[str, str]], name: str = "Relay") -> str:
+    """A DCMTK association configuration (storescu --config-file FILE Relay) that proposes
+    each (SOP class, transfer syntax) pair in a presentation context of its own: every object
+    goes in the syntax it arrived in, compressed or not."""
+    syntaxes = sorted({ts for _, ts in contexts})
+    lines = ["[[TransferSyntaxes]]"]
+    for i, ts in enumerate(syntaxes):
+        lines += [f"[TS{i}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", f"[{name}]"]
+    for i, (sop_class, ts) in enumerate(contexts, 1):
+        lines.append(f"PresentationContext{i} = {sop_class}\\TS{syntaxes.index(ts)}")
+    lines += ["[[Profiles]]", f"[{name}]", f"PresentationContexts = {name}"]
+    return "\n".join(lines) + "\n"
+
+
+def storescu_argv(storescu: Path, files: list[Path], destination: Destination,
+                  calling_ae: str, timeout: float, profile: Path) -> list[str]:
+    """storescu over TLS: one association, all files, statuses in its debug log."""
+    assert destination.tls is not None
+    seconds = str(max(1, int(timeout)))
+    return [
+        str(storescu),
+        "--debug",               # the DIMSE status of every C-STORE response
+        "--aetitle", calling_ae,
+        "--call", destination.ae_title,
+        "--no-halt",
+        "--config-file", str(profile), "Relay",
+        "--timeout", seconds,
+        "--acse-timeout", seconds,
+        "--dimse-timeout", seconds,
+        *tls_client_args(destination.tls),
+        destination.host, str(destination.port),
+        *[str(f) for f in files],
+    ]
+
+
+# How storescu says the association broke under the file it was sending.
+_ABORT_MARKERS = ("Peer aborted", "Failed receiving DIMSE response", "DIMSE Failed to send",
+                  "Association Aborted")
+_SENDING_RE = re.compile(r"^I: Sending file: (.*)$")
+_DIMSE_STATUS_RE = re.compile(r"^D: DIMSE Status\s*: 0x([0-9A-Fa-f]{4})(?::\s*(.*))?$")
+
+
+def parse_storescu_log(output: str) -> tuple[bool, list[tuple[str, Outcome, int | None, str]]]:
+    """(association accepted?, [(file, outcome, status, detail)] in the order storescu sent
+    them) from storescu --debug output."""
+    accepted = False
+    results: list[tuple[str, Outcome, int | None, str]] = []
+    current: str | None = None
+    status: int | None = None
+    detail = ""
+    refused = False
+
+    def close() -> None:
+        if current is None:
+            return
+        if status is not None:
+            results.append((current, classify_status(status), status, detail))
+        elif refused:
+            # The peer answered and refused this SOP class / transfer syntax: sending it again
+            # will not change that (and must not hold up the rest of the queue).
+            results.append((current, Outcome.FAILED, None, detail))
+        else:
+            results.append((current, Outcome.RETRY, None, detail or "no C-STORE response"))
+
+    for line in output.splitlines():
+        if line.startswith("I: Association Accepted"):
+            accepted = True
+        elif match := _SENDING_RE.match(line):
+            close()
+            current, status, detail, refused = match.group(1), None, "", False
+        elif current is None:
+            continue
+        elif match := _DIMSE_STATUS_RE.match(line):
+            status = int(match.group(1), 16)
+            detail = f"0x{status:04X} {match.group(2) or ''}".strip()
+        elif line.startswith("E: No presentation context for"):
+            refused = True
+            detail = "destination refused the presentation context (" + line[3:] + ")"
+        elif line.startswith("E: ") and not detail and "Store Failed" not in line:
+            detail = line[3:]
+    close()
+    return accepted, results
 
 
 class DcmtkReceiver(SupervisedReceiver, Receiver):
@@ -217,6 +348,7 @@ class DcmtkEngine(Engine):
         self.bin_dir = Path(bin_dir)
         self.dcmsend = find_tool(self.bin_dir, "dcmsend")
         self.echoscu = find_tool(self.bin_dir, "echoscu")
+        self.storescu = find_tool(self.bin_dir, "storescu")  # for TLS destinations
 
     def describe(self) -> str:
         return f"dcmtk ({self.bin_dir})"
@@ -226,6 +358,9 @@ class DcmtkEngine(Engine):
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float) -> Iterator[SendResult]:
+        if destination.tls is not None:
+            yield from self._send_tls(files, destination, calling_ae, timeout)
+            return
         sendable = []
         for path in files:
             why = _sendable(path)
@@ -266,11 +401,78 @@ class DcmtkEngine(Engine):
             flagged |= in_flight
             yield SendResult(path, *found, in_flight=in_flight)
 
+    def _send_tls(self, files: list[Path], destination: Destination, calling_ae: str,
+                  timeout: float) -> Iterator[SendResult]:
+        """storescu over TLS, as many associations as 128 presentation contexts need."""
+        groups: list[tuple[list[Path], list[tuple[str, str]]]] = []
+        for path in files:
+            found = _presentation(path)
+            if isinstance(found, str):
+                yield SendResult(path, Outcome.FAILED, None, f"storescu cannot send it: {found}")
+                continue
+            if not groups or (found not in groups[-1][1]
+                              and len(groups[-1][1]) >= MAX_CONTEXTS):
+                groups.append(([], []))
+            group_files, contexts = groups[-1]
+            group_files.append(path)
+            if found not in contexts:
+                contexts.append(found)
+        for group_files, contexts in groups:
+            yield from self._storescu(group_files, contexts, destination, calling_ae, timeout)
+
+    def _storescu(self, files: list[Path], contexts: list[tuple[str, str]],
+                  destination: Destination, calling_ae: str,
+                  timeout: float) -> Iterator[SendResult]:
+        with tempfile.TemporaryDirectory(prefix="dicom-relay-storescu-") as tmp:
+            profile = Path(tmp) / "association.cfg"
+            profile.write_text(association_profile(contexts))
+            argv = storescu_argv(self.storescu, files, destination, calling_ae, timeout,
+                                 profile)
+            try:
+                proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * (2 + len(files)))
+                output = proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                output = str(exc.stdout or "") + "\nstorescu timed out"
+        accepted, sent = parse_storescu_log(output)
+        if "No Acceptable Presentation Contexts" in output:
+            # The destination answered and refused every SOP class / transfer syntax of these
+            # objects: sending them again will not change that.
+            why = ", ".join(sorted(set(refused_contexts(output).values()))) or "refused"
+            for path in files:
+                yield SendResult(path, Outcome.FAILED, None, "storescu: destination refused "
+                                 f"the presentation context ({why})")
+            return
+        if not accepted:
+            # No association (refused, rejected, TLS handshake failed, timed out).
+            why = next((ln for ln in output.splitlines() if ln.startswith("F:")),
+                       output.strip()[-300:])
+            for path in files:
+                yield SendResult(path, Outcome.RETRY, None, f"storescu: {why}")
+            return
+        # storescu sends in the order given; a file it skipped while checking its input
+        # ("cannot access file", no SOP class) has no "Sending file:" line.
+        by_name: dict[str, list[tuple[Outcome, int | None, str]]] = {}
+        for name, outcome, status, detail in sent:
+            by_name.setdefault(name, []).append((outcome, status, detail))
+        aborted = any(marker in output for marker in _ABORT_MARKERS)
+        flagged = False
+        for path in files:
+            answers = by_name.get(str(path))
+            if not answers:
+                yield SendResult(path, Outcome.FAILED, None, "storescu could not read it")
+                continue
+            outcome, status, detail = answers.pop(0)
+            in_flight = aborted and not flagged and outcome is Outcome.RETRY
+            flagged |= in_flight
+            yield SendResult(path, outcome, status, f"storescu: {detail}",
+                             in_flight=in_flight)
+
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))
+        tls = tls_client_args(destination.tls) if destination.tls is not None else []
         argv = [str(self.echoscu), "--aetitle", calling_ae, "--call", destination.ae_title,
                 "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
-                destination.host, str(destination.port)]
+                *tls, destination.host, str(destination.port)]
         proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * 3)
         if proc.returncode != 0:
             why = (proc.stderr or proc.stdout).strip().splitlines()

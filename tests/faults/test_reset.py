@@ -7,27 +7,21 @@ import socket
 import struct
 from pathlib import Path
 
-import pytest
-
 from dicomdata import ct_series
-from peers import ScriptedSCP
-from relay.config import Destination, SenderConfig
+from peers import Link, ScriptedSCP
+from relay.config import SenderConfig
 from relay.send import DestinationSender
 from relay.spool import Spool
 from relay.toolkits.base import Outcome
-from relay.toolkits.dcmtk import DcmtkEngine
-from relay.toolkits.embedded import EmbeddedEngine
 
 
-@pytest.mark.parametrize("engine_name", ["embedded", "dcmtk"])
-def test_connection_reset_mid_batch(tmp_path: Path, dcmtk: Path, engine_name: str) -> None:
-    engine = EmbeddedEngine() if engine_name == "embedded" else DcmtkEngine(dcmtk)
+def test_connection_reset_mid_batch(tmp_path: Path, link: Link) -> None:
     spool = Spool(tmp_path / "spool", ["scp"]).create()
     uids = ct_series(spool.outbox("scp"), 12)
-    scp = ScriptedSCP(reset_after=5)
+    scp = link.scp(reset_after=5)
     try:
-        dest = Destination("scp", "SCRIPTED", "127.0.0.1", scp.port)
-        sender = DestinationSender(spool, dest, engine, SenderConfig(retry_initial=0.1,
+        dest = link.destination("SCRIPTED", scp.port)
+        sender = DestinationSender(spool, dest, link.engine, SenderConfig(retry_initial=0.1,
                                                                      retry_max=0.2, timeout=5))
         sender.load_backlog()
         results = sender.send_batch(sender._next_batch())
@@ -62,17 +56,15 @@ class PoisonSCP(ScriptedSCP):
         return super().on_store(event)
 
 
-@pytest.mark.parametrize("engine_name", ["embedded", "dcmtk"])
 def test_an_object_that_breaks_every_association_is_quarantined(
-        tmp_path: Path, dcmtk: Path, engine_name: str) -> None:
-    engine = EmbeddedEngine() if engine_name == "embedded" else DcmtkEngine(dcmtk)
+        tmp_path: Path, link: Link) -> None:
     spool = Spool(tmp_path / "spool", ["scp"]).create()
     uids = ct_series(spool.outbox("scp"), 8)
-    scp = PoisonSCP()
+    scp = PoisonSCP(ssl_context=link.server_ssl)
     scp.poison = uids[0]  # the first in the queue: everything else waits behind it
     try:
-        dest = Destination("scp", "SCRIPTED", "127.0.0.1", scp.port)
-        sender = DestinationSender(spool, dest, engine, SenderConfig(retry_initial=0.05,
+        dest = link.destination("SCRIPTED", scp.port)
+        sender = DestinationSender(spool, dest, link.engine, SenderConfig(retry_initial=0.05,
                                                                      retry_max=0.1, timeout=5))
         sender.load_backlog()
         for _ in range(30):

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from dicomdata import ct_series
+from dicomdata import bundled, copy_with_new_uids, ct_series
 from peers import (
     RelayProcess,
     ScriptedSCP,
@@ -90,38 +90,45 @@ def test_receiver_takes_tls_only(tmp_path: Path, pki: Pki, dcmtk: Path, engine: 
         sink.close()
 
 
-def test_sender_speaks_tls_to_a_tls_destination(tmp_path: Path, pki: Pki, dcmtk: Path) -> None:
-    sink = ScriptedSCP(ssl_context=server_context(TLSConfig(
+@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+def test_sender_speaks_tls_to_a_tls_destination(tmp_path: Path, pki: Pki, dcmtk: Path,
+                                                engine: str) -> None:
+    # InstanceNumber 2 is answered 0xA900 (data set does not match SOP class): failed/.
+    sink = ScriptedSCP(statuses={2: 0xA900}, ssl_context=server_context(TLSConfig(
         ca=pki.ca, certificate=pki.server_cert, private_key=pki.server_key)))
     port = free_port()
     uids = ct_series(tmp_path / "ct", 3)
+    # Compressed objects must arrive as they are (the DCMTK engine's storescu has no codecs:
+    # it proposes each object's own transfer syntax).
+    syntaxes = {}
+    for name in ("JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm"):
+        uid = copy_with_new_uids(bundled(name), tmp_path / "ct" / f"z-{name}",
+                                 ethnic_group="EG-Z")
+        syntaxes[uid] = str(dcmread(bundled(name), stop_before_pixels=True)
+                            .file_meta.TransferSyntaxUID)
     files = sorted((tmp_path / "ct").iterdir())
+    delivered = {uids[0], uids[2], *syntaxes}
     try:
         # Configured without TLS: the destination refuses, everything stays queued.
-        plain = RelayProcess(_relay_config(tmp_path, port, sink.port, "embedded", pki,
+        plain = RelayProcess(_relay_config(tmp_path, port, sink.port, engine, pki,
                                            receiver_tls=False, dest_tls=False), tmp_path)
         plain.start(port)
         assert dcmsend(files, port, "DICOMRELAY").returncode == 0
         wait_until(lambda: plain.output().count("unavailable") >= 2, 30, what="retries")
-        assert len(spool_files(tmp_path / "spool", "out/sink")) == 3 and sink.counts() == {}
+        assert len(spool_files(tmp_path / "spool", "out/sink")) == 6 and sink.counts() == {}
         plain.stop()
-        # With TLS (and our client certificate): delivered.
-        secure = RelayProcess(_relay_config(tmp_path, port, sink.port, "embedded", pki,
+        # With TLS (and our client certificate): delivered, in the syntax they came in.
+        secure = RelayProcess(_relay_config(tmp_path, port, sink.port, engine, pki,
                                             receiver_tls=False, dest_tls=True), tmp_path)
         secure.start(port)
         try:
-            wait_until(lambda: set(sink.counts()) == set(uids), 30, what="delivered over TLS")
+            wait_until(lambda: set(sink.counts()) == delivered, 30, what="delivered over TLS")
+            wait_until(lambda: spool_files(tmp_path / "spool", "out/sink") == [], 30,
+                       what="out/ emptied")
         finally:
             secure.stop()
+        assert {uid: sink.syntaxes[uid] for uid in syntaxes} == syntaxes
+        sidecars = list((tmp_path / "spool" / "failed").rglob("*.json"))
+        assert len(sidecars) == 1 and "0xA900" in sidecars[0].read_text()
     finally:
         sink.close()
-
-
-def test_dcmtk_refuses_tls_destinations(tmp_path: Path, pki: Pki, dcmtk: Path) -> None:
-    port = free_port()
-    cfg = _relay_config(tmp_path, port, free_port(), "dcmtk", pki, receiver_tls=False,
-                        dest_tls=True)
-    relay = RelayProcess(cfg, tmp_path)
-    relay.start()
-    assert relay.proc is not None and relay.proc.wait(timeout=30) == 2
-    assert "dcmsend cannot send over TLS" in relay.output()
