@@ -14,6 +14,7 @@ from relay.toolkits.base import Engine
 
 if TYPE_CHECKING:
     from relay.config import Config
+    from relay.toolkits.dcm4che import Dcm4cheEngine
 
 log = logging.getLogger("relay.toolkits")
 
@@ -32,12 +33,23 @@ def _auto(config: Config) -> tuple[str, str]:
     return "dcmtk", f"no dcm4che at {tk.dcm4che_home}; DCMTK found in {tk.dcmtk_bin}"
 
 
-def _check_tls(config: Config, engine: str) -> None:
-    """Refuse TLS settings an engine cannot honour, rather than send in the clear."""
-    if engine == "dcm4che" and (config.receiver.tls is not None
-                                or any(d.tls for d in config.destinations)):
-        raise ConfigError(f"{config.source}: tls: the dcm4che engine does not support TLS yet "
-                          "(its tools need Java key stores); expected engine = \"embedded\"")
+def _prepare_dcm4che_tls(config: Config, engine: Dcm4cheEngine) -> None:
+    """Make the Java key stores for every [tls] table now, so that a bad PEM file or a missing
+    keytool stops the start-up with the key named, not the first send."""
+    tables = [("receiver.tls", config.receiver.tls)] + [
+        (f"[[destinations]][{i}].tls", d.tls) for i, d in enumerate(config.destinations)]
+    for key, tls in tables:
+        if tls is None:
+            continue
+        if key != "receiver.tls" and not tls.require_peer_certificate:
+            raise ConfigError(f"{config.source}: {key}.require_peer_certificate: dcm4che's "
+                              "storescu always verifies the destination's certificate; "
+                              "expected true, with ca")
+        try:
+            engine.stores(tls)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{config.source}: {key}: cannot make the Java key stores "
+                              f"dcm4che needs: {exc}") from None
 
 
 def select_engine(config: Config) -> Engine:
@@ -51,12 +63,13 @@ def select_engine(config: Config) -> Engine:
         raise ConfigError(f"{config.source}: toolkit.converter: 'toolkit' needs engine dcm4che "
                           f"(engine is {wanted}; DCMTK's xml2dcm cannot read PS3.19 native "
                           "XML): expected 'embedded'")
-    _check_tls(config, wanted)
     try:
         if wanted == "dcm4che":
             from relay.toolkits.dcm4che import Dcm4cheEngine
 
-            return Dcm4cheEngine(tk.dcm4che_home)
+            engine = Dcm4cheEngine(tk.dcm4che_home)
+            _prepare_dcm4che_tls(config, engine)
+            return engine
         if wanted == "dcmtk":
             from relay.toolkits.dcmtk import DcmtkEngine
 

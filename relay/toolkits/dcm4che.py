@@ -10,17 +10,26 @@
 - dcm2xml / xml2dcm are the `toolkit` converter; xml2dcm `-i original` merges the edited XML
   into the original file, so bulk data is streamed from it and never becomes text.
 
+- DICOM TLS: the tools take Java key stores, not PEM files. The engine makes PKCS12 stores
+  from the [tls] tables' PEM files at start-up (relay.tls.java_stores) in a private temporary
+  folder, and names TLS 1.3/1.2 and forward-secret AEAD suites explicitly (`--tls` alone
+  would enable NULL/3DES/RSA suites). The tools always verify the destination's certificate
+  against the trust store (there is no switch to turn that off), and they check no host name.
+
 dcm4che cannot be installed on our CI machines: argv construction and output parsing are
-tested against recordings of the real tools (tests/data/dcm4che/); the integration test runs
-only where /opt/dcm4che-toolkit exists (the Docker test profile).
+tested against recordings of the real tools (tests/data/dcm4che/), the key stores and TLS
+settings against Java's own TLS (the JSSE dcm4che uses); the integration test runs only where
+/opt/dcm4che-toolkit exists (the Docker test profile).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +39,7 @@ from pydicom.filereader import read_file_meta_info
 
 from relay.dicomxml import safe_parser, to_string
 from relay.supervisor import SupervisedReceiver, run_tool
+from relay.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores, java_stores
 from relay.toolkits.base import (
     DestinationUnavailable,
     Engine,
@@ -40,7 +50,7 @@ from relay.toolkits.base import (
 )
 
 if TYPE_CHECKING:
-    from relay.config import Config, Destination
+    from relay.config import Config, Destination, TLSConfig
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcm4che")
@@ -51,18 +61,34 @@ _RSP_RE = re.compile(r">> \d+:C-STORE-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H\s*\n
 _ECHO_RE = re.compile(r">> \d+:C-ECHO-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H")
 
 
+def tls_args(stores: JavaStores | None, *, require_peer_certificate: bool = True) -> list[str]:
+    """The TLS options of dcm4che's storescp/storescu (none: plain DICOM)."""
+    if stores is None:
+        return []
+    args = [arg for cipher in JAVA_TLS_CIPHERS for arg in ("--tls-cipher", cipher)]
+    args += [arg for protocol in JAVA_TLS_PROTOCOLS for arg in ("--tls-protocol", protocol)]
+    args += ["--key-store", str(stores.key_store), "--key-store-type", "PKCS12",
+             "--key-store-pass", stores.key_store_pass]
+    if stores.trust_store is not None:
+        args += ["--trust-store", str(stores.trust_store), "--trust-store-type", "PKCS12",
+                 "--trust-store-pass", stores.trust_store_pass]
+    if not require_peer_certificate:
+        args.append("--tls-noauth")  # storescp: do not ask modalities for a certificate
+    return args
+
+
 def storescp_argv(bin_dir: Path, ae_title: str, host: str, port: int,
-                  incoming: Path) -> list[str]:
+                  incoming: Path, tls: list[str] | None = None) -> list[str]:
     return [str(bin_dir / "storescp"), "-b", f"{ae_title}@{host}:{port}",
-            "--directory", str(incoming), "--accept-unknown"]
+            "--directory", str(incoming), "--accept-unknown", *(tls or [])]
 
 
 def storescu_argv(bin_dir: Path, files: list[Path], destination: Destination,
-                  calling_ae: str, timeout: float) -> list[str]:
+                  calling_ae: str, timeout: float, tls: list[str] | None = None) -> list[str]:
     ms = str(int(timeout * 1000))
     return [str(bin_dir / "storescu"), "-b", calling_ae,
             "-c", f"{destination.ae_title}@{destination.host}:{destination.port}",
-            "--connect-timeout", ms, "--accept-timeout", ms,
+            "--connect-timeout", ms, "--accept-timeout", ms, *(tls or []),
             *[str(f) for f in files]]
 
 
@@ -97,7 +123,10 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
     def __init__(self, engine: Dcm4cheEngine, config: Config, spool: Spool) -> None:
         rc = config.receiver
         self.spool = spool
-        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming)
+        tls = (tls_args(engine.stores(rc.tls),
+                        require_peer_certificate=rc.tls.require_peer_certificate)
+               if rc.tls is not None else None)
+        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming, tls)
         super().__init__(config, argv, host=rc.host)
 
     def sweep(self) -> None:
@@ -117,6 +146,22 @@ class Dcm4cheEngine(Engine):
             if not (self.bin_dir / tool).exists():
                 raise FileNotFoundError(f"dcm4che's {tool} not found in {self.bin_dir} "
                                         "(set [toolkit].dcm4che_home)")
+        self._stores: dict[TLSConfig, JavaStores] = {}
+        self._stores_folder: Path | None = None
+
+    def stores(self, tls: TLSConfig) -> JavaStores:
+        """Java key stores for a [tls] table, made once per process in a private folder that
+        goes when the engine does."""
+        if tls not in self._stores:
+            if self._stores_folder is None:
+                self._stores_folder = Path(tempfile.mkdtemp(prefix="dicom-relay-tls-"))
+                weakref.finalize(self, shutil.rmtree, self._stores_folder, True)
+            self._stores[tls] = java_stores(
+                tls, self._stores_folder / str(len(self._stores)))
+        return self._stores[tls]
+
+    def _tls(self, destination: Destination) -> list[str] | None:
+        return tls_args(self.stores(destination.tls)) if destination.tls is not None else None
 
     def describe(self) -> str:
         return f"dcm4che ({self.home})"
@@ -138,7 +183,7 @@ class Dcm4cheEngine(Engine):
         if not named:
             return
         argv = storescu_argv(self.bin_dir, [p for p, _ in named], destination, calling_ae,
-                             timeout)
+                             timeout, self._tls(destination))
         try:
             proc = run_tool(argv, timeout=timeout * (2 + len(named)))
             output, code = proc.stdout + "\n" + proc.stderr, proc.returncode
@@ -147,7 +192,8 @@ class Dcm4cheEngine(Engine):
         yield from results_from_output(named, output, code)
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
-        argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout)
+        argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout,
+                             self._tls(destination))
         proc = run_tool(argv, timeout=timeout * 3)
         match = _ECHO_RE.search(proc.stdout)
         if proc.returncode != 0 or match is None or int(match.group(1), 16) != 0:

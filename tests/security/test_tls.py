@@ -29,6 +29,13 @@ from security.pki import Pki, make_pki
 pytestmark = pytest.mark.e2e
 
 
+DCM4CHE = pytest.param("dcm4che", marks=pytest.mark.skipif(
+    not Path("/opt/dcm4che-toolkit").is_dir(), reason="the dcm4che toolkit is not installed at "
+    "/opt/dcm4che-toolkit (it runs in the Docker test profile); its key stores and TLS "
+    "settings are proved against Java in tests/test_dcm4che_tls.py"))
+ENGINES = ["embedded", "dcmtk", DCM4CHE]
+
+
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
@@ -62,7 +69,7 @@ def _relay_config(tmp_path: Path, port: int, sink_port: int, engine: str, pki: P
                         destinations=[("sink", "SCRIPTED", sink_port, dest)])
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_receiver_takes_tls_only(tmp_path: Path, pki: Pki, dcmtk: Path, engine: str) -> None:
     sink = ScriptedSCP()
     port = free_port()
@@ -90,7 +97,7 @@ def test_receiver_takes_tls_only(tmp_path: Path, pki: Pki, dcmtk: Path, engine: 
         sink.close()
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_sender_speaks_tls_to_a_tls_destination(tmp_path: Path, pki: Pki, dcmtk: Path,
                                                 engine: str) -> None:
     # InstanceNumber 2 is answered 0xA900 (data set does not match SOP class): failed/.
