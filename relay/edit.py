@@ -117,11 +117,12 @@ def _ends_with_delimiter(path: Path, size: int) -> bool:
         return fp.read(8) in _SEQ_DELIMITERS
 
 
-def _write(ds: FileDataset, dst: Path) -> None:
+def _write(ds: FileDataset, dst: Path, sync: bool) -> None:
     with open(dst, "wb") as fp:
         ds.save_as(fp, enforce_file_format=False)
         fp.flush()
-        os.fsync(fp.fileno())
+        if sync:
+            os.fsync(fp.fileno())
 
 
 class ToolkitConverter(Protocol):
@@ -146,8 +147,10 @@ class Editor:
         self.only: frozenset[int] | None = (
             None if any(r is None for r in reads) else frozenset().union(*reads))  # type: ignore[arg-type]
 
-    def edit(self, src: Path, dst: Path | None) -> EditOutcome:
-        """Edit `src` into `dst` (None: dry run). `dst` gets a hard link when nothing changed."""
+    def edit(self, src: Path, dst: Path | None, sync: bool = True) -> EditOutcome:
+        """Edit `src` into `dst` (None: dry run). `dst` gets a hard link when nothing changed.
+        sync=False leaves `dst` unflushed: the caller then makes it durable (the pipeline
+        syncs many edits at once) before it drops `src`."""
         ds = read_dicom(src)  # bad input is caught the same way whatever the converter
         meta = ds.file_meta
         outcome = EditOutcome(
@@ -171,17 +174,17 @@ class Editor:
             return outcome
         if self.converter is not None:
             assert root is not None
-            self._write_with_toolkit(root, outcome.changes, src, dst)
+            self._write_with_toolkit(root, outcome.changes, src, dst, sync)
             return outcome
         self._sync_media_uids(ds, outcome.changes)
         top_level = {c.tag for c in outcome.changes}
         # SOP UID changes also change the file meta: pydicom rewrites those files whole.
         if (None not in top_level
                 and not any(c.path in ("SOPInstanceUID", "SOPClassUID") for c in outcome.changes)
-                and splice_file(src, dst, ds, read, top_level)):  # type: ignore[arg-type]
+                and splice_file(src, dst, ds, read, top_level, sync)):  # type: ignore[arg-type]
             return outcome
         try:
-            _write(ds, dst)
+            _write(ds, dst, sync)
         except (ValueError, TypeError, OverflowError):
             # Some files declare one encoding and use another (explicit VR in the meta,
             # implicit in the data set): pydicom then lacks the VRs of untouched elements.
@@ -189,7 +192,7 @@ class Editor:
             for _ in ds.iterall():
                 pass
             try:
-                _write(ds, dst)
+                _write(ds, dst, sync)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
         return outcome
@@ -224,7 +227,7 @@ class Editor:
         return root, changes, missing
 
     def _write_with_toolkit(self, root: etree._Element, changes: list[AttributeChange],
-                            src: Path, dst: Path) -> None:
+                            src: Path, dst: Path, sync: bool) -> None:
         assert self.converter is not None
         removed = [c.path for c in changes if c.after is None]
         if removed:
@@ -247,8 +250,9 @@ class Editor:
             self.converter.from_xml(root, src, dst)
         except (ValueError, OSError) as exc:
             raise BadInput("write-failed", f"toolkit converter: {exc}") from None
-        with open(dst, "rb") as fp:
-            os.fsync(fp.fileno())
+        if sync:
+            with open(dst, "rb") as fp:
+                os.fsync(fp.fileno())
 
     @staticmethod
     def _sync_media_uids(ds: Any, changes: list[AttributeChange]) -> None:

@@ -27,15 +27,55 @@ def spool_for(config: Config) -> Spool:
     return Spool(config.spool.path, [d.name for d in config.destinations])
 
 
+class Committer:
+    """Makes published objects durable in groups: one syncfs for every object published
+    since the last one, then their originals leave work/. Until then a crash only repeats
+    their edit (duplicates at worst); senders may already be sending them meanwhile."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._pending: list[tuple[Path, Path]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+
+    def add(self, claimed: Path, edited: Path) -> None:
+        with self._cond:
+            self._pending.append((claimed, edited))
+            self._cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait(1.0)
+                if not self._pending:
+                    return  # stopping, everything committed
+                group, self._pending = self._pending, []
+            try:
+                self.spool.commit(group)
+            except OSError as exc:
+                # The originals stay in work/: the next start-up publishes them again.
+                log.error("cannot make %d published object(s) durable (%s): their originals "
+                          "stay in work/ until the next start", len(group), exc.strerror or exc)
+
+    def stop(self) -> None:
+        """Commit what is pending, then let run() return."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+
 class Processor:
     """Claims incoming objects, applies the rules, publishes to every destination's queue."""
 
     def __init__(self, spool: Spool, editor: Editor, senders: list[DestinationSender],
-                 audit: AuditLog = NO_AUDIT) -> None:
+                 audit: AuditLog = NO_AUDIT, committer: Committer | None = None) -> None:
         self.spool = spool
         self.editor = editor
         self.senders = senders
         self.audit = audit
+        # None: every object is made durable on its own (fsync of file and folders).
+        self.committer = committer
 
     def process(self, path: Path) -> bool:
         """Handle one incoming object; False if another worker had already claimed it."""
@@ -45,7 +85,7 @@ class Processor:
         stat = claimed.stat()
         edited = self.spool.edited_path(claimed)
         try:
-            outcome = self.editor.edit(claimed, edited)
+            outcome = self.editor.edit(claimed, edited, sync=self.committer is None)
         except BadInput as exc:
             edited.unlink(missing_ok=True)
             log.error("%s: %s: quarantined in failed/%s/", claimed.name, exc.detail, exc.reason)
@@ -78,7 +118,9 @@ class Processor:
                           transfer_syntax=outcome.transfer_syntax)
         self.audit.record("edited", claimed.name, changes=self.audit.changes(outcome.changes),
                           rules_skipped=len(outcome.missing) or None)
-        queued = self.spool.publish(claimed, edited)
+        queued = self.spool.publish(claimed, edited, durable=self.committer is None)
+        if self.committer is not None:
+            self.committer.add(claimed, edited)
         for sender, path_out in zip(self.senders, queued, strict=True):
             sender.enqueue(path_out)
         return True
@@ -100,6 +142,8 @@ class Relay:
         self.threads: list[threading.Thread] = []
         self.watcher: IncomingWatcher | None = None
         self._work: queue.Queue[Path | None] = queue.Queue(maxsize=1000)
+        self.committer: Committer | None = None
+        self._commit_thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.spool.create()
@@ -125,7 +169,11 @@ class Relay:
             converter = (self.engine.toolkit_converter()
                          if self.config.toolkit.converter == "toolkit" else None)
             editor = Editor(self.config.rules, converter)
-            processor = Processor(self.spool, editor, self.senders, audit)
+            self.committer = Committer(self.spool)
+            self._commit_thread = threading.Thread(target=self.committer.run, name="commit",
+                                                   daemon=True)
+            self._commit_thread.start()
+            processor = Processor(self.spool, editor, self.senders, audit, self.committer)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.
@@ -178,6 +226,10 @@ class Relay:
             sender.stop()
         for thread in self.threads:
             thread.join(timeout=30)
+        # After the editors: what they published last is committed before we return.
+        if self.committer is not None and self._commit_thread is not None:
+            self.committer.stop()
+            self._commit_thread.join(timeout=60)
         if self.watcher is not None:
             self.watcher.close()
 

@@ -34,7 +34,7 @@ def _extent(raw: RawDataElement, implicit: bool) -> tuple[int, int] | None:
 
 
 def splice_file(src: Path, dst: Path, ds: FileDataset, before: dict[int, Any],
-                changed: set[int]) -> bool:
+                changed: set[int], sync: bool = True) -> bool:
     """Write `ds` to `dst` as `src` with only the `changed` top-level tags re-encoded.
     `before` is the data set's element dict as read, before the rules ran."""
     if str(ds.file_meta.get("TransferSyntaxUID", "")) == DEFLATED:
@@ -98,7 +98,8 @@ def splice_file(src: Path, dst: Path, ds: FileDataset, before: dict[int, Any],
                 _write_all(fd_out, data)
                 position = end
             _copy(fin, fd_out, position, size - position)
-        os.fsync(fd_out)
+        if sync:
+            os.fsync(fd_out)
     finally:
         os.close(fd_out)
     return True

@@ -10,6 +10,7 @@ under a temporary name, fsynced, then renamed in.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Suffix of files still being written (ours and dcm4che storescp's): never processed.
 PARTIAL_SUFFIX = ".part"
@@ -41,6 +43,29 @@ def is_ready(path: Path) -> bool:
     """Whether a name in incoming/ is a finished object (not a partial or hidden file)."""
     name = path.name
     return not (name.startswith(".") or name.endswith(PARTIAL_SUFFIX))
+
+
+def sync_filesystem(path: Path) -> None:
+    """syncfs(2) on the file system holding `path`: every file and folder written there is on
+    disk when it returns (Linux; elsewhere os.sync(), which flushes every file system)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is None or _LIBC.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syncfs.argtypes = [ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -176,10 +201,13 @@ class Spool:
     def edited_path(self, claimed: Path) -> Path:
         return self.work / f"{claimed.name}.edited{PARTIAL_SUFFIX}"
 
-    def publish(self, claimed: Path, edited: Path) -> list[Path]:
+    def publish(self, claimed: Path, edited: Path, *, durable: bool = True) -> list[Path]:
         """Hand an edited object to every destination (one hard link each), then drop the
         claimed original. Until the last step the original is still in work/, so a crash
-        here repeats the edit (a duplicate at worst, never a loss)."""
+        here repeats the edit (a duplicate at worst, never a loss).
+
+        durable=False links only: the caller must `commit` (claimed, edited) later, which
+        makes the links and the edited data durable first and only then drops the original."""
         if not self.destinations:
             raise RuntimeError("no destinations configured: refusing to drop an object")
         queued = []
@@ -190,11 +218,24 @@ class Spool:
             os.link(edited, tmp)
             os.replace(tmp, target)
             queued.append(target)
-        for dest in self.destinations:
-            _fsync_dir(self.outbox(dest))
-        edited.unlink()
-        claimed.unlink()
+        if durable:
+            for dest in self.destinations:
+                _fsync_dir(self.outbox(dest))
+            edited.unlink()
+            claimed.unlink()
         return queued
+
+    def commit(self, published: list[tuple[Path, Path]]) -> None:
+        """Make many unsynced publishes durable with one sync of the spool's file system, then
+        drop their originals from work/. One syncfs instead of a file and a folder fsync per
+        object: the same guarantee (nothing leaves work/ before its copies in out/ are on
+        disk), a fraction of the cost when objects arrive in hundreds."""
+        if not published:
+            return
+        sync_filesystem(self.root)
+        for claimed, edited in published:
+            edited.unlink(missing_ok=True)
+            claimed.unlink(missing_ok=True)
 
     # --- sending ---------------------------------------------------------------------------
 

@@ -134,3 +134,39 @@ def test_depth(spool: Spool) -> None:
     _incoming(spool)
     assert spool.depth() == {"receiving": 0, "incoming": 2, "work": 0, "out/central": 0,
                              "out/backup": 0, "failed": 0}
+
+
+def test_unsynced_publish_keeps_the_original_until_committed(spool: Spool,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    import relay.spool as spool_module
+
+    syncs: list[Path] = []
+    monkeypatch.setattr(spool_module, "sync_filesystem", syncs.append)
+    published = []
+    for uid in ("1.2.3", "1.2.4"):
+        claimed = spool.claim(spool.write_incoming(safe_name(uid), b"DICM-ish"))
+        assert claimed is not None
+        edited = spool.edited_path(claimed)
+        edited.write_bytes(b"edited")
+        spool.publish(claimed, edited, durable=False)
+        published.append((claimed, edited))
+    # Queued for both destinations at once, but the originals stay until one sync.
+    assert len(spool.queued("central")) == 2 and len(spool.queued("backup")) == 2
+    assert all(c.exists() and e.exists() for c, e in published)
+    spool.commit(published)
+    assert syncs == [spool.root], "one sync for the whole group"
+    assert not any(c.exists() or e.exists() for c, e in published)
+    assert [p.read_bytes() for p in spool.queued("central")] == [b"edited", b"edited"]
+
+
+def test_a_crash_before_commit_repeats_the_edit(spool: Spool) -> None:
+    claimed = spool.claim(_incoming(spool))
+    assert claimed is not None
+    edited = spool.edited_path(claimed)
+    edited.write_bytes(b"edited")
+    spool.publish(claimed, edited, durable=False)
+    # Restart: the original is processed again; the edited copy is rebuilt from it.
+    assert spool.recover() == 1
+    assert [p.name for p in spool.ready_incoming()] == [claimed.name]
+    assert not edited.exists()
