@@ -131,3 +131,25 @@ def test_receiver_killed_mid_object_forwards_nothing_truncated(
     # Whole: the header edit changes a few bytes, a truncation would remove megabytes.
     stored_size = int(orthanc.rest(f"/instances/{stored}/statistics")["DicomDiskSize"])
     assert abs(stored_size - size) < 4096
+
+
+def test_only_marked_objects_are_handed_over(tmp_path: Path, dcmtk: Path) -> None:
+    # storescp leaves `<name>.done` (with --exec-sync, before it answers success): an object
+    # with its marker goes on to incoming/, one without was never acknowledged.
+    from relay.config import load_config
+    from relay.spool import Spool
+    from relay.toolkits.dcmtk import DcmtkEngine
+
+    cfg = load_config(write_config(tmp_path / "relay.toml", port=free_port(),
+                                   spool=tmp_path / "spool", destinations=[], engine="dcmtk"))
+    spool = Spool(tmp_path / "spool", []).create()
+    receiver = DcmtkEngine(dcmtk).receiver(cfg, spool)
+    (spool.receiving / "CT.1.2.3").write_bytes(b"complete")
+    (spool.receiving / "CT.1.2.3.done").write_bytes(b"")
+    (spool.receiving / "CT.1.2.4").write_bytes(b"cut sh")
+    (spool.receiving / "CT.1.2.5.done").write_bytes(b"")  # orphan: its object moved already
+    receiver.sweep()  # type: ignore[attr-defined]
+    assert [p.name for p in spool.ready_incoming()] == ["CT.1.2.3"]
+    assert [p.name for p in spool_files(tmp_path / "spool", "failed/incomplete-receive")
+            if p.suffix != ".json"] == ["CT.1.2.4"]
+    assert list(spool.receiving.iterdir()) == []

@@ -6,11 +6,15 @@ Facts it is built on (measured here, see design.md):
   executables are taken from `toolkit.dcmtk_bin`, never found by bare name.
 - storescp writes each object in place under its final name, and IN_CLOSE_WRITE also fires
   when it dies mid-write. So it writes into spool/receiving/ and, once an object is complete,
-  `--exec-on-reception` with `--exec-sync` moves it into incoming/ before the C-STORE response
-  goes out. What is left in receiving/ when storescp dies was never acknowledged.
-  The command runs through /bin/sh (DCMTK's mechanism), but no peer text reaches it: with
-  `--unique-filenames` the file name (#f) is made by DCMTK from a UID it generates itself
-  ("CT.X.1.2.276…"), and DCMTK maps anything outside [A-Za-z0-9._] to '_' in any case.
+  `--exec-on-reception` with `--exec-sync` leaves a marker `<name>.done` beside it before the
+  C-STORE response goes out; the receiver's hand-over thread then moves the object into
+  incoming/. An object without its marker was never acknowledged.
+  The marker is written by a shell builtin (`: > file`): the command runs through /bin/sh
+  (DCMTK's mechanism), and one more process per object (`mv`) had capped the receiver at
+  ~320 objects/s where storescp alone takes ~1,000/s (measured: the marker ~490/s).
+  No peer text reaches the shell: with `--unique-filenames` the file name (#f) is made by
+  DCMTK from a UID it generates itself ("CT.X.1.2.276…"), and DCMTK maps anything outside
+  [A-Za-z0-9._] to '_' in any case.
 - dcmsend keeps going after a failure (--no-halt), never decompresses (--decompress-never,
   so each file keeps its transfer syntax), and its report file gives a status per file.
   Its exit code alone proves nothing about single files.
@@ -23,17 +27,23 @@ Facts it is built on (measured here, see design.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shlex
 import subprocess
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydicom import Dataset, dcmread
+from inotify_simple import INotify, flags
+from pydicom import Dataset
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 
 from relay.supervisor import SupervisedReceiver, run_tool
 from relay.toolkits.base import (
@@ -102,10 +112,13 @@ def tls_client_args(tls: TLSConfig) -> list[str]:
     return args
 
 
+DONE_MARKER = ".done"  # receiving/<name>.done: storescp finished <name> (before answering)
+
+
 def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
-                  incoming: Path, tls: TLSConfig | None = None, idle_timeout: float = 60,
+                  tls: TLSConfig | None = None, idle_timeout: float = 60,
                   request_timeout: float = 60) -> list[str]:
-    move = f"/bin/mv -f -- {shlex.quote(str(receiving))}/#f {shlex.quote(str(incoming))}/"
+    mark = f": > {shlex.quote(str(receiving))}/#f{DONE_MARKER}"
     return [
         str(storescp), *tls_args(tls),
         "--aetitle", ae_title,
@@ -114,8 +127,8 @@ def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
         "--fork",                # one process per association: modalities do not queue
         "--output-directory", str(receiving),
         "--unique-filenames",    # DCMTK-made names: no peer text, no overwrite on resend
-        "--exec-on-reception", move,
-        "--exec-sync",           # moved before the C-STORE response is sent
+        "--exec-on-reception", mark,
+        "--exec-sync",           # marked before the C-STORE response is sent
         "--socket-timeout", str(max(1, int(idle_timeout))),
         "--acse-timeout", str(max(1, int(idle_timeout / 2))),
         "--dimse-timeout", str(max(1, int(request_timeout))),
@@ -197,12 +210,19 @@ def parse_dcmsend_report(text: str, output: str = ""
     return results
 
 
+def _after_sop_uids(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > 0x00080018  # past SOP Instance UID (0008,0018)
+
+
 def _read_uids(path: Path) -> Dataset | str:
     """The header with the SOP Class and Instance UIDs the DCMTK tools need in the data set
     itself (some files only have them in the file meta), or why the file cannot be sent."""
     try:
-        ds = dcmread(path, stop_before_pixels=True,
-                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Both UIDs are in group 0008: reading stops there, not at the end of the header
+            # (this runs for every object sent; the full header parse cost more than dcmsend).
+            ds = read_partial(fp, stop_when=_after_sop_uids)
     except Exception as exc:  # noqa: BLE001 - unreadable: the DCMTK tools cannot read it either
         return f"unreadable: {exc}"
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
@@ -330,14 +350,65 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
                         "not only %s", rc.host)
         self.spool = spool
         argv = storescp_argv(find_tool(engine.bin_dir, "storescp"), rc.ae_title, rc.port,
-                             spool.receiving, spool.incoming, rc.tls, rc.idle_timeout,
-                             rc.request_timeout)
+                             spool.receiving, rc.tls, rc.idle_timeout, rc.request_timeout)
+        self._stop = threading.Event()
+        self._handover: threading.Thread | None = None
+        self._inotify: INotify | None = None
         super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env())  # noqa: S104
 
+    def start(self) -> None:
+        self.spool.receiving.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Watch before the first sweep and start: no marker can slip between the two.
+        self._inotify = INotify()
+        self._inotify.add_watch(str(self.spool.receiving), flags.CLOSE_WRITE)
+        self._stop.clear()
+        self._handover = threading.Thread(target=self._handover_loop, name="dcmtk-handover",
+                                          daemon=True)
+        self._handover.start()
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self._stop.set()
+        if self._handover is not None:
+            self._handover.join(timeout=10)
+            self._handover = None
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+        self._hand_over_marked()  # what storescp finished last
+
+    def _handover_loop(self) -> None:
+        assert self._inotify is not None
+        inotify = self._inotify
+        while not self._stop.is_set():
+            for event in inotify.read(timeout=500):
+                if event.name.endswith(DONE_MARKER):
+                    self._hand_over(self.spool.receiving / event.name)
+                elif event.mask & flags.Q_OVERFLOW:
+                    self._hand_over_marked()
+
+    def _hand_over(self, marker: Path) -> None:
+        """storescp finished this object and is answering success: into incoming/ with it."""
+        name = marker.name[:-len(DONE_MARKER)]
+        # Not found: already handed over (by the sweep), or the marker is an orphan.
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.spool.receiving / name, self.spool.incoming / name)
+        marker.unlink(missing_ok=True)
+
+    def _hand_over_marked(self) -> None:
+        if self.spool.receiving.is_dir():
+            for marker in self.spool.receiving.glob(f"*{DONE_MARKER}"):
+                self._hand_over(marker)
+
     def sweep(self) -> None:
+        """Before each (re)start: objects storescp finished go on; the rest was never
+        acknowledged (cut short, or finished without its marker) and is quarantined."""
+        self._hand_over_marked()
         self.spool.quarantine_unfinished(
-            list(self.spool.receiving.iterdir()) if self.spool.receiving.is_dir() else [],
-            "storescp stopped while writing it (or before moving it in); the sender got no "
+            [p for p in self.spool.receiving.iterdir() if not p.name.endswith(DONE_MARKER)]
+            if self.spool.receiving.is_dir() else [],
+            "storescp stopped while writing it (or before answering); the sender got no "
             "success and sends it again")
 
 
