@@ -132,15 +132,18 @@ class Spool:
         os.replace(partial, final)
         return final
 
-    def write_incoming(self, name: str, data: bytes) -> Path:
-        """Write bytes as a new incoming object: temporary name, fsync, rename."""
+    def write_incoming(self, name: str, *parts: bytes | memoryview) -> Path:
+        """Write a new incoming object from its parts, in order: temporary name, fsync,
+        rename. Parts are written as they are (a memoryview of a receive buffer is never
+        copied)."""
         partial = self.partial_path(name)
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
