@@ -25,6 +25,8 @@ log = logging.getLogger("relay.send")
 # An object on the wire each time the destination broke off this many associations is taken
 # to be what breaks them: it is quarantined (failed/not-sendable/) instead of retried.
 POISON_STRIKES = 3
+# An association kept for the next batch is released after this long without one.
+KEEP_OPEN = 1.0
 
 
 def backoff_delay(attempt: int, initial: float, cap: float) -> float:
@@ -86,8 +88,10 @@ class DestinationSender:
         with self._cond:
             return len(self._known)
 
-    def _next_batch(self) -> list[Path]:
-        """Wait for work; return up to batch_size files that are due now."""
+    def _next_batch(self, idle_limit: float | None = None) -> list[Path]:
+        """Wait for work; return up to batch_size files that are due now ([] when stopping,
+        or after idle_limit seconds without any)."""
+        give_up = None if idle_limit is None else self.clock() + idle_limit
         with self._cond:
             while not self._stop.is_set():
                 now = self.clock()
@@ -100,25 +104,39 @@ class DestinationSender:
                     while self._ready and len(batch) < self.config.batch_size:
                         batch.append(self._ready.popleft())
                     return batch
+                if give_up is not None and now >= give_up:
+                    return []
                 waits = [due - now for due in self._delayed.values()]
                 if self._ready:
                     waits.append(self._hold_until - now)
+                if give_up is not None:
+                    waits.append(give_up - now)
                 self._cond.wait(timeout=min(waits) if waits else 1.0)
             return []
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            batch = self._next_batch()
-            if batch:
-                self.send_batch(batch)
+        kept = False
+        try:
+            while not self._stop.is_set():
+                batch = self._next_batch(KEEP_OPEN if kept else None)
+                if batch:
+                    self.send_batch(batch, keep_open=True)
+                    kept = True
+                elif kept:
+                    # Nothing more came for a while: end the association kept for the next
+                    # batch (well before a PACS's own idle timeout would).
+                    self.engine.release(self.destination)
+                    kept = False
+        finally:
+            self.engine.release(self.destination)
 
-    def send_batch(self, batch: list[Path]) -> list[SendResult]:
+    def send_batch(self, batch: list[Path], keep_open: bool = False) -> list[SendResult]:
         started = self.clock()
         results = []
         # Each confirmed file leaves the spool as its response arrives, not at the end of the
         # batch: a crash mid-batch then resends only what was not confirmed yet.
         for result in self.engine.send(batch, self.destination, self.config.calling_ae_title,
-                                       self.config.timeout):
+                                       self.config.timeout, keep_open):
             self._settle(result)
             results.append(result)
         answered = {r.path for r in results}

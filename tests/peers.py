@@ -301,7 +301,11 @@ class ScriptedSCP:
         return out
 
     def close(self) -> None:
+        """Go down as a PACS does: stop listening and drop the associations still open (a
+        sender may keep one between batches)."""
         if self.server is not None:
+            for assoc in list(self.server.active_associations):
+                assoc.abort()
             self.server.shutdown()
             self.server = None
 

@@ -26,7 +26,7 @@ class FakeEngine:
         self.calls: list[list[str]] = []
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
         self.calls.append([f.name for f in files])
         for f in files:
             status = self.script[f.name].pop(0)
@@ -132,7 +132,8 @@ def test_forgotten_file_is_retried_not_dropped(spool: Spool) -> None:
     (path,) = _queued(spool, "a.dcm")
 
     class Forgetful(FakeEngine):
-        def send(self, files, destination, calling_ae, timeout):  # noqa: ANN001, ANN202
+        def send(self, files, destination, calling_ae, timeout,  # noqa: ANN001, ANN202
+                 keep_open=False):  # noqa: ANN001
             return iter(())
 
     sender = _sender(spool, Forgetful({}), Clock())
@@ -147,7 +148,8 @@ def test_object_in_flight_at_a_break_is_set_aside_and_the_rest_goes_on(spool: Sp
     class Breaking(FakeEngine):
         """The association breaks while a.dcm is on the wire, every time."""
 
-        def send(self, files, destination, calling_ae, timeout):  # noqa: ANN001, ANN202
+        def send(self, files, destination, calling_ae, timeout,  # noqa: ANN001, ANN202
+                 keep_open=False):  # noqa: ANN001
             self.calls.append([f.name for f in files])
             for i, f in enumerate(files):
                 if f.name == "a.dcm":

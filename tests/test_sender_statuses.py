@@ -10,7 +10,7 @@ import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
 from dicomdata import ct_series
-from peers import Link, free_port
+from peers import Link, free_port, wait_until
 from relay.config import SenderConfig
 from relay.send import DestinationSender
 from relay.spool import Spool
@@ -112,3 +112,38 @@ def test_unacceptable_files_do_not_block_the_queue(tmp_path: Path, link: Link) -
         assert [p.name for p in spool.failed.rglob("*.dcm")] == ["scp--j2k.dcm"]
     finally:
         server.shutdown()
+
+
+def test_batches_in_a_row_share_one_association(tmp_path: Path) -> None:
+    # The embedded engine keeps the association between batches while work keeps coming,
+    # and releases it once none has come for KEEP_OPEN seconds.
+    import threading
+
+    from relay.send import KEEP_OPEN
+    from relay.toolkits.embedded import EmbeddedEngine
+
+    spool = Spool(tmp_path / "spool", ["scp"]).create()
+    uids = ct_series(spool.outbox("scp"), 9)
+    link = Link(EmbeddedEngine())
+    scp = link.scp()
+    sender = DestinationSender(spool, link.destination("SCRIPTED", scp.port), link.engine,
+                               SenderConfig(batch_size=3))
+    sender.load_backlog()
+    worker = threading.Thread(target=sender.run)
+    worker.start()
+    try:
+        wait_until(lambda: set(scp.counts()) == set(uids), 30, what="all delivered")
+        assert len(scp._per_assoc) == 1, "three batches, one association"
+        assert scp.server is not None
+        wait_until(lambda: not scp.server.active_associations, KEEP_OPEN + 10,
+                   what="the idle association released")
+        # More work later: a new association, released again when the sender stops.
+        more = ct_series(spool.outbox("scp"), 2, ethnic_group="LATER")
+        sender.load_backlog()
+        wait_until(lambda: set(more) <= set(scp.counts()), 30, what="later ones delivered")
+        assert len(scp._per_assoc) == 2
+    finally:
+        sender.stop()
+        worker.join(timeout=30)
+        scp.close()
+    assert spool.queued("scp") == []

@@ -82,9 +82,15 @@ class Engine(ABC):
 
     @abstractmethod
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
         """Send files over as few associations as possible; yield one result per file, in any
-        order, for every file given (connection problems yield RETRY results)."""
+        order, for every file given (connection problems yield RETRY results).
+        keep_open: the caller has more to send soon; an engine that can may keep the
+        association for the next call instead of releasing it (then `release` ends it)."""
+
+    def release(self, destination: Destination) -> None:
+        """Release an association `send(keep_open=True)` kept for this destination."""
+        del destination  # engines that run one tool process per batch keep nothing open
 
     @abstractmethod
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:

@@ -173,7 +173,8 @@ class Dcm4cheEngine(Engine):
         return Dcm4cheReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
+        # One tool process per call: nothing to keep open between calls.
         named = []
         for path in files:
             try:

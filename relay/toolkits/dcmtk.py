@@ -428,7 +428,8 @@ class DcmtkEngine(Engine):
         return DcmtkReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
+        # One tool process per call: nothing to keep open between calls.
         if destination.tls is not None:
             yield from self._send_tls(files, destination, calling_ae, timeout)
             return

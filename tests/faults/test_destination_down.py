@@ -42,7 +42,7 @@ def test_destination_down_before_and_during_a_study(tmp_path: Path, dcmtk: Path,
         # half arrives.
         sink = ScriptedSCP(port=sink_port)
         wait_until(lambda: len(sink.counts()) >= 30, 60, interval=0.05, what="draining")
-        sink.close()  # no new associations; the one in progress may still finish
+        sink.close()  # down: no new associations, the one open is aborted
         first_sink = sink
         results = []
         second = threading.Thread(target=lambda: results.append(
