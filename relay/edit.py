@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lxml import etree
-from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 
 from relay.dicomxml import AttributeChange, ConversionError, apply_xml_changes, dataset_to_xml
 from relay.rules import EditRule, MissingSource, RuleError
+from relay.scan import Unsure, find_cut
 from relay.splice import splice_file
 
 log = logging.getLogger("relay.edit")
@@ -52,15 +53,27 @@ class EditOutcome:
     missing: list[str] = field(default_factory=list)  # rules skipped: source absent (kept)
 
 
-def read_dicom(path: Path) -> FileDataset:
-    """Read a DICOM file's header (large values deferred); reject what cannot be relayed."""
+def read_dicom(path: Path, up_to: int | None = None) -> FileDataset:
+    """Read a DICOM file's header (large values deferred); reject what cannot be relayed.
+
+    up_to: decode only the top-level elements up to this tag (what the rules touch); the rest
+    of the file is walked without decoding (relay.scan) to check it is all there."""
+    stopped: list[int] = []
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        if up_to is not None and tag > up_to:
+            stopped.append(tag)
+            return True
+        return False
+
     try:
         size = path.stat().st_size
         if size == 0:
             raise BadInput("not-dicom", "empty file (0 bytes)")
-        with warnings.catch_warnings():
+        with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = dcmread(path, defer_size=DEFER_SIZE)
+            ds = read_partial(fp, stop_when=stop, defer_size=DEFER_SIZE)
+            rest = fp.tell()
     except BadInput:
         raise
     except InvalidDicomError as exc:
@@ -68,7 +81,7 @@ def read_dicom(path: Path) -> FileDataset:
     except (EOFError, ValueError, IndexError, KeyError, TypeError, NotImplementedError,
             OverflowError) as exc:
         raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
-    problem = _truncation(path, ds, size)
+    problem = _truncation(path, ds, size) if not stopped else _cut_after(path, ds, rest, size)
     if problem:
         raise BadInput("truncated", problem)
     meta = ds.file_meta
@@ -77,6 +90,19 @@ def read_dicom(path: Path) -> FileDataset:
             raise BadInput("no-file-meta", f"file meta information lacks {keyword}")
     ds.filename = str(path)  # deferred values are read from here when writing
     return ds
+
+
+def _cut_after(path: Path, ds: FileDataset, start: int, size: int) -> str | None:
+    """Why the part of the file pydicom did not decode is cut short, or None."""
+    implicit, little = ds.original_encoding
+    if ds.file_meta.get("TransferSyntaxUID") == DEFLATED or implicit is None or little is None:
+        return None  # positions in a deflated stream say nothing about the file
+    try:
+        cut = find_cut(path, start, implicit, little)
+    except Unsure:
+        # Something the walk does not model: let pydicom read it all and judge as before.
+        return _truncation(path, read_dicom(path), size)
+    return cut.detail if cut else None
 
 
 # The Sequence Delimitation Item that ends an undefined-length element, in both byte orders.
@@ -147,11 +173,17 @@ class Editor:
         self.only: frozenset[int] | None = (
             None if any(r is None for r in reads) else frozenset().union(*reads))  # type: ignore[arg-type]
 
-    def edit(self, src: Path, dst: Path | None, sync: bool = True) -> EditOutcome:
+    def edit(self, src: Path, dst: Path | None, sync: bool = True,
+             whole: bool = False) -> EditOutcome:
         """Edit `src` into `dst` (None: dry run). `dst` gets a hard link when nothing changed.
         sync=False leaves `dst` unflushed: the caller then makes it durable (the pipeline
-        syncs many edits at once) before it drops `src`."""
-        ds = read_dicom(src)  # bad input is caught the same way whatever the converter
+        syncs many edits at once) before it drops `src`. whole: decode every element (else,
+        when the rules name what they touch, only the elements up to those)."""
+        up_to = None
+        if not whole and self.only and self.converter is None:
+            # (0008,0005) too: the character set the touched values are decoded with.
+            up_to = max(*self.only, 0x00080005)
+        ds = read_dicom(src, up_to)  # bad input is caught the same way whatever the converter
         meta = ds.file_meta
         outcome = EditOutcome(
             sop_class_uid=str(meta.MediaStorageSOPClassUID),
@@ -183,6 +215,9 @@ class Editor:
                 and not any(c.path in ("SOPInstanceUID", "SOPClassUID") for c in outcome.changes)
                 and splice_file(src, dst, ds, read, top_level, sync)):  # type: ignore[arg-type]
             return outcome
+        if up_to is not None:
+            # pydicom rewrites the file whole: it needs every element decoded first.
+            return self.edit(src, dst, sync, whole=True)
         try:
             _write(ds, dst, sync)
         except (ValueError, TypeError, OverflowError):
