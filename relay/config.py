@@ -74,6 +74,9 @@ class ToolkitConfig:
 class SenderConfig:
     calling_ae_title: str = "DICOMRELAY"
     batch_size: int = 200
+    # A batch smaller than batch_size waits until its oldest object has been queued this long
+    # (seconds) for more to join it. None: the engine's own default (Engine.batch_wait).
+    batch_wait: float | None = None
     retry_initial: float = 2.0
     retry_max: float = 300.0
     timeout: float = 30.0
@@ -266,7 +269,8 @@ def _toolkit(t: Table) -> ToolkitConfig:
 
 
 def _sender(t: Table, receiver: ReceiverConfig) -> SenderConfig:
-    t.check_keys(["calling_ae_title", "batch_size", "retry_initial", "retry_max", "timeout"])
+    t.check_keys(["calling_ae_title", "batch_size", "batch_wait", "retry_initial", "retry_max",
+                  "timeout"])
     d = SenderConfig()
     retry_initial = t.float("retry_initial", d.retry_initial, lo=0.01, hi=3600)
     retry_max = t.float("retry_max", d.retry_max, lo=0.01, hi=86400)
@@ -276,6 +280,7 @@ def _sender(t: Table, receiver: ReceiverConfig) -> SenderConfig:
         calling_ae_title=t.str("calling_ae_title", receiver.ae_title, pattern=_AE_RE,
                                what=AE_WHAT).strip(),
         batch_size=t.int("batch_size", d.batch_size, lo=1, hi=100000),
+        batch_wait=t.float("batch_wait", 0, lo=0, hi=60) if t.has("batch_wait") else None,
         retry_initial=retry_initial,
         retry_max=retry_max,
         timeout=t.float("timeout", d.timeout, lo=1, hi=3600),

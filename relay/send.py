@@ -56,7 +56,10 @@ class DestinationSender:
         self.clock = clock
         self.stats = SendStats()
         self._ready: deque[Path] = deque()
+        self._ready_since: dict[Path, float] = {}  # when each ready file became ready
         self._known: set[Path] = set()
+        self.batch_wait = (config.batch_wait if config.batch_wait is not None
+                           else engine.batch_wait)
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
         self._attempts: dict[Path, int] = {}
         self._strikes: dict[Path, int] = {}  # times the association broke with it in flight
@@ -70,6 +73,7 @@ class DestinationSender:
             if path not in self._known:
                 self._known.add(path)
                 self._ready.append(path)
+                self._ready_since[path] = self.clock()
                 self._cond.notify()
 
     def load_backlog(self) -> int:
@@ -99,16 +103,22 @@ class DestinationSender:
                     if due <= now:
                         del self._delayed[path]
                         self._ready.append(path)
-                if self._ready and now >= self._hold_until:
+                        self._ready_since[path] = now
+                full_at = self._ready_since.get(self._ready[0], now) + self.batch_wait \
+                    if self._ready else now
+                if (self._ready and now >= self._hold_until
+                        and (len(self._ready) >= self.config.batch_size or now >= full_at)):
                     batch = []
                     while self._ready and len(batch) < self.config.batch_size:
-                        batch.append(self._ready.popleft())
+                        path = self._ready.popleft()
+                        self._ready_since.pop(path, None)
+                        batch.append(path)
                     return batch
                 if give_up is not None and now >= give_up:
                     return []
                 waits = [due - now for due in self._delayed.values()]
                 if self._ready:
-                    waits.append(self._hold_until - now)
+                    waits.append(max(self._hold_until, full_at) - now)
                 if give_up is not None:
                     waits.append(give_up - now)
                 self._cond.wait(timeout=min(waits) if waits else 1.0)
@@ -191,7 +201,7 @@ class DestinationSender:
             # not penalised with a backoff of their own.
             behind = [r.path for r in retry if r is not suspects[0]]
             with self._cond:
-                self._ready.extendleft(reversed(behind))
+                self._requeue_front(behind)
                 self._cond.notify()
             self._down_attempts = 0
             return
@@ -208,7 +218,7 @@ class DestinationSender:
                 log.warning("%s unavailable (%s): %d queued, next try in %.1f s",
                             self.destination.name, retry[0].detail, len(self._known), delay)
                 # Keep their order: put them back at the front.
-                self._ready.extendleft(reversed([r.path for r in retry]))
+                self._requeue_front([r.path for r in retry])
             else:
                 self._down_attempts = 0
                 for r in retry:
@@ -223,6 +233,12 @@ class DestinationSender:
                                 self.destination.name, r.path.name, r.status_text, r.detail,
                                 delay)
             self._cond.notify()
+
+    def _requeue_front(self, paths: list[Path]) -> None:
+        """Back at the front of the queue, in order, due at once (they waited already)."""
+        self._ready.extendleft(reversed(paths))
+        for path in paths:
+            self._ready_since[path] = float("-inf")
 
     def _set_aside(self, r: SendResult) -> None:
         strikes = self._strikes.get(r.path, 0) + 1
@@ -243,6 +259,7 @@ class DestinationSender:
     def _forget(self, path: Path) -> None:
         with self._cond:
             self._known.discard(path)
+            self._ready_since.pop(path, None)
             self._attempts.pop(path, None)
             self._delayed.pop(path, None)
             self._strikes.pop(path, None)

@@ -60,6 +60,7 @@ value_from_xpath = '//DicomAttribute[@keyword="EthnicGroup"]/Value/text()'
     ('[spool]\npath = 5', r"spool\.path: expected a folder path, got int 5"),
     ('[sender]\nretry_initial = 10\nretry_max = 1',
      r"sender\.retry_max: expected a number >= retry_initial"),
+    ('[sender]\nbatch_wait = -1', r"sender\.batch_wait: expected a number 0-60, got int -1"),
     ('[[destinations]]\nname = "x"\nae_title = "A"\nhost = "h"',
      r"\[\[destinations\]\]\[1\]\.port: expected an integer 1-65535 \(this key is required\)"),
     ('[[destinations]]\nname = "central"\nae_title = "A"\nhost = "h"\nport = 1',

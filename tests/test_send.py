@@ -20,6 +20,7 @@ class FakeEngine:
     """Answers each file with the status scripted for its name (queue of answers)."""
 
     name = "fake"
+    batch_wait = 0.0
 
     def __init__(self, script: dict[str, list[int | None]]) -> None:
         self.script = script
@@ -173,3 +174,36 @@ def test_object_in_flight_at_a_break_is_set_aside_and_the_rest_goes_on(spool: Sp
     assert engine.calls == [["a.dcm", "b.dcm", "c.dcm"], ["b.dcm", "c.dcm", "a.dcm"], ["a.dcm"]]
     assert not any(f.exists() for f in files)
     assert (spool.failed / "breaks-association" / "central--a.dcm").exists()
+
+
+def test_a_small_batch_waits_for_more_but_not_for_long(spool: Spool) -> None:
+    # [sender].batch_wait: a lone object waits that long for others to share its batch (and
+    # its tool process); a full batch never waits.
+    import threading
+
+    engine = FakeEngine({})
+    cfg = SenderConfig(batch_size=3, batch_wait=30.0)
+    sender = DestinationSender(spool, DEST, engine, cfg)  # type: ignore[arg-type]
+    first, second, third = _queued(spool, "a.dcm", "b.dcm", "c.dcm")
+    got: list[list[Path]] = []
+    taker = threading.Thread(target=lambda: got.append(sender._next_batch()))
+    sender.enqueue(first)
+    taker.start()
+    taker.join(timeout=0.3)
+    assert taker.is_alive(), "one object, far younger than batch_wait: still waiting"
+    sender.enqueue(second)
+    sender.enqueue(third)  # the batch is full: it goes at once
+    taker.join(timeout=30)
+    assert got == [[first, second, third]]
+    # Aged: a lone object goes once its wait is over.
+    quick = DestinationSender(spool, DEST, engine, SenderConfig(batch_wait=0.05))  # type: ignore[arg-type]
+    quick.enqueue(first)
+    assert quick._next_batch() == [first]
+
+
+def test_batch_wait_defaults_to_the_engines() -> None:
+    from relay.toolkits.dcmtk import DcmtkEngine
+    from relay.toolkits.embedded import EmbeddedEngine
+
+    assert EmbeddedEngine.batch_wait == 0.0  # its association stays open between batches
+    assert DcmtkEngine.batch_wait > 0  # a dcmsend per batch

@@ -76,6 +76,9 @@ class Receiver(ABC):
 
 class Engine(ABC):
     name: str = "?"
+    # Seconds a small batch waits for more objects (see SenderConfig.batch_wait). Engines that
+    # start a tool process per batch amortise its start over a few objects of a stream.
+    batch_wait: float = 0.0
 
     @abstractmethod
     def receiver(self, config: Config, spool: Spool) -> Receiver: ...

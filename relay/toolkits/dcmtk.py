@@ -414,6 +414,8 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
 
 class DcmtkEngine(Engine):
     name = "dcmtk"
+    # A dcmsend per object of a steady stream cost ~20 ms of CPU each (measured, 20/s).
+    batch_wait = 0.1
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin_dir = Path(bin_dir)
