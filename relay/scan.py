@@ -131,3 +131,54 @@ def find_cut(path: Path, start: int, implicit: bool, little: bool) -> Cut | None
             except struct.error as exc:  # a header read past the end
                 raise Unsure(str(exc)) from None
     return None
+
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+TRANSFER_SYNTAX = 0x00020010
+
+
+def leading_values(path: Path, tags: set[int], limit: int = 65536
+                   ) -> tuple[str, dict[int, bytes]] | None:
+    """(transfer syntax UID, {tag: raw value}) for the top-level elements among `tags`, found
+    in the file's first `limit` bytes without decoding anything else (SOP Class and Instance
+    UIDs sit early, in group 0008). None when the file is not laid out so that this can tell
+    (no 'DICM', no meta group length first, deflated, the tags beyond the first bytes): the
+    caller then reads it with pydicom."""
+    with open(path, "rb") as fp:
+        buf = fp.read(limit)
+    if len(buf) < 144 or buf[128:132] != b"DICM" or buf[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    start = 144 + struct.unpack_from("<I", buf, 140)[0]
+    try:
+        meta = _collect(_Walk(buf, True), buf, 144, start, False, {TRANSFER_SYNTAX})
+        syntax = meta.get(TRANSFER_SYNTAX, b"").rstrip(b"\x00 ").decode("ascii")
+        if not syntax or syntax == DEFLATED:
+            return None
+        walk = _Walk(buf, syntax != EXPLICIT_BE)
+        values = _collect(walk, buf, start, len(buf), syntax == IMPLICIT_LE, tags)
+    except (_CutAt, Unsure, struct.error, UnicodeDecodeError):
+        return None
+    return syntax, values
+
+
+def _collect(walk: _Walk, buf: bytes, pos: int, end: int, implicit: bool,
+             tags: set[int]) -> dict[int, bytes]:
+    last = max(tags)
+    found: dict[int, bytes] = {}
+    while pos < end:
+        tag, _vr, length, value = walk.header(pos, implicit)
+        if tag > last:
+            return found
+        if length == UNDEFINED:
+            pos = walk.items(value, implicit, 1, tag)
+            continue
+        if tag in tags:
+            if value + length > len(buf):
+                raise Unsure("value beyond the bytes read")
+            found[tag] = buf[value:value + length]
+        pos = value + length
+    if end == len(buf) and pos >= end and len(found) < len(tags):
+        raise Unsure("ran out of the bytes read")  # the rest may be further on
+    return found

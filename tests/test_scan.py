@@ -83,3 +83,24 @@ def test_read_dicom_up_to_the_ruled_tags_still_finds_cuts(tmp_path: Path) -> Non
             read_dicom(cut, up_to)
     whole = read_dicom(bundled("CT_small.dcm"), 0x00102160)
     assert "PatientID" in whole and "PixelData" not in whole  # decoded only that far
+
+
+@pytest.mark.parametrize("path", readable_bundled_files(), ids=lambda p: p.name)
+def test_leading_values_agree_with_pydicom(path: Path) -> None:
+    # The DCMTK sender's check of every object's SOP UIDs reads only the first bytes; where
+    # it answers, it must answer what pydicom reads.
+    from relay.scan import leading_values
+
+    found = leading_values(path, {0x00080016, 0x00080018})
+    if found is None:
+        return  # not laid out for a quick answer: the caller asks pydicom
+    with open(path, "rb") as fp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x00080018)
+    syntax, values = found
+    assert syntax == ds.file_meta.TransferSyntaxUID
+    for tag in (0x00080016, 0x00080018):
+        if tag in ds:
+            assert values[tag].rstrip(b"\x00 ").decode() == str(ds[tag].value)
+        else:
+            assert tag not in values

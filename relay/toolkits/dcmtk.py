@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inotify_simple import INotify, flags
-from pydicom import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
+from relay.scan import leading_values
 from relay.supervisor import SupervisedReceiver, run_tool
 from relay.toolkits.base import (
     DestinationUnavailable,
@@ -213,23 +213,36 @@ def parse_dcmsend_report(text: str, output: str = ""
     return results
 
 
+SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+
+
 def _after_sop_uids(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > 0x00080018  # past SOP Instance UID (0008,0018)
+    return tag > SOP_INSTANCE_UID
 
 
-def _read_uids(path: Path) -> Dataset | str:
-    """The header with the SOP Class and Instance UIDs the DCMTK tools need in the data set
-    itself (some files only have them in the file meta), or why the file cannot be sent."""
+def _read_uids(path: Path) -> tuple[str, str, str] | str:
+    """(SOP Class UID, SOP Instance UID, transfer syntax UID) as the DCMTK tools need them, in
+    the data set itself (some files only have them in the file meta), or why the file cannot
+    be sent. This runs for every object sent: the first bytes usually tell (relay.scan);
+    pydicom reads the rest."""
+    quick = leading_values(path, {SOP_CLASS_UID, SOP_INSTANCE_UID})
+    if quick is not None:
+        syntax, values = quick
+        uids = [values.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+                for tag in (SOP_CLASS_UID, SOP_INSTANCE_UID)]
+        if all(uids):
+            return uids[0], uids[1], syntax
     try:
         with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # Both UIDs are in group 0008: reading stops there, not at the end of the header
-            # (this runs for every object sent; the full header parse cost more than dcmsend).
             ds = read_partial(fp, stop_when=_after_sop_uids)
     except Exception as exc:  # noqa: BLE001 - unreadable: the DCMTK tools cannot read it either
         return f"unreadable: {exc}"
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
-    return f"the data set lacks {', '.join(missing)}" if missing else ds
+    if missing:
+        return f"the data set lacks {', '.join(missing)}"
+    return (str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+            str(getattr(ds.file_meta, "TransferSyntaxUID", "") or ""))
 
 
 def _sendable(path: Path) -> str | None:
@@ -247,11 +260,10 @@ MAX_CONTEXTS = 128  # presentation context IDs are the odd numbers 1…255
 
 def _presentation(path: Path) -> tuple[str, str] | str:
     """(SOP Class UID, transfer syntax UID) the file goes as, or why it cannot be sent."""
-    ds = _read_uids(path)
-    if isinstance(ds, str):
-        return ds
-    sop_class = str(ds.SOPClassUID)
-    syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    found = _read_uids(path)
+    if isinstance(found, str):
+        return found
+    sop_class, _, syntax = found
     for what, uid in (("SOP Class UID", sop_class), ("transfer syntax UID", syntax)):
         if not _UID_RE.fullmatch(uid) or len(uid) > 64:
             return f"its {what} {uid[:80]!r} is not a UID"
