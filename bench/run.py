@@ -359,12 +359,35 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def median_rows(results: list[Row], runs: int) -> list[Row]:
+    """Per scenario, the run whose time is the median of `runs` (all its figures from that
+    one run), noted with the spread."""
+    if runs == 1:
+        return results
+    by_scenario: dict[tuple[str, str], list[Row]] = {}
+    for row in results:
+        by_scenario.setdefault((row.scenario, row.data), []).append(row)
+    kept = []
+    for group in by_scenario.values():
+        group.sort(key=lambda r: r.seconds)
+        median = group[len(group) // 2]
+        spread = ", ".join(f"{r.seconds:.2f}" for r in group)
+        median.note = "; ".join(filter(None, [median.note,
+                                              f"median of {len(group)} runs ({spread} s)"]))
+        kept.append(median)
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="dicom-relay benchmark")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--output", type=Path, help="Markdown file for the results "
                         "(default bench/RESULTS.md, none with --smoke)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs of each small and "
+                        "large scenario, the median reported (default 3, 1 with --smoke): "
+                        "these machines are noisy")
     args = parser.parse_args()
+    repeat = args.repeat or (1 if args.smoke else 3)
     small_n, large_n, large_mb, backlog_n, perfile_n, stream_n = (
         (20, 2, 2, 60, 10, 10) if args.smoke else (500, 20, 24, 10000, 100, 200))
     engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE.is_dir() else [])
@@ -379,23 +402,29 @@ def main() -> None:
         ct_series(work / "stream", stream_n)
         stream = sorted((work / "stream").iterdir())
 
-        plan: list[tuple[str, Callable[[], list[Row] | Row]]] = [
-            ("direct small", lambda: run_direct(work, small, "small")),
-            ("direct large", lambda: run_direct(work, large, "large")),
+        # (name, step, runs): the short scenarios run `repeat` times, the median is kept.
+        plan: list[tuple[str, Callable[[], list[Row] | Row], int]] = [
+            ("direct small", lambda: run_direct(work, small, "small"), repeat),
+            ("direct large", lambda: run_direct(work, large, "large"), repeat),
         ]
         for engine in engines:
-            plan += [(f"{engine} small", lambda e=engine: run_relay(work, e, small, "small")),
+            plan += [(f"{engine} small", lambda e=engine: run_relay(work, e, small, "small"),
+                      repeat),
                      (f"{engine} stream", lambda e=engine: run_relay(
-                         work, e, stream, "stream", stream=STREAM_RATE)),
-                     (f"{engine} large", lambda e=engine: run_relay(work, e, large, "large")),
+                         work, e, stream, "stream", stream=STREAM_RATE), 1),
+                     (f"{engine} large", lambda e=engine: run_relay(work, e, large, "large"),
+                      repeat),
                      (f"{engine} backlog", lambda e=engine: run_relay(
-                         work, e, backlog, "backlog", backlog=True))]
-        plan += [("per-file", lambda: run_per_file(work, small[:perfile_n], "small")),
-                 ("orthanc-router", lambda: run_orthanc_router(work, small, "small"))]
-        for name, step in plan:
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            result = step()
-            rows += result if isinstance(result, list) else [result]
+                         work, e, backlog, "backlog", backlog=True), 1)]
+        plan += [("per-file", lambda: run_per_file(work, small[:perfile_n], "small"), 1),
+                 ("orthanc-router", lambda: run_orthanc_router(work, small, "small"), 1)]
+        for name, step, runs in plan:
+            results: list[Row] = []
+            for run in range(runs):
+                print(f"bench: {name} ({run + 1}/{runs}) ...", file=sys.stderr, flush=True)
+                result = step()
+                results += result if isinstance(result, list) else [result]
+            rows += median_rows(results, runs)
 
     direct = {r.data: r.seconds / r.instances for r in rows
               if r.scenario == "direct: dcmsend -> storescp"}
