@@ -172,6 +172,10 @@ class Editor:
         reads = [rule.reads() for rule in self.rules]
         self.only: frozenset[int] | None = (
             None if any(r is None for r in reads) else frozenset().union(*reads))  # type: ignore[arg-type]
+        # And the header need be decoded only up to the last of them, and (0008,0005), the
+        # character set their values are decoded with (the embedded converter only).
+        self.up_to = (max(*self.only, 0x00080005) if self.only and converter is None
+                      else None)
 
     def edit(self, src: Path, dst: Path | None, sync: bool = True,
              whole: bool = False) -> EditOutcome:
@@ -179,10 +183,7 @@ class Editor:
         sync=False leaves `dst` unflushed: the caller then makes it durable (the pipeline
         syncs many edits at once) before it drops `src`. whole: decode every element (else,
         when the rules name what they touch, only the elements up to those)."""
-        up_to = None
-        if not whole and self.only and self.converter is None:
-            # (0008,0005) too: the character set the touched values are decoded with.
-            up_to = max(*self.only, 0x00080005)
+        up_to = None if whole else self.up_to
         ds = read_dicom(src, up_to)  # bad input is caught the same way whatever the converter
         meta = ds.file_meta
         outcome = EditOutcome(
