@@ -17,6 +17,7 @@ from relay import __version__
 from relay.config import Config, ConfigError, Destination, load_config
 from relay.edit import BadInput, Editor
 from relay.pipeline import Relay, spool_for
+from relay.supervisor import LOG_PLAIN_ENV
 from relay.toolkits import select_engine
 from relay.toolkits.base import DestinationUnavailable, Engine, Outcome
 
@@ -39,9 +40,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG 
 
 
 def _setup_logging(level: str, verbose: bool = False) -> None:
+    plain = os.environ.get(LOG_PLAIN_ENV) == "1"  # a supervised child: its parent stamps
     logging.basicConfig(
         level=logging.DEBUG if verbose else getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=("" if plain else "%(asctime)s ") + "%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )

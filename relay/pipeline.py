@@ -180,7 +180,8 @@ class Relay:
             self.watcher = IncomingWatcher(self.spool)
             self._thread(self._watch_loop, "watch")
         if self.do_receive:
-            self.receiver = self.engine.receiver(self.config, self.spool)
+            self.receiver = self.engine.receiver(self.config, self.spool,
+                                                 beside_work=self.do_process)
             try:
                 self.receiver.start()
             except BaseException:

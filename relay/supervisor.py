@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -31,11 +32,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.supervisor")
 
 PR_SET_PDEATHSIG = 1
+# Set for a supervised `dicom-relay` child: it logs without time stamps (ours add them).
+LOG_PLAIN_ENV = "DICOM_RELAY_SUPERVISED"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:  # in the child, before exec
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, sig)
 
 
 def run_tool(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None,
@@ -61,12 +64,16 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float,
+                   host: str = "127.0.0.1") -> bool:
+    """Whether proc listens on (host, port) within timeout; a wildcard host is tried on
+    loopback."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host  # noqa: S104
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((target, port), 0.2):
             return True
         time.sleep(0.05)
     return False
@@ -77,7 +84,8 @@ class Supervisor:
                  env: dict[str, str] | None = None,
                  before_start: Callable[[], None] | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 30.0,
-                 stop_timeout: float = 5.0, start_timeout: float = 15.0) -> None:
+                 stop_timeout: float = 5.0, start_timeout: float = 15.0,
+                 death_signal: int = signal.SIGTERM, ready_line: str | None = None) -> None:
         self.name = name
         self.argv = [str(a) for a in argv]
         self.port = port
@@ -88,6 +96,11 @@ class Supervisor:
         self.backoff_max = backoff_max
         self.stop_timeout = stop_timeout
         self.start_timeout = start_timeout
+        self.death_signal = death_signal  # what the child gets if the relay is killed
+        # Started when it prints a line with this (else: when its port takes a connection,
+        # which a receiver that counts associations would count as one until it times out).
+        self.ready_line = ready_line
+        self._ready = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -108,7 +121,7 @@ class Supervisor:
                           "running? (change [receiver].port)")
         self._spawn()
         assert self.proc is not None
-        if not wait_listening(self.port, self.proc, self.start_timeout):
+        if not self._wait_ready():
             code = self.proc.poll()
             self._kill_group()
             raise OSError(f"{self.name} did not start listening on port {self.port}"
@@ -119,12 +132,24 @@ class Supervisor:
                                          daemon=True)
         self._monitor.start()
 
+    def _wait_ready(self) -> bool:
+        assert self.proc is not None
+        if self.ready_line is None:
+            return wait_listening(self.port, self.proc, self.start_timeout, self.host)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self._ready.wait(0.05):
+                return True
+        return False
+
     def _spawn(self) -> None:
         if self.before_start is not None:
             self.before_start()
+        self._ready.clear()
         proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+            env=self.env, start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, self.death_signal))  # noqa: PLW1509
         with self._lock:
             self.proc = proc
         threading.Thread(target=self._pump, args=(proc,), name=f"log-{self.name}",
@@ -136,6 +161,8 @@ class Supervisor:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 log.info("%s: %s", self.name, line)
+                if self.ready_line is not None and self.ready_line in line:
+                    self._ready.set()
 
     def _watch(self) -> None:
         delay = self.backoff_initial
@@ -186,18 +213,24 @@ class Supervisor:
 
 
 class SupervisedReceiver:
-    """A toolkit receiver run as a supervised subprocess (relay.toolkits.base.Receiver)."""
+    """A receiver run as a supervised subprocess (relay.toolkits.base.Receiver)."""
 
     toolkit = "?"
+    name = "storescp"
+    enforces_allow_lists = False  # storescp cannot; the embedded receiver's child does
+    death_signal = signal.SIGTERM
+    ready_line: str | None = None  # see Supervisor
 
     def __init__(self, config: Config, argv: Sequence[str], *, host: str,
                  env: dict[str, str] | None = None) -> None:
         for key in ("allowed_calling_aets", "allowed_hosts"):
-            if getattr(config.receiver, key):
+            if getattr(config.receiver, key) and not self.enforces_allow_lists:
                 raise OSError(f"receiver.{key}: {self.toolkit}'s storescp cannot enforce it; "
                               "use engine = \"embedded\" for that (or a firewall)")
-        self.supervisor = Supervisor("storescp", argv, port=config.receiver.port, host=host,
-                                     env=env, before_start=self.sweep)
+        self.supervisor = Supervisor(self.name, argv, port=config.receiver.port, host=host,
+                                     env=env, before_start=self.sweep,
+                                     death_signal=self.death_signal,
+                                     ready_line=self.ready_line)
 
     def sweep(self) -> None:
         """Before each (re)start: deal with what a dead receiver left half-written."""

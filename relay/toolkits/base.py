@@ -81,7 +81,10 @@ class Engine(ABC):
     batch_wait: float = 0.0
 
     @abstractmethod
-    def receiver(self, config: Config, spool: Spool) -> Receiver: ...
+    def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:
+        """The engine's C-STORE SCP. beside_work: this process also edits and sends; an
+        engine whose receiver would run inside it then gives the receiver a process of its
+        own (toolkit receivers are processes anyway)."""
 
     @abstractmethod
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

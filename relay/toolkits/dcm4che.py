@@ -171,7 +171,7 @@ class Dcm4cheEngine(Engine):
     def toolkit_converter(self) -> Dcm4cheEngine:
         return self
 
-    def receiver(self, config: Config, spool: Spool) -> Receiver:
+    def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:
         return Dcm4cheReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

@@ -441,7 +441,7 @@ class DcmtkEngine(Engine):
     def describe(self) -> str:
         return f"dcmtk ({self.bin_dir})"
 
-    def receiver(self, config: Config, spool: Spool) -> Receiver:
+    def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:
         return DcmtkReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

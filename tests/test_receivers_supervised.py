@@ -1,5 +1,6 @@
-"""The DCMTK receiver under its supervisor, with real processes: kill -9, SIGTERM, and a
-receiver killed in the middle of writing a large object."""
+"""Receivers under their supervisor (DCMTK's storescp, and the embedded engine's own receiver
+process under `run`), with real processes: kill -9, SIGTERM, and a storescp killed in the
+middle of writing a large object."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ pytestmark = pytest.mark.e2e
 
 
 def storescp_pids(relay: RelayProcess) -> list[int]:
-    return [int(p) for p in re.findall(r"storescp (?:started|restarted) \(pid (\d+)\)",
-                                        relay.output())]
+    """The receiver processes the relay started: storescp, or the embedded engine's
+    `dicom-relay receive` child."""
+    return [int(p) for p in re.findall(
+        r"(?:storescp|receiver) (?:started|restarted) \(pid (\d+)\)", relay.output())]
 
 
 def alive(pid: int) -> bool:
@@ -52,22 +55,38 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-@pytest.fixture
-def dcmtk_relay(tmp_path: Path, orthanc: Orthanc, dcmtk: Path):  # noqa: ANN201
+def _start(tmp_path: Path, orthanc: Orthanc, engine: str) -> tuple[int, Path, RelayProcess]:
     port = free_port()
     spool = tmp_path / "spool"
     cfg = write_config(tmp_path / "relay.toml", port=port, spool=spool,
-                       destinations=[("central", orthanc)], engine="dcmtk")
+                       destinations=[("central", orthanc)], engine=engine)
     relay = RelayProcess(cfg, tmp_path).start(port)
-    # The port answers a moment before the relay logs storescp's pid.
-    wait_until(lambda: storescp_pids(relay), 10, what="storescp's pid in the log")
-    yield port, spool, relay
-    relay.stop()
+    # The port answers a moment before the relay logs the receiver's pid.
+    wait_until(lambda: storescp_pids(relay), 10, what="the receiver's pid in the log")
+    return port, spool, relay
+
+
+@pytest.fixture
+def dcmtk_relay(tmp_path: Path, orthanc: Orthanc, dcmtk: Path):  # noqa: ANN201
+    started = _start(tmp_path, orthanc, "dcmtk")
+    yield started
+    started[2].stop()
+
+
+@pytest.fixture(params=["dcmtk", "embedded"])
+def supervised_relay(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Orthanc,
+                     dcmtk: Path):  # noqa: ANN201
+    """A relay whose receiver is a supervised process: storescp, or under `run` the
+    embedded engine's `dicom-relay receive` child."""
+    started = _start(tmp_path, orthanc, request.param)
+    yield started
+    started[2].stop()
 
 
 def test_storescp_is_restarted_after_kill_9(
-        tmp_path: Path, orthanc: Orthanc, dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
-    port, _spool, relay = dcmtk_relay
+        tmp_path: Path, orthanc: Orthanc,
+        supervised_relay: tuple[int, Path, RelayProcess]) -> None:
+    port, _spool, relay = supervised_relay
     [first] = storescp_pids(relay)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: len(storescp_pids(relay)) == 2, 20, what="storescp restarted")
@@ -80,8 +99,8 @@ def test_storescp_is_restarted_after_kill_9(
 
 
 def test_sigterm_stops_everything_and_leaves_no_orphan(
-        dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
-    port, _spool, relay = dcmtk_relay
+        supervised_relay: tuple[int, Path, RelayProcess]) -> None:
+    port, _spool, relay = supervised_relay
     [pid] = storescp_pids(relay)
     assert relay.proc is not None
     # stop() sends SIGTERM and waits (bounded; it raises if the relay does not exit).
