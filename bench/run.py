@@ -158,13 +158,34 @@ def megabytes(files: list[Path]) -> float:
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
-    """(peak RSS in MB, CPU seconds incl. waited-for children) of a live process."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """(peak RSS in MB, CPU seconds) of a live process and all its live descendants (the
+    relay's receiver process or storescp, a dcmsend under way), each with the children it
+    has waited for. The RSS is the sum of their peaks: an upper bound."""
     ticks = os.sysconf("SC_CLK_TCK")
-    cpu = sum(int(x) for x in fields[11:15]) / ticks
-    return hwm / 1024, cpu
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        tree.update(children)
+        frontier = children
+    rss_kb = cpu = 0.0
+    for member in tree:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        rss_kb += next((int(line.split()[1]) for line in status.splitlines()
+                        if line.startswith("VmHWM")), 0)
+        cpu += sum(int(x) for x in fields[11:15]) / ticks
+    return rss_kb / 1024, cpu
 
 
 def large_set(folder: Path, count: int, mb: int) -> list[Path]:
