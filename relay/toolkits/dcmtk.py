@@ -86,22 +86,12 @@ def find_tool(bin_dir: Path, name: str) -> Path:
 
 
 def tls_args(tls: TLSConfig | None) -> list[str]:
-    """storescp's DICOM TLS options for the receiver's [receiver.tls]."""
+    """DCMTK's DICOM TLS options (storescp, storescu, echoscu) for a [tls] table: our
+    certificate if we have one (a receiver always does; a destination may use anonymous TLS),
+    the CA the peer's certificate must chain to. DCMTK checks the chain, not that the
+    certificate names the host (the embedded engine checks both)."""
     if tls is None:
         return []
-    assert tls.private_key is not None and tls.certificate is not None
-    args = ["--enable-tls", str(tls.private_key), str(tls.certificate), "--null-passwd"]
-    if tls.ca is not None:
-        args += ["--add-cert-file", str(tls.ca)]
-    args.append("--require-peer-cert" if tls.require_peer_certificate else "--ignore-peer-cert")
-    return args
-
-
-def tls_client_args(tls: TLSConfig) -> list[str]:
-    """storescu's / echoscu's DICOM TLS options for a destination's tls table: our certificate
-    if we have one (else anonymous TLS), the CA the destination's certificate must chain to.
-    DCMTK checks the chain, not that the certificate names the host (the embedded engine
-    checks both)."""
     if tls.certificate is not None and tls.private_key is not None:
         args = ["--enable-tls", str(tls.private_key), str(tls.certificate), "--null-passwd"]
     else:
@@ -300,7 +290,7 @@ def storescu_argv(storescu: Path, files: list[Path], destination: Destination,
         "--timeout", seconds,
         "--acse-timeout", seconds,
         "--dimse-timeout", seconds,
-        *tls_client_args(destination.tls),
+        *tls_args(destination.tls),
         destination.host, str(destination.port),
         *[str(f) for f in files],
     ]
@@ -558,10 +548,9 @@ class DcmtkEngine(Engine):
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))
-        tls = tls_client_args(destination.tls) if destination.tls is not None else []
         argv = [str(self.echoscu), "--aetitle", calling_ae, "--call", destination.ae_title,
                 "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
-                *tls, destination.host, str(destination.port)]
+                *tls_args(destination.tls), destination.host, str(destination.port)]
         proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * 3)
         if proc.returncode != 0:
             why = (proc.stderr or proc.stdout).strip().splitlines()
