@@ -19,7 +19,7 @@ from relay.edit import BadInput, Editor
 from relay.pipeline import Relay, spool_for
 from relay.supervisor import LOG_PLAIN_ENV
 from relay.toolkits import select_engine
-from relay.toolkits.base import DestinationUnavailable, Engine, Outcome
+from relay.toolkits.base import DestinationUnavailable, Engine, Outcome, ToolFailure
 
 app = typer.Typer(
     name="dicom-relay",
@@ -191,7 +191,7 @@ def echo(
         own = Destination("receiver", rc.ae_title, host, rc.port)
         try:  # pynetdicom whatever the engine: no JVM start for a health check
             EmbeddedEngine().echo(own, cfg.sender.calling_ae_title, 10.0)
-        except DestinationUnavailable as exc:
+        except (DestinationUnavailable, ToolFailure) as exc:
             typer.echo(f"FAIL {exc}")
             raise typer.Exit(1) from None
         typer.echo(f"ok   receiver {rc.ae_title}@{host}:{rc.port}")
@@ -215,7 +215,7 @@ def _echo_all(cfg: Config, only: str | None = None) -> bool:
         started = time.monotonic()
         try:
             engine.echo(dest, cfg.sender.calling_ae_title, min(cfg.sender.timeout, 10.0))
-        except DestinationUnavailable as exc:
+        except (DestinationUnavailable, ToolFailure) as exc:
             typer.echo(f"FAIL {dest.name}: {exc}")
             ok = False
             continue

@@ -63,6 +63,9 @@ class DestinationSender:
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
         self._attempts: dict[Path, int] = {}
         self._strikes: dict[Path, int] = {}  # times the association broke with it in flight
+        # Consecutive batches in which it got no response while others in the batch did (a
+        # tool that skips an object it cannot send, without saying so in a way we read).
+        self._unanswered: dict[Path, int] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._hold_until = 0.0  # whole destination backing off (it is down)
@@ -210,17 +213,24 @@ class DestinationSender:
         now = self.clock()
         with self._cond:
             if not any_answer:
-                # Nothing got through: the destination is down. Hold the whole queue.
+                # Nothing got through: the destination is down, or our own tool is broken.
+                # Hold the whole queue.
                 self._down_attempts += 1
                 delay = backoff_delay(self._down_attempts, self.config.retry_initial,
                                       self.config.retry_max)
                 self._hold_until = now + delay
-                log.warning("%s unavailable (%s): %d queued, next try in %.1f s",
-                            self.destination.name, retry[0].detail, len(self._known), delay)
+                if retry[0].local_failure:
+                    log.error("%s: %s (not the destination's fault): %d queued, next try in "
+                              "%.1f s", self.destination.name, retry[0].detail,
+                              len(self._known), delay)
+                else:
+                    log.warning("%s unavailable (%s): %d queued, next try in %.1f s",
+                                self.destination.name, retry[0].detail, len(self._known), delay)
                 # Keep their order: put them back at the front.
                 self._requeue_front([r.path for r in retry])
             else:
                 self._down_attempts = 0
+                retry = [r for r in retry if not self._unanswered_too_often(r)]
                 for r in retry:
                     self.audit.record("deferred", r.path.name, destination=self.destination.name,
                                       status=r.status_text, detail=r.detail)
@@ -233,6 +243,23 @@ class DestinationSender:
                                 self.destination.name, r.path.name, r.status_text, r.detail,
                                 delay)
             self._cond.notify()
+
+    def _unanswered_too_often(self, r: SendResult) -> bool:
+        """Count a batch in which r got no response while others did; quarantine r once that
+        happened POISON_STRIKES times in a row (called with the condition held)."""
+        if r.status is not None:
+            self._unanswered.pop(r.path, None)  # it was answered (a retryable status)
+            return False
+        count = self._unanswered.get(r.path, 0) + 1
+        self._unanswered[r.path] = count
+        if count < POISON_STRIKES:
+            return False
+        self.stats.retried -= 1  # it is not retried after all
+        self._settle(SendResult(
+            r.path, Outcome.FAILED, None,
+            f"no response in {count} consecutive attempts while other objects of the same "
+            f"batches were answered ({r.detail})"), reason="not-sendable")
+        return True
 
     def _requeue_front(self, paths: list[Path]) -> None:
         """Back at the front of the queue, in order, due at once (they waited already)."""
@@ -263,3 +290,4 @@ class DestinationSender:
             self._attempts.pop(path, None)
             self._delayed.pop(path, None)
             self._strikes.pop(path, None)
+            self._unanswered.pop(path, None)

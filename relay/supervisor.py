@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.supervisor")
 
+# (line, level of the line before) → level to log this line at.
+LineLevel = Callable[[str, int], int]
+
 PR_SET_PDEATHSIG = 1
 # Set for a supervised `dicom-relay` child: it logs without time stamps (ours add them).
 LOG_PLAIN_ENV = "DICOM_RELAY_SUPERVISED"
@@ -85,7 +88,8 @@ class Supervisor:
                  before_start: Callable[[], None] | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 30.0,
                  stop_timeout: float = 5.0, start_timeout: float = 15.0,
-                 death_signal: int = signal.SIGTERM, ready_line: str | None = None) -> None:
+                 death_signal: int = signal.SIGTERM, ready_line: str | None = None,
+                 line_level: LineLevel | None = None) -> None:
         self.name = name
         self.argv = [str(a) for a in argv]
         self.port = port
@@ -100,6 +104,9 @@ class Supervisor:
         # Started when it prints a line with this (else: when its port takes a connection,
         # which a receiver that counts associations would count as one until it times out).
         self.ready_line = ready_line
+        # The level each output line is logged at (default INFO): a tool that prints every
+        # PDU at its own DEBUG level keeps that level in our log.
+        self.line_level = line_level
         self._ready = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
@@ -157,10 +164,14 @@ class Supervisor:
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
+        level = logging.INFO
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
-                log.info("%s: %s", self.name, line)
+                if self.line_level is not None:
+                    level = self.line_level(line, level)
+                if log.isEnabledFor(level):
+                    log.log(level, "%s: %s", self.name, line)
                 if self.ready_line is not None and self.ready_line in line:
                     self._ready.set()
 
@@ -222,7 +233,8 @@ class SupervisedReceiver:
     ready_line: str | None = None  # see Supervisor
 
     def __init__(self, config: Config, argv: Sequence[str], *, host: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, line_level: LineLevel | None = None
+                 ) -> None:
         for key in ("allowed_calling_aets", "allowed_hosts"):
             if getattr(config.receiver, key) and not self.enforces_allow_lists:
                 raise OSError(f"receiver.{key}: {self.toolkit}'s storescp cannot enforce it; "
@@ -230,7 +242,7 @@ class SupervisedReceiver:
         self.supervisor = Supervisor(self.name, argv, port=config.receiver.port, host=host,
                                      env=env, before_start=self.sweep,
                                      death_signal=self.death_signal,
-                                     ready_line=self.ready_line)
+                                     ready_line=self.ready_line, line_level=line_level)
 
     def sweep(self) -> None:
         """Before each (re)start: deal with what a dead receiver left half-written."""

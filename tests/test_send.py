@@ -207,3 +207,61 @@ def test_batch_wait_defaults_to_the_engines() -> None:
 
     assert EmbeddedEngine.batch_wait == 0.0  # its association stays open between batches
     assert DcmtkEngine.batch_wait > 0  # a dcmsend per batch
+
+
+def test_unanswered_while_others_are_answered_goes_to_failed_after_three(
+        spool: Spool) -> None:
+    # A tool that silently skips one object (no response, no error we can read) while the
+    # rest of its batch is answered: retried, but not for ever.
+    skipped, *others = _queued(spool, "skipped.dcm", "a.dcm", "b.dcm", "c.dcm")
+    engine = FakeEngine({"skipped.dcm": [None, None, None], "a.dcm": [0], "b.dcm": [0xA700, 0],
+                         "c.dcm": [0xA700, 0xA700, 0]})
+    clock = Clock()
+    sender = _sender(spool, engine, clock)
+    sender.load_backlog()
+    for _ in range(3):
+        sender.send_batch(sender._next_batch())
+        assert sender._hold_until < clock.now, "others were answered: not 'destination down'"
+        clock.now += 60
+    assert not skipped.exists() and not any(p.exists() for p in others)
+    [sidecar] = (spool.failed / "not-sendable").glob("*.json")
+    assert "no response in 3 consecutive attempts" in sidecar.read_text()
+    assert sender.stats.delivered == 3 and sender.stats.failed == 1
+    assert engine.calls[0] == ["skipped.dcm", "a.dcm", "b.dcm", "c.dcm"]
+
+
+def test_an_answer_resets_the_unanswered_count(spool: Spool) -> None:
+    path, other = _queued(spool, "x.dcm", "y.dcm")
+    engine = FakeEngine({"x.dcm": [None, None, 0xA700, None, None, 0],
+                         "y.dcm": [0xA700] * 5 + [0]})
+    clock = Clock()
+    sender = _sender(spool, engine, clock)
+    sender.load_backlog()
+    for _ in range(6):
+        sender.send_batch(sender._next_batch())
+        clock.now += 60
+    assert not path.exists() and not other.exists(), "never three unanswered in a row"
+    assert sender.stats.failed == 0
+
+
+def test_a_local_tool_failure_holds_the_queue_and_says_so(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenTool(FakeEngine):
+        def send(self, files, destination, calling_ae, timeout,  # noqa: ANN001, ANN202
+                 keep_open=False):  # noqa: ANN001
+            self.calls.append([f.name for f in files])
+            for f in files:
+                yield SendResult(f, Outcome.RETRY, None, "local tool failure: java: not found",
+                                 local_failure=True)
+
+    files = _queued(spool, "a.dcm", "b.dcm")
+    clock = Clock()
+    sender = _sender(spool, BrokenTool({}), clock)
+    sender.load_backlog()
+    with caplog.at_level("ERROR", logger="relay.send"):
+        for _ in range(5):
+            sender.send_batch(sender._next_batch())
+            clock.now = sender._hold_until
+    assert all(f.exists() for f in files) and sender.stats.failed == 0
+    assert "local tool failure: java: not found (not the destination's fault)" in caplog.text
+    assert "unavailable" not in caplog.text

@@ -50,6 +50,9 @@ class SendResult:
     # The association broke while this very object was on the wire (not merely queued behind
     # it): the destination was reachable, and this object may be what makes it abort.
     in_flight: bool = False
+    # The local toolkit program failed on its own, before reaching the destination (a broken
+    # installation, a missing Java, a bad option): not the destination's fault, nor this file's.
+    local_failure: bool = False
 
     @property
     def status_text(self) -> str:
@@ -58,6 +61,11 @@ class SendResult:
 
 class DestinationUnavailable(Exception):
     """Association could not be established (refused, rejected, timed out)."""
+
+
+class ToolFailure(Exception):
+    """The local toolkit program failed on its own, without reaching the destination; the
+    message carries its last output lines."""
 
 
 class Receiver(ABC):
@@ -100,7 +108,8 @@ class Engine(ABC):
 
     @abstractmethod
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
-        """C-ECHO; raise DestinationUnavailable with the reason when it fails."""
+        """C-ECHO; raise DestinationUnavailable with the reason when it fails (ToolFailure
+        when the local tool failed before reaching the destination)."""
 
     def describe(self) -> str:
         return self.name

@@ -16,21 +16,35 @@
   would enable NULL/3DES/RSA suites). The tools always verify the destination's certificate
   against the trust store (there is no switch to turn that off), and they check no host name.
 
-dcm4che cannot be installed on our CI machines: argv construction and output parsing are
-tested against recordings of the real tools (tests/data/dcm4che/), the key stores and TLS
-settings against Java's own TLS (the JSSE dcm4che uses); the integration test runs only where
-/opt/dcm4che-toolkit exists (the Docker test profile).
+- Every tool is started with JAVA_LIBRARY_PATH set (tool_env): without it each `bin/`
+  launcher starts a first JVM only to name the platform, then, when the OpenCV codec library
+  is missing (as in a toolkit without lib/<platform>/libopencv_java.so), tries to download it
+  into the toolkit's folder and exits 1. With it: one JVM per call, nothing written there.
+- storescu reports problems in words, not exit codes, and the adapter reads them: a file it
+  cannot read ("Failed to scan file …") or whose SOP class the destination accepts in no
+  presentation context (NoPresentationContextException) is never sent and goes to failed/; a
+  tool that stops before any network activity (no Java, a broken launcher, a bad option) is
+  a local tool failure with its last lines, not "destination unavailable"; when the
+  association breaks (or the JVM dies, e.g. decompressing for a destination without OpenCV)
+  after a C-STORE-RQ went out unanswered, that object is the one in flight.
+- storescp logs every PDU at DEBUG: its lines keep their own level in our log (receiver_level).
+
+Tests run the real toolkit wherever one is found (DCM4CHE_HOME, /opt/dcm4che-toolkit, or the
+copy beside the checkout in CI); the output parsing is also tested against quoted recordings
+(tests/data/dcm4che/) so that it is checked on a machine without dcm4che.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import re
 import shutil
 import subprocess
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +60,7 @@ from relay.toolkits.base import (
     Outcome,
     Receiver,
     SendResult,
+    ToolFailure,
     classify_status,
 )
 
@@ -58,7 +73,64 @@ log = logging.getLogger("relay.dcm4che")
 # `>> 2:C-STORE-RSP[pcid=9, status=a700H` then, on a following line, `iuid=<uid> - ?`
 _RSP_RE = re.compile(r">> \d+:C-STORE-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H\s*\n"
                      r"(?:.*\n)*?\s*iuid=(\S+)")
+# `<< 2:C-STORE-RQ[pcid=7, prior=0` then `iuid=<uid> - ?`: the object went on the wire.
+_RQ_RE = re.compile(r"<< \d+:C-STORE-RQ\[pcid=\d+[^\n]*\n(?:.*\n)*?\s*iuid=(\S+)")
 _ECHO_RE = re.compile(r">> \d+:C-ECHO-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H")
+_NO_CONTEXT_RE = re.compile(r"No Presentation Context for Abstract Syntax: ([0-9.]+)")
+# What storescu prints once it turns to the network; output without any of these means the
+# tool stopped on its own first (launcher, Java, options, files).
+_NETWORK_MARKS = ("Initiate connection", "Connected to ", "A-ASSOCIATE", "C-STORE-R",
+                  "C-ECHO-R")
+# Its one-line summary of what went wrong (`storescu: Connection refused`), or the JVM's.
+_PROBLEM_RE = re.compile(r'^(?:storescu: |Exception in thread "[^"]*" )(.+)$', re.M)
+
+# Names of weasis' NativeLibrary (the launchers' `lib/<os>-<arch>`) for platform.machine().
+_JAVA_ARCH = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64",
+              "armv7l": "armv7a", "i686": "x86", "i386": "x86"}
+
+
+def java_library_path(home: Path) -> Path:
+    """Where the launchers look for native libraries (the OpenCV codec) on this machine."""
+    machine = platform.machine().lower()
+    return home / "lib" / f"linux-{_JAVA_ARCH.get(machine, machine)}"
+
+
+def tool_env(home: Path) -> dict[str, str]:
+    """The environment for every dcm4che tool: JAVA_LIBRARY_PATH set, so that the launcher
+    starts one JVM and never tries to download a missing OpenCV library into the toolkit's
+    folder (one the user set already is kept)."""
+    env = dict(os.environ)
+    env.setdefault("JAVA_LIBRARY_PATH", str(java_library_path(home)))
+    return env
+
+
+def last_lines(output: str, count: int = 4) -> str:
+    """The tool's last words, Java stack frames left out."""
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and not line.lstrip().startswith("at ")]
+    return " | ".join(lines[-count:]) or "no output"
+
+
+def reached_network(output: str) -> bool:
+    return any(mark in output for mark in _NETWORK_MARKS)
+
+
+def problem_of(output: str, returncode: int) -> str:
+    """storescu's own summary of the failure, else its last lines."""
+    found = _PROBLEM_RE.findall(output)
+    return f"exit {returncode}: {found[-1] if found else last_lines(output, 2)}"
+
+
+def receiver_level(line: str, previous: int) -> int:
+    """The log level of one line of storescp's output: its own (`… DEBUG - …`), or for the
+    continuation lines of a multi-line message (PDU dumps), that of the message."""
+    for name, level in (("DEBUG", logging.DEBUG), ("INFO", logging.INFO),
+                        ("WARN", logging.WARNING), ("ERROR", logging.ERROR),
+                        ("TRACE", logging.DEBUG)):
+        head = line[:40]
+        if f" {name} " in head and " - " in head:
+            return level
+    return previous if line[:1].isspace() or line.startswith("]") else logging.INFO
 
 
 def tls_args(stores: JavaStores | None, *, require_peer_certificate: bool = True) -> list[str]:
@@ -78,9 +150,15 @@ def tls_args(stores: JavaStores | None, *, require_peer_certificate: bool = True
 
 
 def storescp_argv(bin_dir: Path, ae_title: str, host: str, port: int,
-                  incoming: Path, tls: list[str] | None = None) -> list[str]:
+                  incoming: Path, tls: list[str] | None = None,
+                  idle_timeout: float = 60) -> list[str]:
+    # A silent association is aborted after idle_timeout; negotiation gets half of it (as on
+    # the other engines). storescp has no timeout for a C-STORE whose data stops coming
+    # (receiver.request_timeout): README, engines compared.
     return [str(bin_dir / "storescp"), "-b", f"{ae_title}@{host}:{port}",
-            "--directory", str(incoming), "--accept-unknown", *(tls or [])]
+            "--directory", str(incoming), "--accept-unknown",
+            "--idle-timeout", str(int(idle_timeout * 1000)),
+            "--request-timeout", str(int(idle_timeout * 500)), *(tls or [])]
 
 
 def storescu_argv(bin_dir: Path, files: list[Path], destination: Destination,
@@ -100,20 +178,43 @@ def parse_storescu_output(output: str) -> dict[str, list[int]]:
     return statuses
 
 
-def results_from_output(files: list[tuple[Path, str]], output: str,
+def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
                         returncode: int) -> list[SendResult]:
-    """Per-file results: from C-STORE-RSP lines, never from the exit code alone."""
+    """Per-file results for (path, SOP Class UID, SOP Instance UID): from C-STORE-RSP lines
+    and storescu's own words, never from the exit code alone."""
+    if not reached_network(output):
+        detail = (f"local tool failure: storescu stopped before connecting (exit {returncode}): "
+                  f"{last_lines(output)}")
+        return [SendResult(path, Outcome.RETRY, None, detail, local_failure=True)
+                for path, _, _ in files]
     statuses = parse_storescu_output(output)
-    why = "connection refused" if "Connection refused" in output else "no C-STORE-RSP for it"
+    no_context = set(_NO_CONTEXT_RE.findall(output))
+    # storescu waits for every response before it releases: a C-STORE-RQ that went out and
+    # got none is the object on which the association broke off or the JVM died (it then
+    # still releases, e.g. after an UnsatisfiedLinkError decompressing without OpenCV).
+    requested = set(_RQ_RE.findall(output))
+    problem = problem_of(output, returncode)
     results = []
-    for path, uid in files:
+    for path, sop_class, uid in files:
         answers = statuses.get(uid)
+        unread = re.search(rf"^Failed to scan file {re.escape(str(path))}: (.*)\n(.*)",
+                           output, re.M)
         if answers:
             code = answers.pop(0)  # two copies of one instance: one answer each, in order
             results.append(SendResult(path, classify_status(code), code, "storescu"))
+        elif unread:
+            # `Failed to scan file x.dcm: null`, then the exception (java.io.EOFException)
+            why = unread.group(1) if unread.group(1) != "null" else unread.group(2).strip()
+            results.append(SendResult(path, Outcome.FAILED, None,
+                                      f"storescu cannot read it: {why}"))
+        elif sop_class in no_context:
+            results.append(SendResult(path, Outcome.FAILED, None,
+                                      "the destination accepts no presentation context for "
+                                      f"SOP class {sop_class}"))
         else:
             results.append(SendResult(path, Outcome.RETRY, None,
-                                      f"storescu (exit {returncode}): {why}"))
+                                      f"storescu: no C-STORE-RSP for it ({problem})",
+                                      in_flight=uid in requested))
     return results
 
 
@@ -126,8 +227,10 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
         tls = (tls_args(engine.stores(rc.tls),
                         require_peer_certificate=rc.tls.require_peer_certificate)
                if rc.tls is not None else None)
-        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming, tls)
-        super().__init__(config, argv, host=rc.host)
+        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming, tls,
+                             rc.idle_timeout)
+        super().__init__(config, argv, host=rc.host, env=engine.env,
+                         line_level=receiver_level)
 
     def sweep(self) -> None:
         # dcm4che renames <uid>.part when complete: a .part left behind was never finished.
@@ -148,6 +251,7 @@ class Dcm4cheEngine(Engine):
             if not (self.bin_dir / tool).exists():
                 raise FileNotFoundError(f"dcm4che's {tool} not found in {self.bin_dir} "
                                         "(set [toolkit].dcm4che_home)")
+        self.env = tool_env(self.home)
         self._stores: dict[TLSConfig, JavaStores] = {}
         self._stores_folder: Path | None = None
 
@@ -180,34 +284,45 @@ class Dcm4cheEngine(Engine):
         named = []
         for path in files:
             try:
-                named.append((path, str(read_file_meta_info(path).MediaStorageSOPInstanceUID)))
+                meta = read_file_meta_info(path)
+                named.append((path, str(meta.MediaStorageSOPClassUID),
+                              str(meta.MediaStorageSOPInstanceUID)))
             except Exception as exc:  # noqa: BLE001 - an unreadable file fails alone
                 yield SendResult(path, Outcome.FAILED, None, f"cannot read file meta: {exc}")
         if not named:
             return
-        argv = storescu_argv(self.bin_dir, [p for p, _ in named], destination, calling_ae,
+        argv = storescu_argv(self.bin_dir, [p for p, _, _ in named], destination, calling_ae,
                              timeout, self._tls(destination))
         try:
-            proc = run_tool(argv, timeout=timeout * (2 + len(named)))
+            proc = run_tool(argv, timeout=timeout * (2 + len(named)), env=self.env)
             output, code = proc.stdout + "\n" + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
-            output, code = str(exc.stdout or ""), -1
+            output, code = _text(exc.stdout) + "\n" + _text(exc.stderr), -1
         yield from results_from_output(named, output, code)
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout,
                              self._tls(destination))
-        proc = run_tool(argv, timeout=timeout * 3)
+        try:
+            proc = run_tool(argv, timeout=timeout * 3, env=self.env)
+        except subprocess.TimeoutExpired:
+            raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO timed out "
+                                         f"after {timeout * 3:.0f} s") from None
+        output = proc.stdout + "\n" + proc.stderr
+        if not reached_network(output):
+            raise ToolFailure(f"local tool failure: dcm4che's storescu stopped before "
+                              f"connecting (exit {proc.returncode}): {last_lines(output)}")
         match = _ECHO_RE.search(proc.stdout)
         if proc.returncode != 0 or match is None or int(match.group(1), 16) != 0:
             raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO failed "
-                                         f"(exit {proc.returncode})")
+                                         f"({problem_of(output, proc.returncode)})")
 
     # --- the `toolkit` converter -----------------------------------------------------------
 
     def to_xml(self, path: Path) -> etree._Element:
         """`dcm2xml -B`: the PS3.19 XML of the header, group 0002 included, no bulk data."""
-        proc = run_tool([self.bin_dir / "dcm2xml", "-B", path], timeout=120, text=False)
+        proc = run_tool([self.bin_dir / "dcm2xml", "-B", path], timeout=120, text=False,
+                        env=self.env)
         if proc.returncode != 0:
             raise ValueError(f"dcm2xml failed: {proc.stderr.decode(errors='replace')[-300:]}")
         return etree.fromstring(proc.stdout, safe_parser())
@@ -222,6 +337,12 @@ class Dcm4cheEngine(Engine):
             tmp.write(to_string(root))
             tmp.flush()
             proc = run_tool(self.from_xml_argv(original, Path(tmp.name), out), timeout=120,
-                            text=False)
+                            text=False, env=self.env)
         if proc.returncode != 0:
             raise ValueError(f"xml2dcm failed: {proc.stderr.decode(errors='replace')[-300:]}")
+
+
+def _text(data: bytes | str | None) -> str:
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return data or ""
