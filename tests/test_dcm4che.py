@@ -26,6 +26,7 @@ from relay.toolkits.dcm4che import (
     receiver_level,
     results_from_output,
     storescp_argv,
+    storescp_policy,
     storescu_argv,
 )
 
@@ -212,3 +213,13 @@ def test_storescp_lines_keep_their_level() -> None:
         levels.append(level)
     assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG, logging.INFO,
                       logging.INFO, logging.INFO, logging.WARNING, logging.INFO]
+
+
+def test_storescp_may_write_only_in_incoming() -> None:
+    policy = storescp_policy(Path("/srv/dicom_repo/incoming"))
+    writes = re.findall(r'FilePermission "([^"]+)", "([^"]+)"', policy)
+    assert writes == [("<<ALL FILES>>", "read,readlink"),
+                      ("/srv/dicom_repo/incoming/*", "read,write,delete")]
+    for bad in ('/srv/a"b', "/srv/a\\b", "/srv/${user.home}"):
+        with pytest.raises(ValueError, match="a Java policy cannot name it"):
+            storescp_policy(Path(bad))

@@ -218,6 +218,46 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
     return results
 
 
+def storescp_policy(incoming: Path) -> str:
+    """A Java security policy under which storescp may write only inside incoming/.
+
+    dcm4che's storescp names its temporary file from the peer's Affected SOP Instance UID
+    unchecked (`new File(directory, iuid + ".part")`, measured on 5.24.0): a UID such as
+    `../../x` would write outside the spool. Under this policy that write is refused (the
+    association is aborted; the modality got no success) and nothing leaves incoming/."""
+    text = str(incoming)
+    if any(c in text for c in '"\\\n') or "${" in text:
+        raise ValueError(f"spool path {text!r}: a Java policy cannot name it (no quotes, "
+                         "backslashes or '${' please)")
+    return ("grant {\n"
+            '  permission java.io.FilePermission "<<ALL FILES>>", "read,readlink";\n'
+            f'  permission java.io.FilePermission "{text}/*", "read,write,delete";\n'
+            '  permission java.net.SocketPermission "*", "accept,connect,listen,resolve";\n'
+            '  permission java.util.PropertyPermission "*", "read,write";\n'
+            '  permission java.lang.RuntimePermission "*";\n'
+            '  permission java.lang.reflect.ReflectPermission "*";\n'
+            '  permission java.security.SecurityPermission "*";\n'
+            '  permission java.util.logging.LoggingPermission "control";\n'
+            '  permission javax.net.ssl.SSLPermission "*";\n'
+            '  permission java.net.NetPermission "*";\n'
+            "};\n")
+
+
+def java_major(env: dict[str, str]) -> int | None:
+    """The major version of the Java the launchers will run ($JAVA_HOME/bin/java, else
+    java), or None when it cannot be told."""
+    java = str(Path(env["JAVA_HOME"]) / "bin" / "java") if env.get("JAVA_HOME") else "java"
+    try:
+        proc = run_tool([java, "-version"], timeout=30, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', proc.stderr + proc.stdout)
+    if found is None:
+        return None
+    major = int(found.group(1))
+    return int(found.group(2) or 0) if major == 1 else major  # "1.8.0" is Java 8
+
+
 class Dcm4cheReceiver(SupervisedReceiver, Receiver):
     toolkit = "dcm4che"
 
@@ -229,8 +269,27 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
                if rc.tls is not None else None)
         argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming, tls,
                              rc.idle_timeout)
-        super().__init__(config, argv, host=rc.host, env=engine.env,
+        super().__init__(config, argv, host=rc.host, env=self._confined_env(engine, spool),
                          line_level=receiver_level)
+
+    @staticmethod
+    def _confined_env(engine: Dcm4cheEngine, spool: Spool) -> dict[str, str]:
+        env = dict(engine.env)
+        major = java_major(env)
+        # Java 24 removed the Security Manager (JEP 486): the JVM would refuse to start.
+        if major is None or major >= 24:
+            log.warning("dcm4che's storescp runs WITHOUT its write confinement (Java %s): a "
+                        "peer's SOP Instance UID containing '../' can make it write a "
+                        "temporary file outside the spool. Use Java 17-23, or another engine.",
+                        major or "version unknown")
+            return env
+        policy = engine.private_folder() / "storescp.policy"
+        policy.write_text(storescp_policy(spool.incoming.resolve()))
+        # The launcher passes JAVA_OPTS to java split on spaces: the folder has none.
+        env["JAVA_OPTS"] = " ".join(filter(None, [
+            env.get("JAVA_OPTS", ""), "-Djava.security.manager",
+            f"-Djava.security.policy=={policy}"]))
+        return env
 
     def sweep(self) -> None:
         # dcm4che renames <uid>.part when complete: a .part left behind was never finished.
@@ -253,18 +312,22 @@ class Dcm4cheEngine(Engine):
                                         "(set [toolkit].dcm4che_home)")
         self.env = tool_env(self.home)
         self._stores: dict[TLSConfig, JavaStores] = {}
-        self._stores_folder: Path | None = None
+        self._private: Path | None = None
 
     def stores(self, tls: TLSConfig) -> JavaStores:
         """Java key stores for a [tls] table, made once per process in a private folder that
         goes when the engine does."""
         if tls not in self._stores:
-            if self._stores_folder is None:
-                self._stores_folder = Path(tempfile.mkdtemp(prefix="dicom-relay-tls-"))
-                weakref.finalize(self, shutil.rmtree, self._stores_folder, True)
-            self._stores[tls] = java_stores(
-                tls, self._stores_folder / str(len(self._stores)))
+            self._stores[tls] = java_stores(tls, self.private_folder() / str(len(self._stores)))
         return self._stores[tls]
+
+    def private_folder(self) -> Path:
+        """A folder only we can read (0700), made once per process, gone with the engine:
+        key stores and the receiver's security policy."""
+        if self._private is None:
+            self._private = Path(tempfile.mkdtemp(prefix="dicom-relay-dcm4che-"))
+            weakref.finalize(self, shutil.rmtree, self._private, True)
+        return self._private
 
     def _tls(self, destination: Destination) -> list[str] | None:
         return tls_args(self.stores(destination.tls)) if destination.tls is not None else None
