@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import DCMTK_BIN, ORTHANC, Link, Orthanc  # noqa: E402
+from peers import DCM4CHE_HOME, DCMTK_BIN, ORTHANC, Link, Orthanc, with_dcm4che  # noqa: E402
 
 
 def _require(tool: str) -> None:
@@ -33,24 +33,33 @@ def dcmtk() -> Path:
     return DCMTK_BIN
 
 
-@pytest.fixture(params=["embedded", "dcmtk", "dcmtk-tls"])
+@pytest.fixture(params=["embedded", "dcmtk", "dcmtk-tls",
+                        *with_dcm4che("dcm4che", "dcm4che-tls")])
 def link(request: pytest.FixtureRequest, dcmtk: Path, tmp_path: Path) -> Link:
-    """Each engine's sender against the same real peers; DCMTK's also over TLS (storescu,
-    where plain sending uses dcmsend)."""
+    """Each engine's sender against the same real peers, also over TLS for the toolkits
+    (DCMTK then sends with storescu where plain sending uses dcmsend)."""
+    from relay.toolkits.base import Engine
+    from relay.toolkits.dcm4che import Dcm4cheEngine
     from relay.toolkits.dcmtk import DcmtkEngine
     from relay.toolkits.embedded import EmbeddedEngine
 
+    engine: Engine
     if request.param == "embedded":
         return Link(EmbeddedEngine())
-    if request.param == "dcmtk":
-        return Link(DcmtkEngine(dcmtk))
+    if request.param.startswith("dcm4che"):
+        assert DCM4CHE_HOME is not None
+        engine = Dcm4cheEngine(DCM4CHE_HOME)
+    else:
+        engine = DcmtkEngine(dcmtk)
+    if not request.param.endswith("-tls"):
+        return Link(engine)
     from security.pki import make_pki
 
     from relay.config import TLSConfig
     from relay.tls import server_context
 
     pki = make_pki(tmp_path / "pki")
-    return Link(DcmtkEngine(dcmtk),
+    return Link(engine,
                 server_ssl=server_context(TLSConfig(ca=pki.ca, certificate=pki.server_cert,
                                                     private_key=pki.server_key)),
                 tls=TLSConfig(ca=pki.ca, certificate=pki.client_cert,

@@ -23,6 +23,34 @@ from typing import Any
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DCMTK_BIN = Path("/usr/bin")  # never by bare name: pynetdicom's scripts shadow DCMTK's
+REPO = Path(__file__).resolve().parent.parent
+
+
+def find_dcm4che() -> Path | None:
+    """The dcm4che toolkit the tests run: DCM4CHE_HOME, else /opt/dcm4che-toolkit (our Docker
+    image), else the real 5.24.0 toolkit in ../shared beside the checkout (CI)."""
+    for candidate in (os.environ.get("DCM4CHE_HOME"), "/opt/dcm4che-toolkit",
+                      REPO.parent / "shared" / "dcm4che-5.24.0"):
+        if candidate and (Path(candidate) / "bin" / "storescu").is_file():
+            return Path(candidate)
+    return None
+
+
+DCM4CHE_HOME = find_dcm4che()
+NO_DCM4CHE = ("no dcm4che toolkit here: not at $DCM4CHE_HOME, /opt/dcm4che-toolkit or "
+              "../shared/dcm4che-5.24.0 (set DCM4CHE_HOME to run the dcm4che tests)")
+
+
+def with_dcm4che(*params: str) -> list[Any]:
+    """pytest params for the dcm4che engine: run wherever a toolkit is found, else skipped
+    saying why."""
+    import pytest
+
+    return [pytest.param(p, marks=pytest.mark.skipif(DCM4CHE_HOME is None, reason=NO_DCM4CHE))
+            for p in params]
+
+
+ENGINES = ["embedded", "dcmtk", *with_dcm4che("dcm4che")]
 
 
 def free_port() -> int:
@@ -174,6 +202,7 @@ path = "{spool}"
 [toolkit]
 engine = "{engine}"
 converter = "{converter}"
+{f'dcm4che_home = "{DCM4CHE_HOME}"' if engine == "dcm4che" and DCM4CHE_HOME else ""}
 
 [sender]
 retry_initial = 0.2
@@ -327,3 +356,51 @@ class Link:
 
     def scp(self, statuses: dict[int, int] | None = None, **kwargs: Any) -> ScriptedSCP:
         return ScriptedSCP(statuses, ssl_context=self.server_ssl, **kwargs)
+
+
+def dcm4che_env() -> dict[str, str]:
+    from relay.toolkits.dcm4che import tool_env
+
+    assert DCM4CHE_HOME is not None
+    return tool_env(DCM4CHE_HOME)
+
+
+def dcm4che_storescu(files: Iterable[Path], port: int, called_aet: str,
+                     calling_aet: str = "DCM4CHESCU", timeout: float = 300
+                     ) -> subprocess.CompletedProcess[str]:
+    """dcm4che's storescu as the modality (its exit code proves nothing: read the output)."""
+    assert DCM4CHE_HOME is not None
+    argv = [str(DCM4CHE_HOME / "bin" / "storescu"), "-b", calling_aet,
+            "-c", f"{called_aet}@127.0.0.1:{port}", *map(str, files)]
+    return subprocess.run(argv, capture_output=True, text=True, env=dcm4che_env(),
+                          timeout=timeout, check=False)
+
+
+class Dcm4cheStoreSCP:
+    """dcm4che's storescp as a destination PACS, storing into a folder."""
+
+    def __init__(self, folder: Path, aet: str = "DCM4CHESCP") -> None:
+        assert DCM4CHE_HOME is not None
+        self.folder = folder
+        self.aet = aet
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(DCM4CHE_HOME / "bin" / "storescp"), "-b", f"{aet}@127.0.0.1:{self.port}",
+             "--directory", str(folder)], stdout=self.log, stderr=subprocess.STDOUT,
+            env=dcm4che_env())
+        wait_for_port(self.port, 60, self.proc)
+
+    def stored(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.suffix != ".part")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import EG_RULE, Orthanc, free_port, relay_config
+from peers import EG_RULE, ENGINES, Orthanc, free_port, relay_config
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry"]
@@ -110,7 +110,7 @@ def test_status_and_retry(tmp_path: Path) -> None:
     assert (spool / "incoming" / "x.dcm").exists() and not (failed / "x.dcm").exists()
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_run_refuses_a_taken_port(tmp_path: Path, engine: str) -> None:
     import socket
 

@@ -16,6 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from dicomdata import bundled, ct_series, mixed_study
 from peers import (
     EG_RULE,
+    ENGINES,
     Orthanc,
     RelayProcess,
     dcmsend,
@@ -26,9 +27,6 @@ from peers import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-ENGINES = ["embedded", "dcmtk"]
 
 
 def write_config(path: Path, *, port: int, spool: Path, destinations: list[tuple[str, Orthanc]],

@@ -15,7 +15,16 @@ import pytest
 from test_e2e import write_config
 
 from dicomdata import ct_series, multiframe_ct
-from peers import Orthanc, RelayProcess, dcmsend, dcmtk_env, free_port, spool_files, wait_until
+from peers import (
+    Orthanc,
+    RelayProcess,
+    dcmsend,
+    dcmtk_env,
+    free_port,
+    spool_files,
+    wait_until,
+    with_dcm4che,
+)
 from relay.supervisor import port_in_use
 
 pytestmark = pytest.mark.e2e
@@ -66,14 +75,7 @@ def _start(tmp_path: Path, orthanc: Orthanc, engine: str) -> tuple[int, Path, Re
     return port, spool, relay
 
 
-@pytest.fixture
-def dcmtk_relay(tmp_path: Path, orthanc: Orthanc, dcmtk: Path):  # noqa: ANN201
-    started = _start(tmp_path, orthanc, "dcmtk")
-    yield started
-    started[2].stop()
-
-
-@pytest.fixture(params=["dcmtk", "embedded"])
+@pytest.fixture(params=["dcmtk", "embedded", *with_dcm4che("dcm4che")])
 def supervised_relay(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Orthanc,
                      dcmtk: Path):  # noqa: ANN201
     """A relay whose receiver is a supervised process: storescp, or under `run` the
@@ -111,9 +113,26 @@ def test_sigterm_stops_everything_and_leaves_no_orphan(
     assert not port_in_use("0.0.0.0", port)  # noqa: S104
 
 
+def _being_written(spool: Path, engine: str) -> list[Path]:
+    """Where each toolkit's storescp writes an object it is receiving: DCMTK in receiving/,
+    dcm4che as `<uid>.part` in incoming/."""
+    if engine == "dcmtk":
+        return spool_files(spool, "receiving")
+    return [p for p in spool_files(spool, "incoming") if p.suffix == ".part"]
+
+
+@pytest.fixture(params=["dcmtk", *with_dcm4che("dcm4che")])
+def toolkit_relay(request: pytest.FixtureRequest, tmp_path: Path, orthanc: Orthanc,
+                  dcmtk: Path):  # noqa: ANN201
+    started = _start(tmp_path, orthanc, request.param)
+    yield (*started, request.param)
+    started[2].stop()
+
+
 def test_receiver_killed_mid_object_forwards_nothing_truncated(
-        tmp_path: Path, orthanc: Orthanc, dcmtk_relay: tuple[int, Path, RelayProcess]) -> None:
-    port, spool, relay = dcmtk_relay
+        tmp_path: Path, orthanc: Orthanc,
+        toolkit_relay: tuple[int, Path, RelayProcess, str]) -> None:
+    port, spool, relay, engine = toolkit_relay
     big = tmp_path / "big.dcm"
     uid = multiframe_ct(big, 300)
     size = big.stat().st_size
@@ -125,7 +144,7 @@ def test_receiver_killed_mid_object_forwards_nothing_truncated(
     deadline = time.monotonic() + 60
     written = 0
     while time.monotonic() < deadline and written == 0:
-        for f in spool_files(spool, "receiving"):
+        for f in _being_written(spool, engine):
             written = f.stat().st_size
         time.sleep(0.001)
     os.killpg(pid, signal.SIGKILL)
@@ -138,6 +157,7 @@ def test_receiver_killed_mid_object_forwards_nothing_truncated(
               if p.suffix != ".json"]
     assert len(failed) == 1 and failed[0].stat().st_size < size
     assert orthanc.count() == 0 and spool_files(spool, "incoming") == []
+    assert spool_files(spool, "out") == [] and spool_files(spool, "work") == []
 
     # The modality sends again: the complete object arrives, whole.
     wait_until(lambda: port_in_use("0.0.0.0", port), 10, what="listening again")  # noqa: S104

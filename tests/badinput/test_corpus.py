@@ -17,6 +17,7 @@ from pydicom.uid import generate_uid
 from dicomdata import bundled, copy_with_new_uids, ct_series, multiframe_ct
 from peers import (
     EG_RULE,
+    ENGINES,
     RelayProcess,
     ScriptedSCP,
     dcmsend,
@@ -95,7 +96,7 @@ def _broken_files() -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_bad_and_hostile_input(tmp_path: Path, dcmtk: Path, engine: str) -> None:
     sink = ScriptedSCP()
     port = free_port()

@@ -10,6 +10,7 @@ import pytest
 
 from dicomdata import ct_series
 from peers import (
+    ENGINES,
     RelayProcess,
     ScriptedSCP,
     dcmsend,
@@ -22,7 +23,7 @@ from peers import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_destination_down_before_and_during_a_study(tmp_path: Path, dcmtk: Path,
                                                      engine: str) -> None:
     sink_port = free_port()

@@ -13,6 +13,7 @@ import pytest
 from dicomdata import ct_series
 from peers import (
     DCMTK_BIN,
+    ENGINES,
     RelayProcess,
     ScriptedSCP,
     dcmtk_env,
@@ -50,7 +51,7 @@ def _send(files: list[Path], port: int, report: Path) -> dict[str, Outcome]:
             parse_dcmsend_report(report.read_text()).items()}
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_full_disk_answers_out_of_resources_and_recovers(
         tmp_path: Path, small_disk: Path, dcmtk: Path, engine: str) -> None:
     sink_port = free_port()

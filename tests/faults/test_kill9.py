@@ -18,6 +18,7 @@ from dicomdata import ct_series
 from peers import (
     DCMTK_BIN,
     EG_RULE,
+    ENGINES,
     RelayProcess,
     ScriptedSCP,
     dcmtk_env,
@@ -47,7 +48,7 @@ def _modality_round(files: list[Path], port: int, report: Path) -> set[Path]:
         report.read_text()).items() if outcome is Outcome.DELIVERED}
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_kill_9_twenty_times_loses_nothing(tmp_path: Path, dcmtk: Path, engine: str) -> None:
     rng = random.Random(20261126)
     sink = ScriptedSCP()

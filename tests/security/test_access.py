@@ -10,6 +10,7 @@ import pytest
 
 from dicomdata import ct_series
 from peers import (
+    ENGINES,
     RelayProcess,
     ScriptedSCP,
     dcmsend,
@@ -96,7 +97,7 @@ def _still_open(sock: socket.socket) -> bool:
         return False
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_stuck_peer_does_not_block_the_others(tmp_path: Path, sink: ScriptedSCP, dcmtk: Path,
                                                 engine: str) -> None:
     port = free_port()
@@ -121,7 +122,7 @@ def test_a_stuck_peer_does_not_block_the_others(tmp_path: Path, sink: ScriptedSC
         relay.stop()
 
 
-@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_silent_peer_is_disconnected_after_idle_timeout(tmp_path: Path, sink: ScriptedSCP,
                                                           dcmtk: Path, engine: str) -> None:
     port = free_port()

@@ -14,6 +14,7 @@ from pynetdicom import AE
 
 from dicomdata import bundled, copy_with_new_uids, ct_series
 from peers import (
+    ENGINES,
     RelayProcess,
     ScriptedSCP,
     dcmsend,
@@ -28,12 +29,6 @@ from security.pki import Pki, make_pki
 
 pytestmark = pytest.mark.e2e
 
-
-DCM4CHE = pytest.param("dcm4che", marks=pytest.mark.skipif(
-    not Path("/opt/dcm4che-toolkit").is_dir(), reason="the dcm4che toolkit is not installed at "
-    "/opt/dcm4che-toolkit (it runs in the Docker test profile); its key stores and TLS "
-    "settings are proved against Java in tests/test_dcm4che_tls.py"))
-ENGINES = ["embedded", "dcmtk", DCM4CHE]
 
 
 @pytest.fixture
