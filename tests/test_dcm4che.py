@@ -202,6 +202,7 @@ def test_storescp_lines_keep_their_level() -> None:
              "  calledAET: RELAY",
              "]",
              "05:22:53,962 INFO  - RELAY<-STORESCU(1): M-WRITE in/1.2.3.part",
+             "05:22:53,963 INFO  - RELAY<-STORESCU(1): M-RENAME in/1.2.3.part to in/1.2.3",
              "05:22:53,953 INFO  - RELAY<-STORESCU(1) >> 1:C-STORE-RQ[pcid=5, prior=0",
              "  iuid=1.2.3 - ?",
              "05:23:13,253 WARN  - STORESCU->X(1): unrecognized PDU[type=72, len=1]",
@@ -211,8 +212,8 @@ def test_storescp_lines_keep_their_level() -> None:
     for line in lines:
         level = receiver_level(line, level)
         levels.append(level)
-    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG, logging.INFO,
-                      logging.INFO, logging.INFO, logging.WARNING, logging.INFO]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG, logging.DEBUG,
+                      logging.INFO, logging.DEBUG, logging.DEBUG, logging.WARNING, logging.INFO]
 
 
 def test_storescp_may_write_only_in_incoming() -> None:

@@ -86,8 +86,11 @@ def test_dcm4che_relay_end_to_end(tmp_path: Path, orthanc: Orthanc, dcmtk: Path,
     log = relay.output()
     # storescp's INFO lines stay: associations and objects stored...
     assert "storescp: " in log and "A-ASSOCIATE-RQ" in log and "M-RENAME" in log
-    # ...its per-PDU DEBUG dumps do not reach our INFO log.
+    # ...its per-PDU DEBUG dumps and per-message lines do not reach our INFO log.
     assert "enter state: Sta" not in log and "Dataset sending" not in log
+    assert "C-STORE-RQ" not in log and "M-WRITE" not in log
+    lines = sum("storescp: " in line for line in log.splitlines())
+    print(f"\n{lines} lines of storescp at INFO for {len(sent)} objects")
     assert "Try to download" not in log and "OpenCV" not in log
     assert _tree(DCM4CHE_HOME) == before, "something was written into the toolkit's folder"
 

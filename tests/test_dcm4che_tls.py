@@ -1,8 +1,8 @@
-"""DICOM TLS for the dcm4che engine. dcm4che cannot be installed here, so what the relay hands
-it is proved piece by piece: the options exist in the real tools' help (tests/data/dcm4che/),
-and the key stores, protocols and cipher suites work in Java's own TLS (JSSE, which dcm4che
-uses) against Python's TLS with the test's certificates, both ways, and fail where they must.
-The end-to-end TLS tests (tests/security/test_tls.py) run dcm4che where it is installed."""
+"""DICOM TLS for the dcm4che engine, piece by piece: the options exist in the real tools' help
+(tests/data/dcm4che/), and the key stores, protocols and cipher suites work in Java's own TLS
+(JSSE, which dcm4che uses) against Python's TLS with the test's certificates, both ways, and
+fail where they must. These need only Java; the end-to-end TLS tests with the real toolkit are
+in tests/security/test_tls.py and tests/test_sender_statuses.py."""
 
 from __future__ import annotations
 

@@ -121,14 +121,23 @@ def problem_of(output: str, returncode: int) -> str:
     return f"exit {returncode}: {found[-1] if found else last_lines(output, 2)}"
 
 
+# storescp's INFO lines per message and per object (requests, responses, the write of the
+# temporary file) are detail: at our INFO stay connections, associations and objects stored
+# (M-RENAME).
+_DETAIL_AT_INFO = ("C-STORE-RQ", "C-STORE-RSP", "C-ECHO-RQ", "C-ECHO-RSP", "M-WRITE")
+
+
 def receiver_level(line: str, previous: int) -> int:
-    """The log level of one line of storescp's output: its own (`… DEBUG - …`), or for the
-    continuation lines of a multi-line message (PDU dumps), that of the message."""
+    """The log level of one line of storescp's output: its own (`… DEBUG - …`), per-message
+    detail at DEBUG, and for the continuation lines of a multi-line message (PDU dumps) that
+    of the message."""
+    head = line[:40]
     for name, level in (("DEBUG", logging.DEBUG), ("INFO", logging.INFO),
                         ("WARN", logging.WARNING), ("ERROR", logging.ERROR),
                         ("TRACE", logging.DEBUG)):
-        head = line[:40]
         if f" {name} " in head and " - " in head:
+            if level == logging.INFO and any(mark in line for mark in _DETAIL_AT_INFO):
+                return logging.DEBUG
             return level
     return previous if line[:1].isspace() or line.startswith("]") else logging.INFO
 
@@ -267,13 +276,16 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
         tls = (tls_args(engine.stores(rc.tls),
                         require_peer_certificate=rc.tls.require_peer_certificate)
                if rc.tls is not None else None)
-        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, spool.incoming, tls,
+        # One absolute spelling for storescp and its policy: Java compares the paths as
+        # written (normalised, symbolic links not followed).
+        incoming = Path(os.path.abspath(spool.incoming))
+        argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, incoming, tls,
                              rc.idle_timeout)
-        super().__init__(config, argv, host=rc.host, env=self._confined_env(engine, spool),
+        super().__init__(config, argv, host=rc.host, env=self._confined_env(engine, incoming),
                          line_level=receiver_level)
 
     @staticmethod
-    def _confined_env(engine: Dcm4cheEngine, spool: Spool) -> dict[str, str]:
+    def _confined_env(engine: Dcm4cheEngine, incoming: Path) -> dict[str, str]:
         env = dict(engine.env)
         major = java_major(env)
         # Java 24 removed the Security Manager (JEP 486): the JVM would refuse to start.
@@ -284,7 +296,7 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
                         major or "version unknown")
             return env
         policy = engine.private_folder() / "storescp.policy"
-        policy.write_text(storescp_policy(spool.incoming.resolve()))
+        policy.write_text(storescp_policy(incoming))
         # The launcher passes JAVA_OPTS to java split on spaces: the folder has none.
         env["JAVA_OPTS"] = " ".join(filter(None, [
             env.get("JAVA_OPTS", ""), "-Djava.security.manager",
