@@ -8,7 +8,8 @@ Scenarios (sink: DCMTK storescp unless said otherwise):
   direct           dcmsend -> sink (and -> Orthanc)
   relay-embedded   dcmsend -> dicom-relay (embedded engine, PatientID := EthnicGroup) -> sink
   relay-dcmtk      the same on the DCMTK engine
-  relay-dcm4che    where /opt/dcm4che-toolkit exists
+  relay-dcm4che    the same on the dcm4che engine, wherever a toolkit is found (DCM4CHE_HOME,
+                   /opt/dcm4che-toolkit, or ../shared/dcm4che-5.24.0 beside the checkout)
   per-file         the original relay's shape, rebuilt with the installed toolkit: storescp
                    receives; per file dcm2xml -> xmllint (read EthnicGroup) -> dcmodify (write
                    PatientID) -> storescu (send one file) -> delete
@@ -49,6 +50,7 @@ from pydicom import dcmread  # noqa: E402
 
 from dicomdata import ct_series, multiframe_ct  # noqa: E402
 from peers import (  # noqa: E402
+    DCM4CHE_HOME,
     DCMTK_BIN,
     EG_RULE,
     Orthanc,
@@ -61,7 +63,6 @@ from peers import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-DCM4CHE = Path("/opt/dcm4che-toolkit")
 STREAM_RATE = 20.0  # objects per second of the steady stream: well below every engine's rate
 
 
@@ -411,7 +412,7 @@ def main() -> None:
     repeat = args.repeat or (1 if args.smoke else 3)
     small_n, large_n, large_mb, backlog_n, perfile_n, stream_n = (
         (20, 2, 2, 60, 10, 10) if args.smoke else (500, 20, 24, 10000, 100, 200))
-    engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE.is_dir() else [])
+    engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE_HOME is not None else [])
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="dicom-relay-bench-") as tmp:
         work = Path(tmp)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from peers import DCM4CHE_HOME
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
@@ -23,6 +25,8 @@ def test_bench_smoke_runs_every_scenario(dcmtk: Path) -> None:
                      "relay (embedded)", "relay (dcmtk)",
                      "original per-file pipeline (DCMTK tools)", "Orthanc auto-router (Lua)"):
         assert f"| {scenario} |" in result.stdout, scenario
+    # The dcm4che engine has its rows wherever a toolkit is found (in CI: ../shared).
+    assert ("| relay (dcm4che) |" in result.stdout) == (DCM4CHE_HOME is not None)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| relay (")]
     assert {line.split(" | ")[1] for line in rows} == {"small", "large", "backlog", "stream"}
     assert all("| 1.00 |" in line for line in result.stdout.splitlines()
