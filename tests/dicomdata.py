@@ -126,3 +126,45 @@ def multiframe_ct(target: Path, megabytes: int, *, ethnic_group: str = "BIG") ->
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=False)
     return uid
+
+
+IDENTIFYING = {
+    "PatientName": "Pérez^Juan^Carlos", "PatientID": "HC-0042", "PatientBirthDate": "19610704",
+    "AccessionNumber": "ACC777", "InstitutionName": "Clínica San Martín",
+    "ReferringPhysicianName": "Gómez^Ana", "StationName": "CT-SANMARTIN",
+    "StudyDescription": "TORAX Pérez HC-0042", "OperatorsName": "Ruiz^Luis",
+    "StudyID": "S123", "OtherPatientIDs": "DNI-12345678",
+}
+
+
+def identified_study(folder: Path, series: list[int]) -> dict[str, list[str]]:
+    """One study of CT_small copies, `series[i]` objects in series i, carrying identifying
+    values (IDENTIFYING, EthnicGroup 'EG-STUDY', and a private element). Returns series folder
+    name → its SOP Instance UIDs; the objects of series i are in folder/series{i}/."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(bundled("CT_small.dcm"))
+    for keyword, value in IDENTIFYING.items():
+        setattr(ds, keyword, value)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.EthnicGroup = "EG-STUDY"
+    ds.StudyInstanceUID = generate_uid()
+    out: dict[str, list[str]] = {}
+    number = 0
+    for i, count in enumerate(series):
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SeriesNumber = i + 1
+        name = f"series{i}"
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        out[name] = []
+        for _ in range(count):
+            number += 1
+            uid = generate_uid()
+            ds.SOPInstanceUID = uid
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ds.InstanceNumber = number
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.save_as(folder / name / f"{number:03d}.dcm", enforce_file_format=False)
+            out[name].append(uid)
+    return out
