@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -16,7 +18,9 @@ import typer
 from relay import __version__
 from relay.config import Config, ConfigError, Destination, load_config
 from relay.edit import BadInput, Editor
+from relay.hold import held_studies
 from relay.pipeline import Relay, spool_for
+from relay.route import Router
 from relay.supervisor import LOG_PLAIN_ENV
 from relay.toolkits import select_engine
 from relay.toolkits.base import DestinationUnavailable, Engine, Outcome, ToolFailure
@@ -229,14 +233,20 @@ def edit(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (recursive).")],
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", "-n", help="Show, per file, each attribute before -> after; write nothing.")]
+        "--dry-run", "-n", help="Show, per file, each attribute before -> after, the "
+        "destinations it would go to (and for the others which filter key failed) and each "
+        "destination's own changes; write nothing.")]
     = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Folder for the edited copies (originals are never changed).")]
+        "--output", "-o", help="Folder for the edited copies (originals are never changed); "
+        "destinations with rules of their own get theirs in DIR/<destination>/.")]
     = None,
+    calling_ae: Annotated[str | None, typer.Option(
+        "--calling-ae", help="Route as if sent by this AE title (default: the one the file "
+        "records, (0002,0016)).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Apply the configured rules to files: to try rules before putting them in service."""
+    """Apply the configured rules and routes to files: to try them before production."""
     cfg = _load(config, verbose)
     if not dry_run and output is None:
         typer.echo("error: give --dry-run to see the changes, or --output DIR to write edited "
@@ -246,22 +256,53 @@ def edit(
         output.mkdir(parents=True, exist_ok=True)
     converter = _engine(cfg).toolkit_converter() if cfg.toolkit.converter == "toolkit" else None
     editor = Editor(cfg.rules, converter)
+    router = Router(cfg.destinations, converter, called_ae=cfg.receiver.ae_title)
     bad = 0
     for path in _expand(paths):
-        dst = None if dry_run or output is None else output / path.name
-        if dst is not None and dst.exists():
-            dst.unlink()
-        try:
-            outcome = editor.edit(path, dst)
-        except BadInput as exc:
-            typer.echo(f"{path}: NOT RELAYABLE ({exc.reason}): {exc.detail}")
-            bad += 1
-            continue
-        typer.echo(f"{path}:" + ("" if outcome.changes else " no change"))
-        for change in outcome.changes:
-            typer.echo(f"  {change}")
-        for missing in outcome.missing:
-            typer.echo(f"  rule skipped (source missing, on_missing = keep): {missing}")
+        with tempfile.TemporaryDirectory(prefix="dicom-relay-edit-") as tmp:
+            # Edited in a folder of its own: the routes look at the edited object.
+            source = Path(tmp) / "original.dcm"
+            shutil.copyfile(path, source)
+            edited = Path(tmp) / "edited.dcm"
+            try:
+                outcome = editor.edit(source, edited)
+            except BadInput as exc:
+                typer.echo(f"{path}: NOT RELAYABLE ({exc.reason}): {exc.detail}")
+                bad += 1
+                continue
+            typer.echo(f"{path}:" + ("" if outcome.changes else " no change"))
+            for change in outcome.changes:
+                typer.echo(f"  {change}")
+            for missing in outcome.missing:
+                typer.echo(f"  rule skipped (source missing, on_missing = keep): {missing}")
+            if output is not None:
+                shutil.copyfile(edited, output / path.name)
+            if not cfg.destinations:
+                continue
+            routing = router.route(edited, calling_ae or outcome.source_ae)
+            for name in routing.to:
+                edits = router.edits.get(name)
+                if edits is None:
+                    typer.echo(f"  -> {name}" + (": as above" if outcome.changes else ""))
+                    continue
+                typer.echo(f"  -> {name}, with its own rules: {'; '.join(edits.describe())}")
+                target = None
+                if output is not None:
+                    (output / name).mkdir(exist_ok=True)
+                    target = output / name / path.name
+                    target.unlink(missing_ok=True)
+                try:
+                    for change in edits.edit(edited, target):
+                        typer.echo(f"       {change}")
+                except BadInput as exc:
+                    typer.echo(f"       NOT RELAYABLE to {name} ({exc.reason}): {exc.detail}")
+                    bad += 1
+            for name, why in routing.not_to.items():
+                typer.echo(f"  not to {name}: {why}")
+            if not routing.to:
+                keep = ("kept in failed/unrouted/" if cfg.process.unrouted == "keep"
+                        else "deleted")
+                typer.echo(f"  no destination takes it: it would be {keep}")
     if bad:
         raise typer.Exit(1)
 
@@ -282,6 +323,19 @@ def check(
                f"{len(cfg.rules)} rule(s))")
     for i, rule in enumerate(cfg.rules):
         typer.echo(f"  rule {i + 1}: {rule.describe()} (on_missing = {rule.on_missing})")
+    for dest in cfg.destinations:
+        extra = []
+        if dest.filter is not None:
+            extra.append("only " + ", ".join(
+                f"{k.key}={'|'.join([*k.include, *('!' + x for x in k.exclude)])}"
+                for k in dest.filter.keys))
+        if dest.rules:
+            extra.append("own rules: " + "; ".join(r.describe() for r in dest.rules))
+        if dest.hold_until_stable:
+            extra.append(f"held until quiet {dest.hold_until_stable:g} s "
+                         f"(at most {dest.hold_max:g} s)")
+        typer.echo(f"  destination {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}"
+                   + (f" ({'; '.join(extra)})" if extra else ""))
     engine = _engine(cfg)
     typer.echo(f"engine: {engine.describe()}")
     spool_root = cfg.spool.path
@@ -310,6 +364,17 @@ def status(
         return
     for folder, count in spool.depth().items():
         typer.echo(f"{folder:<24} {count}")
+    now = time.time()
+    for dest in cfg.destinations:
+        if dest.hold_until_stable <= 0:
+            continue
+        studies = held_studies(spool.queued(dest.name))
+        typer.echo(f"\nheld for {dest.name} (until quiet {dest.hold_until_stable:g} s, at "
+                   f"most {dest.hold_max:g} s): {len(studies)} stud"
+                   + ("y" if len(studies) == 1 else "ies"))
+        for study in studies:
+            typer.echo(f"  {study.uid}: {len(study.paths)} object(s), first {now - study.first:.0f}"
+                       f" s ago, last {now - study.last:.0f} s ago")
     recent = list(spool.failures())
     if recent:
         typer.echo(f"\nrecent failures ({min(failures, len(recent))} of {len(recent)}):")

@@ -7,6 +7,7 @@ PACS administrator looking at a systemd journal, not at a Python traceback.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import tomllib
 from collections.abc import Iterable
@@ -82,9 +83,15 @@ class SenderConfig:
     timeout: float = 30.0
 
 
+UNROUTED = ("keep", "delete")
+
+
 @dataclass(frozen=True)
 class ProcessConfig:
     workers: int = 2
+    # An object no destination's filter takes: kept in failed/unrouted/, or deleted (after
+    # its audit line).
+    unrouted: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,17 @@ class Destination:
     host: str
     port: int
     tls: TLSConfig | None = None
+    # Which objects it gets (relay.route.DestinationFilter; None: every object).
+    filter: Any = field(default=None, compare=False)
+    # Its own rules, applied after the global ones (EditRule and Deidentifier instances), and
+    # a key that is equal for destinations whose rules are written the same (same result:
+    # they share one file).
+    rules: tuple[Any, ...] = field(default=(), compare=False)
+    rules_key: str = field(default="", compare=False)
+    # Objects of a study wait until none came for this long (seconds; 0: sent as they
+    # arrive), or until hold_max after the first arrived.
+    hold_until_stable: float = 0.0
+    hold_max: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -325,8 +343,73 @@ def _tls(t: Table, *, server: bool) -> TLSConfig:
     return tls
 
 
+def _filter(t: Table) -> Any:
+    from relay.route import DestinationFilter, FilterError, key_filter
+
+    if not t.data:
+        raise t.error("", "at least one key (no [destinations.filter] at all: every object)",
+                      show_got=False)
+    keys = []
+    for key, value in t.data.items():
+        try:
+            keys.append(key_filter(key, value))
+        except FilterError as exc:
+            raise t.error(key, str(exc), value) from None
+    return DestinationFilter(tuple(keys))
+
+
+def _deidentify(t: Table) -> Any:
+    from pydicom.datadict import tag_for_keyword
+
+    from relay.deidentify import PROFILES, Deidentifier, DeidentifyError, read_secret
+
+    t.check_keys(["deidentify", "secret_file", "keep", "retain_dates", "clean_descriptions"])
+    profile = t.str("deidentify", choices=PROFILES)
+    path = Path(t.str("secret_file", what="the file of the secret that keys replacement UIDs "
+                      "and pseudonyms (at least 16 random bytes)"))
+    if not path.is_absolute():
+        path = (t.file.parent / path).resolve()
+    try:
+        secret = read_secret(path)
+    except DeidentifyError as exc:
+        raise t.error("secret_file", str(exc), show_got=False) from None
+    keep = t.str_list("keep", what="DICOM keyword")
+    for keyword in keep:
+        if tag_for_keyword(keyword) is None:
+            raise t.error("keep", "a list of DICOM keywords (e.g. PatientAge, StudyDate)",
+                          keyword)
+    return Deidentifier(secret=secret, keep=keep, retain_dates=t.bool("retain_dates", False),
+                        clean_descriptions=t.bool("clean_descriptions", False), profile=profile)
+
+
+def _destination_rules(t: Table) -> tuple[tuple[Any, ...], str]:
+    from relay.rules import RuleError, rule_from_table
+
+    value = t.data.get("rules", [])
+    if not isinstance(value, list):
+        raise t.error("rules", "an array of tables ([[destinations.rules]])", value)
+    rules = []
+    for i, item in enumerate(value):
+        rt = Table(t.file, f"{t.prefix}.rules[{i}]", item)
+        if rt.has("deidentify"):
+            rules.append(_deidentify(rt))
+            continue
+        try:
+            rules.append(rule_from_table(rt))
+        except RuleError as exc:
+            raise ConfigError(f"{t.file}: {rt.prefix}: {exc}") from None
+    return tuple(rules), json.dumps(value, sort_keys=True, default=str) if value else ""
+
+
 def _destination(t: Table) -> Destination:
-    t.check_keys(["name", "ae_title", "host", "port", "tls"])
+    t.check_keys(["name", "ae_title", "host", "port", "tls", "filter", "rules",
+                  "hold_until_stable", "hold_max"])
+    rules, rules_key = _destination_rules(t)
+    hold = t.float("hold_until_stable", 0.0, lo=0, hi=7 * 86400)
+    hold_max = t.float("hold_max", max(3600.0, hold), lo=1, hi=30 * 86400)
+    if hold and hold_max < hold:
+        raise t.error("hold_max", f"a number of seconds >= hold_until_stable ({hold:g})",
+                      hold_max)
     return Destination(
         name=t.str("name", what="a name of letters, digits, '-', '_' or '.' (it names a spool "
                    "folder)", pattern=_NAME_RE),
@@ -334,6 +417,11 @@ def _destination(t: Table) -> Destination:
         host=t.str("host", what="an IP address or host name"),
         port=t.int("port", None, lo=1, hi=65535),
         tls=_tls(t.sub("tls"), server=False) if t.has("tls") else None,
+        filter=_filter(t.sub("filter")) if t.has("filter") else None,
+        rules=rules,
+        rules_key=rules_key,
+        hold_until_stable=hold,
+        hold_max=hold_max,
     )
 
 
@@ -358,7 +446,7 @@ def load_config(path: str | Path) -> Config:
                     "rules", "log_level"])
     receiver = _receiver(top.sub("receiver"))
     process = top.sub("process")
-    process.check_keys(["workers"])
+    process.check_keys(["workers", "unrouted"])
     destinations = tuple(_destination(t) for t in top.array_of_tables("destinations"))
     seen: set[str] = set()
     for i, dest in enumerate(destinations):
@@ -368,6 +456,10 @@ def load_config(path: str | Path) -> Config:
         seen.add(dest.name)
     rules = []
     for t in top.array_of_tables("rules"):
+        if t.has("deidentify"):
+            raise t.error("deidentify", "it in a destination's own rules "
+                          "([[destinations.rules]]): de-identified copies go to the "
+                          "destinations that need them", show_got=False)
         try:
             rules.append(rule_from_table(t))
         except RuleError as exc:
@@ -378,7 +470,8 @@ def load_config(path: str | Path) -> Config:
         spool=_spool(top.sub("spool")),
         toolkit=_toolkit(top.sub("toolkit")),
         sender=_sender(top.sub("sender"), receiver),
-        process=ProcessConfig(workers=process.int("workers", ProcessConfig().workers, lo=1, hi=64)),
+        process=ProcessConfig(workers=process.int("workers", ProcessConfig().workers, lo=1, hi=64),
+                              unrouted=process.str("unrouted", "keep", choices=UNROUTED)),
         audit=_audit(top.sub("audit")),
         destinations=destinations,
         rules=tuple(rules),

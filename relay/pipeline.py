@@ -1,4 +1,5 @@
-"""Wires the stages: receiver → incoming/ → watcher → editor workers → out/<dest>/ → senders.
+"""Wires the stages: receiver → incoming/ → watcher → editor workers → router →
+out/<dest>/ → senders.
 
 Each stage talks to the next through the spool folders (the truth, which survives a crash) and
 an in-memory queue (so nothing rescans a folder per file).
@@ -7,16 +8,19 @@ an in-memory queue (so nothing rescans a folder per file).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Config
 from relay.edit import BadInput, Editor
+from relay.route import Router, Routing
 from relay.send import DestinationSender
-from relay.spool import Failure, Spool
+from relay.spool import PARTIAL_SUFFIX, Failure, Spool
 from relay.toolkits.base import Engine, Receiver
 from relay.watch import IncomingWatcher
 
@@ -34,11 +38,11 @@ class Committer:
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self._pending: list[tuple[Path, Path]] = []
+        self._pending: list[tuple[Path, Iterable[Path]]] = []
         self._cond = threading.Condition()
         self._stopping = False
 
-    def add(self, claimed: Path, edited: Path) -> None:
+    def add(self, claimed: Path, edited: Iterable[Path]) -> None:
         with self._cond:
             self._pending.append((claimed, edited))
             self._cond.notify()
@@ -66,16 +70,20 @@ class Committer:
 
 
 class Processor:
-    """Claims incoming objects, applies the rules, publishes to every destination's queue."""
+    """Claims incoming objects, applies the rules, routes them, publishes to the queues of
+    the destinations they are routed to."""
 
     def __init__(self, spool: Spool, editor: Editor, senders: list[DestinationSender],
-                 audit: AuditLog = NO_AUDIT, committer: Committer | None = None) -> None:
+                 audit: AuditLog = NO_AUDIT, committer: Committer | None = None,
+                 router: Router | None = None, unrouted: str = "keep") -> None:
         self.spool = spool
         self.editor = editor
-        self.senders = senders
+        self.senders = {s.destination.name: s for s in senders}
         self.audit = audit
         # None: every object is made durable on its own (fsync of file and folders).
         self.committer = committer
+        self.router = router or Router([s.destination for s in senders])
+        self.unrouted = unrouted
 
     def process(self, path: Path) -> bool:
         """Handle one incoming object; False if another worker had already claimed it."""
@@ -118,12 +126,64 @@ class Processor:
                           transfer_syntax=outcome.transfer_syntax)
         self.audit.record("edited", claimed.name, changes=self.audit.changes(outcome.changes),
                           rules_skipped=len(outcome.missing) or None)
-        queued = self.spool.publish(claimed, edited, durable=self.committer is None)
+        try:
+            routing = self.router.route(edited, outcome.source_ae)
+        except (OSError, ValueError, TypeError) as exc:
+            edited.unlink(missing_ok=True)
+            log.error("%s: cannot read it to route it (%s): quarantined", claimed.name, exc)
+            self.spool.fail(claimed, Failure("unreadable", f"routing: {exc}", "route"))
+            self.audit.record("failed", claimed.name, stage="route", reason="unreadable")
+            return True
+        # Why not, with the value that decided it, unless the audit keeps no patient values
+        # (then only the filter key that refused it).
+        why_not = routing.not_to if self.audit.patient_values else routing.refused_by
+        self.audit.record("routed", claimed.name, to=list(routing.to),
+                          not_to=dict(why_not) or None)
+        if not routing.to:
+            return self._unrouted(claimed, edited, routing)
+        durable = self.committer is None
+        copies, failed = self.router.copies(self.spool, claimed, edited, routing.to,
+                                            sync=durable)
+        for name, exc in failed.items():
+            self._failed_for(claimed, name, exc)
+        if not copies:  # every destination's own edit failed: nothing left to send
+            edited.unlink(missing_ok=True)
+            claimed.unlink()
+            return True
+        queued = self.spool.publish(claimed, copies, durable=durable)
         if self.committer is not None:
-            self.committer.add(claimed, edited)
-        for sender, path_out in zip(self.senders, queued, strict=True):
-            sender.enqueue(path_out)
+            self.committer.add(claimed, (edited, *set(copies.values())))
+        else:
+            edited.unlink(missing_ok=True)  # when every destination had its own edit
+        for name, path_out in zip(copies, queued, strict=True):
+            self.senders[name].enqueue(path_out)
         return True
+
+    def _unrouted(self, claimed: Path, edited: Path, routing: Routing) -> bool:
+        why = "; ".join(f"{d}: {w}" for d, w in routing.not_to.items()) or "no destinations"
+        edited.unlink(missing_ok=True)
+        if self.unrouted == "delete":
+            log.info("%s: no destination takes it (%s): deleted ([process].unrouted = "
+                     "\"delete\")", claimed.name, why)
+            claimed.unlink()
+            return True
+        log.warning("%s: no destination takes it (%s): kept in failed/unrouted/",
+                    claimed.name, why)
+        self.spool.fail(claimed, Failure("unrouted", why, "route"))
+        return True
+
+    def _failed_for(self, claimed: Path, destination: str, exc: BadInput) -> None:
+        """A destination's own edit failed: that destination gets nothing, the others go on.
+        The original is kept for it (`retry` processes it again, for every destination its
+        filters pick: a duplicate for the others, which PACS drop by SOP Instance UID)."""
+        log.error("%s: %s's own rules failed (%s): quarantined for it in failed/%s/",
+                  claimed.name, destination, exc.detail, exc.reason)
+        keep = self.spool.work / f".{claimed.name}{PARTIAL_SUFFIX}"
+        keep.unlink(missing_ok=True)
+        os.link(claimed, keep)
+        self.spool.fail(keep, Failure(exc.reason, exc.detail, "route", destination))
+        self.audit.record("failed", claimed.name, stage="route", destination=destination,
+                          reason=exc.reason)
 
 
 class Relay:
@@ -173,7 +233,10 @@ class Relay:
             self._commit_thread = threading.Thread(target=self.committer.run, name="commit",
                                                    daemon=True)
             self._commit_thread.start()
-            processor = Processor(self.spool, editor, self.senders, audit, self.committer)
+            router = Router(self.config.destinations, converter,
+                            called_ae=self.config.receiver.ae_title)
+            processor = Processor(self.spool, editor, self.senders, audit, self.committer,
+                                  router, self.config.process.unrouted)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.

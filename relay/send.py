@@ -17,6 +17,7 @@ from pathlib import Path
 
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Destination, SenderConfig
+from relay.hold import StudyHold, arrival, study_of
 from relay.spool import Failure, Spool
 from relay.toolkits.base import Engine, Outcome, SendResult
 
@@ -47,7 +48,7 @@ class DestinationSender:
 
     def __init__(self, spool: Spool, destination: Destination, engine: Engine,
                  config: SenderConfig, clock: Callable[[], float] = time.monotonic,
-                 audit: AuditLog = NO_AUDIT) -> None:
+                 audit: AuditLog = NO_AUDIT, wall: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.audit = audit
         self.destination = destination
@@ -70,14 +71,35 @@ class DestinationSender:
         self._stop = threading.Event()
         self._hold_until = 0.0  # whole destination backing off (it is down)
         self._down_attempts = 0
+        # hold_until_stable: objects wait by study; their timers are wall-clock file times.
+        self.wall = wall
+        self.hold = (StudyHold(destination.hold_until_stable, destination.hold_max)
+                     if destination.hold_until_stable > 0 else None)
 
     def enqueue(self, path: Path) -> None:
+        held = None
+        if self.hold is not None:
+            try:
+                held = (study_of(path), arrival(path))
+            except FileNotFoundError:
+                return  # gone meanwhile (sent by an earlier run's queue, or requeued)
         with self._cond:
             if path not in self._known:
                 self._known.add(path)
-                self._ready.append(path)
-                self._ready_since[path] = self.clock()
+                if held is not None and self.hold is not None:
+                    self.hold.add(path, *held)
+                else:
+                    self._ready.append(path)
+                    self._ready_since[path] = self.clock()
                 self._cond.notify()
+
+    def held(self) -> list[tuple[str, int, float]]:
+        """(StudyInstanceUID, objects, seconds since its last object) of each held study."""
+        if self.hold is None:
+            return []
+        now = self.wall()
+        with self._cond:
+            return [(s.uid, len(s.paths), now - s.last) for s in self.hold.studies.values()]
 
     def load_backlog(self) -> int:
         """Queue what is already in out/<dest>/ (a restart, or files put there by hand)."""
@@ -102,6 +124,16 @@ class DestinationSender:
         with self._cond:
             while not self._stop.is_set():
                 now = self.clock()
+                if self.hold is not None and now >= self._hold_until:
+                    for study in self.hold.release(self.wall()):
+                        log.info("%s: study %s released: %d object(s), quiet for %.0f s",
+                                 self.destination.name, study.uid, len(study.paths),
+                                 self.wall() - study.last)
+                        for path in study.paths:
+                            self.audit.record("released", path.name,
+                                              destination=self.destination.name,
+                                              study=study.uid)
+                        return study.paths  # the whole study, one association
                 for path, due in list(self._delayed.items()):
                     if due <= now:
                         del self._delayed[path]
@@ -120,6 +152,8 @@ class DestinationSender:
                 if give_up is not None and now >= give_up:
                     return []
                 waits = [due - now for due in self._delayed.values()]
+                if self.hold is not None and (due_at := self.hold.next_due()) is not None:
+                    waits.append(max(0.05, due_at - self.wall()))
                 if self._ready:
                     waits.append(max(self._hold_until, full_at) - now)
                 if give_up is not None:

@@ -17,7 +17,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,43 +201,52 @@ class Spool:
                     path.unlink()
         return count
 
-    def edited_path(self, claimed: Path) -> Path:
-        return self.work / f"{claimed.name}.edited{PARTIAL_SUFFIX}"
+    def edited_path(self, claimed: Path, variant: int | None = None) -> Path:
+        """Where the edit of a claimed object is written (variant: a destination's own edit
+        of it); unpublished, these are dropped at start-up and rebuilt."""
+        extra = "" if variant is None else f".{variant}"
+        return self.work / f"{claimed.name}.edited{extra}{PARTIAL_SUFFIX}"
 
-    def publish(self, claimed: Path, edited: Path, *, durable: bool = True) -> list[Path]:
-        """Hand an edited object to every destination (one hard link each), then drop the
-        claimed original. Until the last step the original is still in work/, so a crash
-        here repeats the edit (a duplicate at worst, never a loss).
+    def publish(self, claimed: Path, edited: Path | Mapping[str, Path], *,
+                durable: bool = True) -> list[Path]:
+        """Hand an edited object to its destinations (one hard link each: `edited` for every
+        destination, or destination -> its own edit), then drop the claimed original. Until
+        the last step the original is still in work/, so a crash here repeats the edit (a
+        duplicate at worst, never a loss). Returns the queued paths in the mapping's order.
 
-        durable=False links only: the caller must `commit` (claimed, edited) later, which
+        durable=False links only: the caller must `commit` (claimed, edits) later, which
         makes the links and the edited data durable first and only then drops the original."""
-        if not self.destinations:
-            raise RuntimeError("no destinations configured: refusing to drop an object")
+        copies = ({dest: edited for dest in self.destinations} if isinstance(edited, Path)
+                  else dict(edited))
+        if not copies:
+            raise RuntimeError("no destinations to publish to: refusing to drop an object")
         queued = []
-        for dest in self.destinations:
+        for dest, source in copies.items():
             target = self.outbox(dest) / claimed.name
             tmp = self.outbox(dest) / f".{claimed.name}{PARTIAL_SUFFIX}"
             tmp.unlink(missing_ok=True)
-            os.link(edited, tmp)
+            os.link(source, tmp)
             os.replace(tmp, target)
             queued.append(target)
         if durable:
-            for dest in self.destinations:
+            for dest in copies:
                 _fsync_dir(self.outbox(dest))
-            edited.unlink()
+            for source in set(copies.values()):
+                source.unlink()
             claimed.unlink()
         return queued
 
-    def commit(self, published: list[tuple[Path, Path]]) -> None:
+    def commit(self, published: Sequence[tuple[Path, Path | Iterable[Path]]]) -> None:
         """Make many unsynced publishes durable with one sync of the spool's file system, then
-        drop their originals from work/. One syncfs instead of a file and a folder fsync per
-        object: the same guarantee (nothing leaves work/ before its copies in out/ are on
-        disk), a fraction of the cost when objects arrive in hundreds."""
+        drop their originals and edits from work/. One syncfs instead of a file and a folder
+        fsync per object: the same guarantee (nothing leaves work/ before its copies in out/
+        are on disk), a fraction of the cost when objects arrive in hundreds."""
         if not published:
             return
         sync_filesystem(self.root)
-        for claimed, edited in published:
-            edited.unlink(missing_ok=True)
+        for claimed, edits in published:
+            for edited in [edits] if isinstance(edits, Path) else edits:
+                edited.unlink(missing_ok=True)
             claimed.unlink(missing_ok=True)
 
     # --- sending ---------------------------------------------------------------------------
@@ -291,14 +300,17 @@ class Spool:
 
     def requeue(self, path: Path, info: dict[str, object]) -> Path:
         """Put a quarantined object back: to its destination's queue if it failed sending
-        there, otherwise to incoming/ to be processed again."""
+        there, otherwise to incoming/ to be processed again (an object that failed a
+        destination's own edit is the original: it must go through those rules again)."""
         dest = info.get("destination")
         name = path.name
-        if isinstance(dest, str) and dest in self.destinations:
+        if isinstance(dest, str) and dest in self.destinations and info.get("stage") != "route":
             prefix = f"{dest}--"
             name = name[len(prefix):] if name.startswith(prefix) else name
             target = self.outbox(dest) / name
         else:
+            if isinstance(dest, str):
+                name = name.removeprefix(f"{dest}--")
             target = self.incoming / name
         os.rename(path, target)
         path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)

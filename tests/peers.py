@@ -284,6 +284,7 @@ class ScriptedSCP:
         self.received: list[str] = []
         self.patient_ids: dict[str, object] = {}
         self.syntaxes: dict[str, str] = {}  # SOP Instance UID → transfer syntax it came in
+        self.associations: dict[str, int] = {}  # SOP Instance UID → the association it came on
         self.resets = 0
         self.port = port or free_port()
         self._per_assoc: dict[int, int] = {}
@@ -321,6 +322,7 @@ class ScriptedSCP:
             self.received.append(uid)
             self.patient_ids[uid] = ds.get("PatientID")
             self.syntaxes[uid] = str(event.context.transfer_syntax)
+            self.associations[uid] = key
         return status
 
     def counts(self) -> dict[str, int]:

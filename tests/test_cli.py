@@ -136,3 +136,30 @@ def test_echo_receiver_is_a_health_check(tmp_path: Path) -> None:
         assert result.returncode == 0 and "ok   receiver DICOMRELAY@127.0.0.1" in result.stdout
     finally:
         relay.stop()
+
+
+def test_edit_dry_run_shows_routes_and_each_destinations_changes(tmp_path: Path) -> None:
+    from dicomdata import identified_study
+
+    identified_study(tmp_path / "study", [1])
+    [path] = sorted((tmp_path / "study").rglob("*.dcm"))
+    (tmp_path / "deid.key").write_bytes(b"k" * 32)
+    cfg = relay_config(tmp_path / "relay.toml", port=free_port(), spool=tmp_path / "spool",
+                       rules=EG_RULE, destinations=[
+        ("diagnostic", "DIAG", 104, '[destinations.filter]\nModality = ["CT", "MR"]'),
+        ("mr-only", "MRPACS", 104, '[destinations.filter]\nModality = "MR"'),
+        ("research", "RESEARCH", 104, '[[destinations.rules]]\ndeidentify = "basic"\n'
+         f'secret_file = "{tmp_path / "deid.key"}"')])
+    before = path.read_bytes()
+    result = cli("edit", "--config", str(cfg), "--dry-run", "--calling-ae", "SCANNER",
+                 str(path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "  PatientID: 'HC-0042' -> 'EG-STUDY'" in out
+    assert "  -> diagnostic: as above" in out
+    assert "  not to mr-only: Modality 'CT' matches none of MR" in out
+    assert "  -> research, with its own rules: deidentify basic" in out
+    assert "       PatientName: 'Pérez^Juan^Carlos' -> ''" in out
+    assert "       PatientID: 'EG-STUDY' -> 'ANON-" in out
+    assert path.read_bytes() == before, "a dry run writes nothing"
+    assert not (tmp_path / "spool").exists()

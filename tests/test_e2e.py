@@ -255,8 +255,9 @@ def test_audit_log_tells_each_objects_story(tmp_path: Path, orthanc: Orthanc, dc
         by_object.setdefault(line["object"], []).append(line)
     assert len(by_object) == 3
     for steps in by_object.values():
-        assert [s["step"] for s in steps] == ["received", "edited", "delivered"]
-        received, edited, delivered = steps
+        assert [s["step"] for s in steps] == ["received", "edited", "routed", "delivered"]
+        received, edited, routed, delivered = steps
+        assert routed["to"] == ["central"] and "not_to" not in routed
         assert received["calling_ae"] == "CT01" and received["sop_instance_uid"] in uids
         assert delivered["destination"] == "central" and delivered["status"] == "0x0000"
         if patient_values:

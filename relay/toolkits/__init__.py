@@ -52,8 +52,25 @@ def _prepare_dcm4che_tls(config: Config, engine: Dcm4cheEngine) -> None:
                               f"dcm4che needs: {exc}") from None
 
 
+def _check_filters(config: Config, engine: Engine) -> Engine:
+    """Refuse a filter key the engine cannot know, naming it."""
+    if not engine.knows_called_ae:
+        for i, dest in enumerate(config.destinations):
+            if dest.filter is not None and any(k.key == "called_ae" for k in dest.filter.keys):
+                raise ConfigError(
+                    f"{config.source}: [[destinations]][{i}].filter.called_ae: the "
+                    f"{engine.name} engine cannot know the called AE title (its storescp "
+                    "accepts any): expected no called_ae filter, or engine = \"embedded\" "
+                    "or \"dcm4che\"")
+    return engine
+
+
 def select_engine(config: Config) -> Engine:
     """The engine the config asks for; config errors name the file and the key."""
+    return _check_filters(config, _select_engine(config))
+
+
+def _select_engine(config: Config) -> Engine:
     tk = config.toolkit
     wanted = tk.engine
     if wanted == "auto":

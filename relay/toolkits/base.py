@@ -87,6 +87,9 @@ class Engine(ABC):
     # Seconds a small batch waits for more objects (see SenderConfig.batch_wait). Engines that
     # start a tool process per batch amortise its start over a few objects of a stream.
     batch_wait: float = 0.0
+    # Its receiver refuses associations to any called AE title but ours, so `called_ae` (a
+    # filter key) is known: [receiver].ae_title. DCMTK's storescp accepts any.
+    knows_called_ae: bool = True
 
     @abstractmethod
     def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:

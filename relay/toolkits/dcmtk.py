@@ -419,6 +419,7 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
 
 class DcmtkEngine(Engine):
     name = "dcmtk"
+    knows_called_ae = False  # storescp accepts any called AE title
     # A dcmsend per object of a steady stream cost ~20 ms of CPU each (measured, 20/s).
     batch_wait = 0.1
 

@@ -1,0 +1,94 @@
+"""Holding a destination's objects until their study is complete (`hold_until_stable`).
+
+A study is released, all its objects together (one association), once no new object of it
+arrived for `hold_until_stable` seconds, or `hold_max` after its first object arrived, so that
+a study that keeps growing is not held for ever. Arrival is the time the object was queued
+for the destination: its file's modification time in out/<dest>/, so after a restart the
+timers resume from the spool, not from zero. Pure bookkeeping; the sender asks it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+
+UNKNOWN_STUDY = "(no StudyInstanceUID)"
+
+
+def study_of(path: Path) -> str:
+    """The object's StudyInstanceUID (its header only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        except Exception:  # noqa: BLE001 - unreadable: held on its own, sent, and failed there
+            return UNKNOWN_STUDY
+    return str(ds.get("StudyInstanceUID", "") or UNKNOWN_STUDY)
+
+
+def arrival(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+@dataclass
+class HeldStudy:
+    uid: str
+    first: float
+    last: float
+    paths: list[Path] = field(default_factory=list)
+
+    def due(self, hold: float, hold_max: float) -> float:
+        """When it may go: quiet for `hold`, or `hold_max` after its first object."""
+        return min(self.last + hold, self.first + hold_max)
+
+
+class StudyHold:
+    def __init__(self, hold: float, hold_max: float) -> None:
+        self.hold = hold
+        self.hold_max = hold_max
+        self.studies: dict[str, HeldStudy] = {}
+
+    def add(self, path: Path, study: str, arrived: float) -> None:
+        held = self.studies.get(study)
+        if held is None:
+            self.studies[study] = HeldStudy(study, arrived, arrived, [path])
+            return
+        held.paths.append(path)
+        held.first = min(held.first, arrived)
+        held.last = max(held.last, arrived)
+
+    def next_due(self) -> float | None:
+        return min((s.due(self.hold, self.hold_max) for s in self.studies.values()),
+                   default=None)
+
+    def release(self, now: float) -> Iterator[HeldStudy]:
+        """The studies due at `now`, oldest first, each taken out of the hold."""
+        due = sorted((s for s in self.studies.values() if s.due(self.hold, self.hold_max) <= now),
+                     key=lambda s: s.first)
+        for study in due:
+            del self.studies[study.uid]
+            study.paths.sort(key=lambda p: p.name)
+            yield study
+
+    def discard(self, path: Path) -> None:
+        for uid, study in list(self.studies.items()):
+            if path in study.paths:
+                study.paths.remove(path)
+                if not study.paths:
+                    del self.studies[uid]
+                return
+
+
+def held_studies(paths: list[Path]) -> list[HeldStudy]:
+    """The studies in a destination's queue with their arrival times (for `status`)."""
+    hold = StudyHold(0, 0)
+    for path in paths:
+        try:
+            hold.add(path, study_of(path), arrival(path))
+        except FileNotFoundError:
+            continue  # sent meanwhile
+    return sorted(hold.studies.values(), key=lambda s: s.first)
