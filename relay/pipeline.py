@@ -17,7 +17,7 @@ from pathlib import Path
 
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Config
-from relay.edit import BadInput, Editor
+from relay.edit import BadInput, Editor, EditOutcome
 from relay.route import Router, Routing
 from relay.send import DestinationSender
 from relay.spool import PARTIAL_SUFFIX, Failure, Spool
@@ -115,6 +115,22 @@ class Processor:
             self.spool.fail(claimed, Failure("internal-error", detail, "process"))
             self.audit.record("failed", claimed.name, stage="process", reason="internal-error")
             return True
+        try:
+            return self._route_and_publish(claimed, edited, outcome, stat)
+        except OSError as exc:
+            # A full disk (the audit, a destination's copy, a link) is not the object's fault:
+            # its copies go, it goes back to incoming/ to be processed again, never stuck in
+            # work/ until the next start.
+            log.error("%s: cannot route or queue it (%s): left in incoming/", claimed.name,
+                      exc.strerror or exc)
+            for leftover in self.spool.work.glob(f"{claimed.name}.edited*"):
+                leftover.unlink(missing_ok=True)
+            if claimed.exists():
+                self.spool.claim_back(claimed)
+            raise
+
+    def _route_and_publish(self, claimed: Path, edited: Path, outcome: EditOutcome,
+                           stat: os.stat_result) -> bool:
         for missing in outcome.missing:
             log.warning("%s: rule not applied, source missing (on_missing = keep): %s",
                         claimed.name, missing)

@@ -272,9 +272,17 @@ class Spool:
         target = folder / name
         sidecar = folder / (name + SIDECAR_SUFFIX)
         tmp = folder / f".{name}{SIDECAR_SUFFIX}{PARTIAL_SUFFIX}"
-        tmp.write_text(failure.to_json(), encoding="utf-8")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, sidecar)
+        try:
+            tmp.write_text(failure.to_json(), encoding="utf-8")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, sidecar)
+        except OSError as exc:
+            # A full disk must not keep the object where it was (work/ would hold it until
+            # the next start): it goes aside all the same, its reason in the folder's name
+            # and in this line.
+            tmp.unlink(missing_ok=True)
+            log.error("%s: no room for its sidecar in failed/%s/ (%s); quarantined without "
+                      "it: %s", name, reason, exc.strerror or exc, failure.detail)
         os.rename(path, target)
         return target
 

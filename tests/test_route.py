@@ -263,3 +263,44 @@ on_missing = "fail"
     info = json.loads(kept.with_name(kept.name + ".json").read_text())
     assert info["stage"] == "route" and info["destination"] == "strict"
     assert spool.requeue(kept, info) == spool.incoming / "ct.dcm"
+
+
+def test_a_destinations_copy_is_byte_identical_outside_its_own_rules(tmp_path: Path) -> None:
+    from pydicom.dataelem import RawDataElement
+
+    own = ('[[destinations]]\nname = "plain"\nae_title = "P"\nhost = "h"\nport = 104\n'
+           '[[destinations]]\nname = "own"\nae_title = "O"\nhost = "h"\nport = 104\n'
+           '[[destinations.rules]]\nset = "StationName"\nvalue = "RELAY-OWN"\n')
+    processor, senders, spool = _processor(tmp_path, own)
+    processor.process(_incoming(spool, "mr.dcm", "MR_small.dcm", "EG"))
+    [plain], [mine] = senders["plain"].queued, senders["own"].queued
+    a, b = _read(plain), _read(mine)
+    assert b.StationName == "RELAY-OWN" and a.StationName != "RELAY-OWN"
+    for tag in a.keys():  # noqa: SIM118 - tags, not elements
+        if tag == 0x00081010:  # StationName
+            continue
+        raw_a, raw_b = a.get_item(tag), b.get_item(tag)
+        if isinstance(raw_a, RawDataElement) and isinstance(raw_b, RawDataElement):
+            assert raw_a.value == raw_b.value, f"{tag} changed"
+    assert a.PixelData == b.PixelData and a.file_meta.TransferSyntaxUID == \
+        b.file_meta.TransferSyntaxUID
+
+
+def test_a_full_disk_after_the_edit_puts_the_object_back(tmp_path: Path) -> None:
+    processor, senders, spool = _processor(tmp_path, THREE)
+
+    class FullDisk:
+        patient_values = True
+
+        def record(self, *args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        def changes(self, changes: list) -> list:
+            return []
+
+    processor.audit = FullDisk()  # type: ignore[assignment]
+    ct = _incoming(spool, "ct.dcm", "CT_small.dcm", "EG")
+    with pytest.raises(OSError):
+        processor.process(ct)
+    assert ct.exists(), "back in incoming/, to be processed again"
+    assert list(spool.work.iterdir()) == [] and all(not s.queued for s in senders.values())
