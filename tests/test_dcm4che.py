@@ -205,15 +205,17 @@ def test_storescp_lines_keep_their_level() -> None:
              "05:22:53,963 INFO  - RELAY<-STORESCU(1): M-RENAME in/1.2.3.part to in/1.2.3",
              "05:22:53,953 INFO  - RELAY<-STORESCU(1) >> 1:C-STORE-RQ[pcid=5, prior=0",
              "  iuid=1.2.3 - ?",
+             "(0000,1000) UI [1.2.3] AffectedSOPInstanceUID",
              "05:23:13,253 WARN  - STORESCU->X(1): unrecognized PDU[type=72, len=1]",
-             "Start TCP Listener on /127.0.0.1:11112"]
+             "05:23:14,000 INFO  - Start TCP Listener on /127.0.0.1:11112"]
     levels = []
     level = logging.INFO
     for line in lines:
         level = receiver_level(line, level)
         levels.append(level)
     assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG, logging.DEBUG,
-                      logging.INFO, logging.DEBUG, logging.DEBUG, logging.WARNING, logging.INFO]
+                      logging.INFO, logging.DEBUG, logging.DEBUG, logging.DEBUG,
+                      logging.WARNING, logging.INFO]
 
 
 def test_storescp_may_write_only_in_incoming() -> None:

@@ -127,19 +127,23 @@ def problem_of(output: str, returncode: int) -> str:
 _DETAIL_AT_INFO = ("C-STORE-RQ", "C-STORE-RSP", "C-ECHO-RQ", "C-ECHO-RSP", "M-WRITE")
 
 
+_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO,
+           "WARN": logging.WARNING, "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
+# `05:22:53,916 INFO  - …`: log4j's layout in dcm4che's etc/*/log4j.properties.
+_HEADER_RE = re.compile(r"^\d\d:\d\d:\d\d,\d{3} (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) +- ")
+
+
 def receiver_level(line: str, previous: int) -> int:
     """The log level of one line of storescp's output: its own (`… DEBUG - …`), per-message
-    detail at DEBUG, and for the continuation lines of a multi-line message (PDU dumps) that
-    of the message."""
-    head = line[:40]
-    for name, level in (("DEBUG", logging.DEBUG), ("INFO", logging.INFO),
-                        ("WARN", logging.WARNING), ("ERROR", logging.ERROR),
-                        ("TRACE", logging.DEBUG)):
-        if f" {name} " in head and " - " in head:
-            if level == logging.INFO and any(mark in line for mark in _DETAIL_AT_INFO):
-                return logging.DEBUG
-            return level
-    return previous if line[:1].isspace() or line.startswith("]") else logging.INFO
+    detail at DEBUG, and for the lines a message continues on (PDU and command dumps), that of
+    the message."""
+    header = _HEADER_RE.match(line)
+    if header is None:
+        return previous
+    level = _LEVELS[header.group(1)]
+    if level == logging.INFO and any(mark in line for mark in _DETAIL_AT_INFO):
+        return logging.DEBUG
+    return level
 
 
 def tls_args(stores: JavaStores | None, *, require_peer_certificate: bool = True) -> list[str]:
