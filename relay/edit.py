@@ -143,7 +143,8 @@ def _ends_with_delimiter(path: Path, size: int) -> bool:
         return fp.read(8) in _SEQ_DELIMITERS
 
 
-def _write(ds: FileDataset, dst: Path, sync: bool) -> None:
+def write_dataset(ds: FileDataset, dst: Path, sync: bool) -> None:
+    """Write a whole data set with pydicom (its file meta and transfer syntax as they are)."""
     with open(dst, "wb") as fp:
         ds.save_as(fp, enforce_file_format=False)
         fp.flush()
@@ -220,7 +221,7 @@ class Editor:
             # pydicom rewrites the file whole: it needs every element decoded first.
             return self.edit(src, dst, sync, whole=True)
         try:
-            _write(ds, dst, sync)
+            write_dataset(ds, dst, sync)
         except (ValueError, TypeError, OverflowError):
             # Some files declare one encoding and use another (explicit VR in the meta,
             # implicit in the data set): pydicom then lacks the VRs of untouched elements.
@@ -228,7 +229,7 @@ class Editor:
             for _ in ds.iterall():
                 pass
             try:
-                _write(ds, dst, sync)
+                write_dataset(ds, dst, sync)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
         return outcome

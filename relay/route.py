@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-from relay.edit import BadInput
+from relay.deidentify import Deidentifier
+from relay.dicomxml import AttributeChange
+from relay.edit import BadInput, Editor, read_dicom, write_dataset
 
 if TYPE_CHECKING:
     from relay.config import Destination
@@ -217,9 +219,6 @@ class DestinationEdits:
     each) and de-identification steps, chained file to file."""
 
     def __init__(self, rules: Sequence[Any], converter: Any = None) -> None:
-        from relay.deidentify import Deidentifier
-        from relay.edit import Editor
-
         self.steps: list[Any] = []
         run: list[Any] = []
         for rule in rules:
@@ -234,8 +233,6 @@ class DestinationEdits:
             self.steps.append(Editor(run, converter))
 
     def describe(self) -> list[str]:
-        from relay.edit import Editor
-
         return [r.describe() for s in self.steps
                 for r in (s.rules if isinstance(s, Editor) else [s])]
 
@@ -252,8 +249,6 @@ class DestinationEdits:
         return self._chain(src, dst, sync)
 
     def _chain(self, src: Path, dst: Path, sync: bool) -> list[Any]:
-        from relay.edit import Editor
-
         changes: list[Any] = []
         current = src
         temporaries: list[Path] = []
@@ -276,9 +271,6 @@ class DestinationEdits:
 
 def deidentify_file(rule: Any, src: Path, dst: Path | None, sync: bool = True) -> list[Any]:
     """One de-identification step from file to file; the top-level attributes it changed."""
-    from relay.dicomxml import AttributeChange
-    from relay.edit import BadInput, _write, read_dicom
-
     ds = read_dicom(src)
     before = _top_level_text(ds)
     try:
@@ -291,7 +283,7 @@ def deidentify_file(rule: Any, src: Path, dst: Path | None, sync: bool = True) -
                if before.get(keyword) != after.get(keyword)]
     if dst is not None:
         try:
-            _write(ds, dst, sync)
+            write_dataset(ds, dst, sync)
         except (ValueError, TypeError, OverflowError) as exc:
             raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
     return changes
