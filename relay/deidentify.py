@@ -39,6 +39,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 PROFILES = ("basic",)
@@ -175,9 +176,7 @@ class Deidentifier:
             return
         if element.VR != "UI":
             return
-        values = element.value if isinstance(element.value, list | tuple) or \
-            type(element.value).__name__ == "MultiValue" else [element.value]
-        new = [self._map_uid(str(v)) for v in values]
+        new = [self._map_uid(str(v)) for v in _as_list(element.value)]
         element.value = new if len(new) > 1 else new[0]
 
     def _map_uid(self, value: str) -> str:
@@ -190,6 +189,11 @@ def _vr(tag: tuple[int, ...]) -> str:
         return str(dictionary_VR((tag[0] << 16) | tag[1]))
     except KeyError:
         return ""
+
+
+def _as_list(value: Any) -> list[Any]:
+    """An attribute's values: several (a MultiValue) or one."""
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
 
 
 def _set(ds: Dataset, tag: Any, value: str) -> None:
@@ -232,9 +236,7 @@ def _identifying_text(ds: Dataset) -> list[str]:
                     "IssuerOfPatientID"):
         value = ds.get(keyword)
         if value:
-            items = value if isinstance(value, list | tuple) or \
-                type(value).__name__ == "MultiValue" else [value]
-            found += [str(v) for v in items if len(str(v)) >= 2]
+            found += [str(v) for v in _as_list(value) if len(str(v)) >= 2]
     return sorted(set(found), key=len, reverse=True)
 
 

@@ -74,14 +74,6 @@ class StudyHold:
             study.paths.sort(key=lambda p: p.name)
             yield study
 
-    def discard(self, path: Path) -> None:
-        for uid, study in list(self.studies.items()):
-            if path in study.paths:
-                study.paths.remove(path)
-                if not study.paths:
-                    del self.studies[uid]
-                return
-
 
 def held_studies(paths: list[Path]) -> list[HeldStudy]:
     """The studies in a destination's queue with their arrival times (for `status`)."""

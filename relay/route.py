@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.multival import MultiValue
 
 from relay.deidentify import Deidentifier
 from relay.dicomxml import AttributeChange
@@ -120,7 +121,7 @@ def value_as_text(value: Any) -> str:
     with a backslash, as DICOM stores them; absent or empty: ''."""
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    if isinstance(value, MultiValue | list | tuple):
         return "\\".join(value_as_text(v) for v in value)
     if isinstance(value, bytes):
         return value.decode("ascii", "replace")
