@@ -5,6 +5,8 @@ status, deferred, failed why. `[audit].patient_values = false` leaves the values
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -29,9 +31,18 @@ class AuditLog:
         line = json.dumps(entry, ensure_ascii=False) + "\n"
         with self._lock:
             if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                self._file = self._open(self.path)
             self._file.write(line)
             self._file.flush()
+
+    @staticmethod
+    def _open(path: Path) -> Any:
+        """Append, readable by the relay's user only, like the spool's objects: the log holds
+        patient values. A log an older version created 0644 is narrowed to 0600."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
 
     def changes(self, changes: list[AttributeChange]) -> list[dict[str, Any]]:
         """Rule results for the log: with old -> new values, or only the attribute names."""

@@ -12,14 +12,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Destination, SenderConfig
 from relay.hold import StudyHold, arrival, study_of
 from relay.spool import Failure, Spool
-from relay.toolkits.base import Engine, Outcome, SendResult
+from relay.toolkits.base import Engine, Outcome, SendResult, local_failures
 
 log = logging.getLogger("relay.send")
 
@@ -182,14 +182,22 @@ class DestinationSender:
         results = []
         # Each confirmed file leaves the spool as its response arrives, not at the end of the
         # batch: a crash mid-batch then resends only what was not confirmed yet.
-        for result in self.engine.send(batch, self.destination, self.config.calling_ae_title,
-                                       self.config.timeout, keep_open):
-            self._settle(result)
-            results.append(result)
+        missing = SendResult(Path(), Outcome.RETRY, None, "no result from the engine")
+        try:
+            for result in self.engine.send(batch, self.destination,
+                                           self.config.calling_ae_title, self.config.timeout,
+                                           keep_open):
+                self._settle(result)
+                results.append(result)
+        except Exception as exc:  # noqa: BLE001 - a bug or a broken tool must not end the
+            # destination's sender (its queue would stall unseen): what is unanswered waits.
+            log.exception("%s: the %s engine failed while sending", self.destination.name,
+                          self.engine.name)
+            missing = local_failures([Path()], f"the {self.engine.name} engine failed: "
+                                     f"{type(exc).__name__}: {exc}")[0]
         answered = {r.path for r in results}
         # An adapter must answer for every file; one it forgot is retried, never dropped.
-        results += [SendResult(p, Outcome.RETRY, None, "no result from the engine")
-                    for p in batch if p not in answered]
+        results += [replace(missing, path=p) for p in batch if p not in answered]
         self._schedule_retries(results)
         delivered = sum(r.outcome is Outcome.DELIVERED for r in results)
         if delivered:

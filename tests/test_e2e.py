@@ -249,6 +249,7 @@ def test_audit_log_tells_each_objects_story(tmp_path: Path, orthanc: Orthanc, dc
                    what="audit lines")
     finally:
         assert relay.stop() == 0
+    assert audit.stat().st_mode & 0o777 == 0o600, "the audit log holds patient values"
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     by_object: dict[str, list[dict]] = {}
     for line in lines:

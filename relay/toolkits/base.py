@@ -59,6 +59,19 @@ class SendResult:
         return "no response" if self.status is None else f"0x{self.status:04X}"
 
 
+def last_lines(output: str, count: int = 4) -> str:
+    """A tool's last words, for a log line: non-blank lines, Java stack frames left out."""
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and not line.lstrip().startswith("at ")]
+    return " | ".join(lines[-count:]) or "no output"
+
+
+def local_failures(files: list[Path], detail: str) -> list[SendResult]:
+    """The local tool failed on its own: every file waits (RETRY), nobody's fault but ours."""
+    return [SendResult(path, Outcome.RETRY, None, f"local tool failure: {detail}",
+                       local_failure=True) for path in files]
+
+
 class DestinationUnavailable(Exception):
     """Association could not be established (refused, rejected, timed out)."""
 

@@ -62,6 +62,8 @@ from relay.toolkits.base import (
     SendResult,
     ToolFailure,
     classify_status,
+    last_lines,
+    local_failures,
 )
 
 if TYPE_CHECKING:
@@ -102,13 +104,6 @@ def tool_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("JAVA_LIBRARY_PATH", str(java_library_path(home)))
     return env
-
-
-def last_lines(output: str, count: int = 4) -> str:
-    """The tool's last words, Java stack frames left out."""
-    lines = [line.strip() for line in output.splitlines()
-             if line.strip() and not line.lstrip().startswith("at ")]
-    return " | ".join(lines[-count:]) or "no output"
 
 
 def reached_network(output: str) -> bool:
@@ -196,10 +191,9 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
     """Per-file results for (path, SOP Class UID, SOP Instance UID): from C-STORE-RSP lines
     and storescu's own words, never from the exit code alone."""
     if not reached_network(output):
-        detail = (f"local tool failure: storescu stopped before connecting (exit {returncode}): "
-                  f"{last_lines(output)}")
-        return [SendResult(path, Outcome.RETRY, None, detail, local_failure=True)
-                for path, _, _ in files]
+        return local_failures([path for path, _, _ in files],
+                              f"storescu stopped before connecting (exit {returncode}): "
+                              f"{last_lines(output)}")
     statuses = parse_storescu_output(output)
     no_context = set(_NO_CONTEXT_RE.findall(output))
     # storescu waits for every response before it releases: a C-STORE-RQ that went out and

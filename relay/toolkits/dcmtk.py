@@ -52,7 +52,10 @@ from relay.toolkits.base import (
     Outcome,
     Receiver,
     SendResult,
+    ToolFailure,
     classify_status,
+    last_lines,
+    local_failures,
 )
 
 if TYPE_CHECKING:
@@ -151,6 +154,12 @@ def dcmsend_argv(dcmsend: Path, files: list[Path], destination: Destination, cal
 
 _STATUS_RE = re.compile(r"^0x([0-9A-Fa-f]{4})")
 _CONTEXT_RE = re.compile(r"Context ID:\s+(\d+) \(([^)]*)\)")
+
+
+def reached_network(output: str) -> bool:
+    """Whether a DCMTK network tool run with --verbose got as far as asking for an
+    association (dcmsend, storescu and echoscu all print this line before connecting)."""
+    return "Requesting Association" in output
 
 
 def refused_contexts(output: str) -> dict[tuple[int, int], str]:
@@ -454,12 +463,23 @@ class DcmtkEngine(Engine):
         with tempfile.TemporaryDirectory(prefix="dicom-relay-dcmsend-") as tmp:
             report = Path(tmp) / "report.txt"
             argv = dcmsend_argv(self.dcmsend, files, destination, calling_ae, timeout, report)
+            code: int | None = None
             try:
                 proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * (2 + len(files)))
-                output = (proc.stdout + proc.stderr).strip()
+                output, code = (proc.stdout + proc.stderr).strip(), proc.returncode
             except subprocess.TimeoutExpired:
                 output = "dcmsend timed out"
+            except OSError as exc:  # gone or not executable since start-up
+                yield from local_failures(files, f"cannot run {self.dcmsend}: "
+                                          f"{exc.strerror or exc}")
+                return
             text = report.read_text(errors="replace") if report.exists() else None
+        if text is None and code is not None and not reached_network(output):
+            # It stopped before any network activity: a broken installation, a bad option, a
+            # TLS or report file it could not use. Not the destination's fault.
+            yield from local_failures(files, f"dcmsend stopped before connecting (exit "
+                                      f"{code}): {last_lines(output)}")
+            return
         if text is None:
             # No report: no association (refused, rejected, timed out).
             why = next((ln for ln in output.splitlines() if ln.startswith("F:")), output[-300:])
@@ -513,6 +533,14 @@ class DcmtkEngine(Engine):
                 output = proc.stdout + proc.stderr
             except subprocess.TimeoutExpired as exc:
                 output = str(exc.stdout or "") + "\nstorescu timed out"
+            except OSError as exc:
+                yield from local_failures(files, f"cannot run {self.storescu}: "
+                                          f"{exc.strerror or exc}")
+                return
+        if "timed out" not in output and not reached_network(output):
+            yield from local_failures(files, f"storescu stopped before connecting (exit "
+                                      f"{proc.returncode}): {last_lines(output)}")
+            return
         accepted, sent = parse_storescu_log(output)
         if "No Acceptable Presentation Contexts" in output:
             # The destination answered and refused every SOP class / transfer syntax of these
@@ -549,10 +577,22 @@ class DcmtkEngine(Engine):
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))
-        argv = [str(self.echoscu), "--aetitle", calling_ae, "--call", destination.ae_title,
+        argv = [str(self.echoscu), "--verbose", "--aetitle", calling_ae,
+                "--call", destination.ae_title,
                 "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
                 *tls_args(destination.tls), destination.host, str(destination.port)]
-        proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * 3)
+        try:
+            proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * 3)
+        except OSError as exc:
+            raise ToolFailure(f"local tool failure: cannot run {self.echoscu}: "
+                              f"{exc.strerror or exc}") from None
+        except subprocess.TimeoutExpired:
+            raise DestinationUnavailable(f"{destination.name}: echoscu timed out after "
+                                         f"{timeout * 3:.0f} s") from None
+        output = proc.stdout + proc.stderr
+        if not reached_network(output):
+            raise ToolFailure(f"local tool failure: echoscu stopped before connecting (exit "
+                              f"{proc.returncode}): {last_lines(output)}")
         if proc.returncode != 0:
             why = (proc.stderr or proc.stdout).strip().splitlines()
             raise DestinationUnavailable(f"{destination.name}: echoscu: "

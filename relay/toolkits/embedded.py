@@ -44,7 +44,9 @@ from relay.toolkits.base import (
     Outcome,
     Receiver,
     SendResult,
+    ToolFailure,
     classify_status,
+    local_failures,
 )
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ MAX_CONTEXTS = 128
 READY_LINE = "embedded receiver listening"  # logged once it is; its supervisor waits for it
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+C_STORE_RQ = 0x0001  # Command Field
 
 
 def _fixed_mmap_threshold() -> None:
@@ -170,6 +173,29 @@ class EmbeddedReceiver(Receiver):
         log.debug("received %s from %s", name, event.assoc.requestor.ae_title)
         return 0x0000
 
+    @staticmethod
+    def on_dimse_recv(event: evt.Event) -> None:
+        """A C-STORE-RQ whose Affected SOP Class UID is not the abstract syntax of the
+        presentation context it came on (dcmsend sends the class it misread from the data
+        set of pydicom's rtdose_rle.dcm: '31') finds no service in pynetdicom, which aborts
+        the association: every later object of the send fails, and so does the modality's
+        retry. DCMTK's storescp stores such an object; so do we, under the negotiated class,
+        and the association goes on."""
+        message = event.message
+        command = message.command_set
+        if command is None or command.get("CommandField") != C_STORE_RQ:
+            return
+        negotiated = next((cx.abstract_syntax for cx in event.assoc.accepted_contexts
+                           if cx.context_id == message.context_id), None)
+        claimed = str(command.get("AffectedSOPClassUID", ""))
+        if negotiated is None or claimed == negotiated:
+            return
+        log.warning("C-STORE from %s: SOP Class UID %r of %s is not the presentation "
+                    "context's (%s): received under the context's class",
+                    event.assoc.requestor.ae_title, claimed,
+                    command.get("AffectedSOPInstanceUID", "?"), negotiated)
+        command.AffectedSOPClassUID = negotiated
+
     def on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event)
         # pynetdicom's idle timer runs only between PDUs: a peer that stops in the middle of
@@ -212,7 +238,8 @@ class EmbeddedReceiver(Receiver):
             "the relay stopped while receiving it; the sender got no success and sends again")
         ae = self._make_ae()
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_conn_open),
-                    (evt.EVT_REQUESTED, self.on_requested)]
+                    (evt.EVT_REQUESTED, self.on_requested),
+                    (evt.EVT_DIMSE_RECV, self.on_dimse_recv)]
         address = (self.config.host, self.config.port)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         try:
@@ -306,8 +333,13 @@ class EmbeddedEngine(Engine):
             connected.append(True)
             set_nodelay(event)
 
-        tls_args = ((client_context(destination.tls), destination.host)
-                    if destination.tls else None)
+        try:
+            tls_args = ((client_context(destination.tls), destination.host)
+                        if destination.tls else None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # A key, certificate or CA file gone or unreadable since start-up: ours to fix.
+            raise ToolFailure(f"local tool failure: cannot load {destination.name}'s TLS "
+                              f"files: {exc}") from None
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=tls_args)
         if not assoc.is_established:
@@ -383,6 +415,10 @@ class EmbeddedEngine(Engine):
         except DestinationUnavailable as exc:
             for path, _ in batch:
                 yield SendResult(path, Outcome.RETRY, None, str(exc))
+            return
+        except ToolFailure as exc:
+            yield from local_failures([path for path, _ in batch],
+                                      str(exc).removeprefix("local tool failure: "))
             return
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
                     for cx in assoc.accepted_contexts}
