@@ -315,7 +315,7 @@ class DestinationSender:
         if strikes >= POISON_STRIKES:
             self._settle(SendResult(
                 r.path, Outcome.FAILED, None,
-                f"the destination broke off the association {strikes} times while receiving "
+                f"the association broke {strikes} times while sending "
                 f"it ({r.detail})"), reason="breaks-association")
             return
         delay = backoff_delay(strikes, self.config.retry_initial, self.config.retry_max)

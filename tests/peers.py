@@ -168,12 +168,28 @@ class Orthanc:
 
 
 def dcmsend(files: Iterable[Path], port: int, called_aet: str, calling_aet: str = "MODALITY",
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """DCMTK dcmsend as the modality: each file in its own transfer syntax, one association."""
+            timeout: float = 300, report: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """DCMTK dcmsend as the modality: each file in its own transfer syntax, one association.
+    Its exit code is 0 even when files got no success: `report` (read with
+    dcmsend_statuses) says, per file, what was acknowledged."""
     argv = [str(DCMTK_BIN / "dcmsend"), "-aet", calling_aet, "-aec", called_aet, "--no-halt",
+            *(["--create-report-file", str(report)] if report else []),
             "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(),
                           timeout=timeout, check=False)
+
+
+def dcmsend_statuses(report: Path) -> dict[str, str]:
+    """File name → DIMSE status text ("0x0000 (Success)", "<not sent>", …) from dcmsend's
+    --create-report-file."""
+    statuses = {}
+    for block in report.read_text(errors="replace").split("\n\n"):
+        fields = dict(line.split(" : ", 1) for line in block.splitlines() if " : " in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "Filename" in fields and "DIMSE Status" in fields:
+            statuses[Path(fields["Filename"]).name] = fields["DIMSE Status"]
+    return statuses
 
 
 def relay_config(path: Path, *, port: int, spool: Path,

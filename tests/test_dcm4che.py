@@ -132,6 +132,27 @@ def test_what_storescu_cannot_send_is_told_apart() -> None:
     assert mr.outcome is Outcome.RETRY and not mr.in_flight and not mr.local_failure
 
 
+def test_the_object_the_jvm_died_on_before_its_request_is_the_one_in_flight() -> None:
+    # CT stored; then the JVM died transcoding the dose file (no C-STORE-RQ for it): that
+    # one is set aside (three times: quarantined), not taken for the destination being down.
+    output = (recorded("storescu-dies-before-request.out")
+              + recorded("storescu-dies-before-request.err"))
+    files = [named("CT_small.dcm"), (Path("rtdose-class31.dcm"), "31", "31"),
+             named("MR_small.dcm")]
+    ct, dose, mr = results_from_output(files, output, 0)
+    assert ct.outcome is Outcome.DELIVERED
+    assert dose.outcome is Outcome.RETRY and dose.in_flight
+    assert "IllegalArgumentException" in dose.detail
+    assert mr.outcome is Outcome.RETRY and not mr.in_flight
+
+
+def test_a_refused_connection_sets_nothing_aside() -> None:
+    output = recorded("storescu-refused.out") + recorded("storescu-refused.err")
+    [result] = results_from_output([named("CT_small.dcm")], output, 2)
+    assert result.outcome is Outcome.RETRY and not result.in_flight
+    assert not result.local_failure
+
+
 def test_output_without_network_activity_is_a_local_failure() -> None:
     output = "/opt/dcm4che-toolkit/bin/storescu: 105: exec: /usr/lib/jvm/bin/java: not found\n"
     [result] = results_from_output([named("CT_small.dcm")], output, 127)

@@ -13,13 +13,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from dicomdata import bundled, ct_series, mixed_study
+from dicomdata import bundled, copy_with_new_uids, ct_series, mixed_study
 from peers import (
     EG_RULE,
     ENGINES,
     Orthanc,
     RelayProcess,
     dcmsend,
+    dcmsend_statuses,
     free_port,
     relay_config,
     spool_files,
@@ -267,3 +268,38 @@ def test_audit_log_tells_each_objects_story(tmp_path: Path, orthanc: Orthanc, dc
         else:
             assert edited["changes"] == [{"attribute": "PatientID"}]
     assert ("SECRET-ID-42" in audit.read_text()) is patient_values
+
+
+def test_an_object_on_a_context_not_its_own_does_not_end_the_association(
+        tmp_path: Path, orthanc: Orthanc, relay_setup: tuple[int, Path, RelayProcess]) -> None:
+    """dcmsend misreads pydicom's rtdose_rle.dcm and sends it with SOP Class UID '31' on the
+    RT Dose context. The object after it must still be stored (it used to fail: the embedded
+    receiver aborted the association), and the odd one must end somewhere, with a reason."""
+    port, spool, relay = relay_setup
+    folder = tmp_path / "send"
+    folder.mkdir()
+    [ct_uid] = ct_series(folder / "ct", 1, ethnic_group="BEFORE")
+    mr = folder / "mr.dcm"
+    copy_with_new_uids(bundled("MR_small.dcm"), mr)
+    mr_uid = _read_bytes(mr.read_bytes()).SOPInstanceUID
+    [ct] = sorted((folder / "ct").iterdir())
+    odd = folder / "rtdose_rle.dcm"
+    odd.write_bytes(bundled("rtdose_rle.dcm").read_bytes())
+    report = tmp_path / "report.txt"
+    assert dcmsend([ct, odd, mr], port, "DICOMRELAY", report=report).returncode == 0
+    statuses = dcmsend_statuses(report)
+    assert statuses[ct.name].startswith("0x0000") and statuses[mr.name].startswith("0x0000"), \
+        statuses
+    wait_until(lambda: {ct_uid, mr_uid} <= set(orthanc.tags_by_sop_uid()), 60,
+               what="the objects before and after it at Orthanc")
+    wait_until(lambda: not any(spool_files(spool, f) for f in ("incoming", "work", "out")), 30,
+               what="spool drained")
+    # Nothing lost: what the receiver acknowledged reached Orthanc or waits in failed/ with a
+    # sidecar saying why.
+    arrived = len(orthanc.tags_by_sop_uid())
+    quarantined = [p for p in spool_files(spool, "failed") if p.suffix != ".json"]
+    for path in quarantined:
+        assert path.with_name(path.name + ".json").exists()
+    acknowledged = sum(s.startswith("0x0000") for s in statuses.values())
+    assert arrived + len(quarantined) >= acknowledged, (statuses, relay.output()[-2000:])
+    assert "Traceback" not in relay.output()

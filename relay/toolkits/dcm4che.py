@@ -78,6 +78,10 @@ _RSP_RE = re.compile(r">> \d+:C-STORE-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H\s*\n
 # `<< 2:C-STORE-RQ[pcid=7, prior=0` then `iuid=<uid> - ?`: the object went on the wire.
 _RQ_RE = re.compile(r"<< \d+:C-STORE-RQ\[pcid=\d+[^\n]*\n(?:.*\n)*?\s*iuid=(\S+)")
 _ECHO_RE = re.compile(r">> \d+:C-ECHO-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H")
+# An exception that is about the data, not the connection (java.net/java.io ones are the
+# peer's or the socket's doing).
+_JAVA_EXCEPTION_RE = re.compile(r"^(?:Exception in thread \S+ )?(?!java\.(?:net|io)\.)"
+                                r"(?:java|javax|org)\.[\w.$]+(?:Exception|Error)\b", re.M)
 _NO_CONTEXT_RE = re.compile(r"No Presentation Context for Abstract Syntax: ([0-9.]+)")
 # What storescu prints once it turns to the network; output without any of these means the
 # tool stopped on its own first (launcher, Java, options, files).
@@ -200,6 +204,13 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
     # got none is the object on which the association broke off or the JVM died (it then
     # still releases, e.g. after an UnsatisfiedLinkError decompressing without OpenCV).
     requested = set(_RQ_RE.findall(output))
+    # The JVM can also die on an object before its C-STORE-RQ goes out (transcoding a data set
+    # it cannot decode: "IllegalArgumentException: Raster … incompatible with ColorModel"):
+    # storescu sends in the order given, so the first one without any answer was in its hands.
+    accepted_at = output.find(">> A-ASSOCIATE-AC")
+    died_on_next = (accepted_at >= 0
+                    and _JAVA_EXCEPTION_RE.search(output, accepted_at) is not None
+                    and not any(uid not in statuses for uid in requested))
     problem = problem_of(output, returncode)
     results = []
     for path, sop_class, uid in files:
@@ -219,9 +230,11 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
                                       "the destination accepts no presentation context for "
                                       f"SOP class {sop_class}"))
         else:
+            in_flight = uid in requested or died_on_next
+            died_on_next &= not in_flight
             results.append(SendResult(path, Outcome.RETRY, None,
                                       f"storescu: no C-STORE-RSP for it ({problem})",
-                                      in_flight=uid in requested))
+                                      in_flight=in_flight))
     return results
 
 
