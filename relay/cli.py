@@ -19,6 +19,7 @@ from relay import __version__
 from relay.config import Config, ConfigError, Destination, load_config
 from relay.edit import BadInput, Editor
 from relay.hold import held_studies
+from relay.metrics import format_listen, scrape, spool_figures
 from relay.pipeline import Relay, spool_for
 from relay.route import Router
 from relay.supervisor import LOG_PLAIN_ENV
@@ -356,14 +357,41 @@ def status(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     failures: Annotated[int, typer.Option(help="How many recent failures to list.")] = 10,
 ) -> None:
-    """Queue depth per spool folder and destination, and the most recent failures."""
+    """Queue depth and oldest object per destination, spool folders, held studies, the most
+    recent failures, and, when the relay serves [metrics], its counters since it started.
+
+    The figures are those of /metrics (Prometheus): the queues read from the spool, the
+    counters from the running relay.
+    """
     cfg = _load(config)
     spool = spool_for(cfg)
     if not spool.root.is_dir():
         typer.echo(f"spool {spool.root} does not exist yet (the relay has not run)")
         return
-    for folder, count in spool.depth().items():
-        typer.echo(f"{folder:<24} {count}")
+    queues, folders, _ = spool_figures(spool, [d.name for d in cfg.destinations])
+    counters = _running_counters(cfg)
+    typer.echo(f"spool {spool.root}: " + ", ".join(f"{k} {v}" for k, v in folders.items()))
+    typer.echo(f"\n{'destination':<20} {'queued':>7} {'oldest':>8}"
+               + (f" {'delivered':>10} {'retried':>8} {'failed':>7}" if counters else ""))
+    for q in queues:
+        line = f"{q.destination:<20} {q.objects:>7} {_age(q.oldest_age):>8}"
+        if counters:
+            line += "".join(f" {counters.get((name, q.destination), 0):>{width}.0f}"
+                            for name, width in (("delivered", 10), ("retried", 8),
+                                                ("failed", 7)))
+        if not q.configured:
+            line += "  (no longer in the config: kept in the spool, never deleted)"
+        typer.echo(line)
+    if counters:
+        received = {k[1]: v for k, v in counters.items() if k[0] == "received"}
+        typer.echo("\nreceived since the relay started: " + (", ".join(
+            f"{ae or '(no AE)'} {count:.0f}" for ae, count in sorted(received.items()))
+            or "nothing"))
+    elif cfg.metrics.listen is None:
+        typer.echo("\n(counters: set [metrics].listen to have the running relay count "
+                   "deliveries, retries and failures)")
+    else:
+        typer.echo(f"\n(counters: no relay answers at {format_listen(cfg.metrics.listen)})")
     now = time.time()
     for dest in cfg.destinations:
         if dest.hold_until_stable <= 0:
@@ -382,6 +410,33 @@ def status(
         dest = f" -> {info['destination']}" if info.get("destination") else ""
         typer.echo(f"  {info.get('when', '?')} {info.get('reason', '?')}{dest}: "
                    f"{path.name}: {info.get('detail', '')}")
+
+
+def _age(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _running_counters(cfg: Config) -> dict[tuple[str, str], float]:
+    """(delivered|retried|failed|received, destination or calling AE) → count, from the
+    running relay's /metrics; {} when it serves none."""
+    if cfg.metrics.listen is None:
+        return {}
+    try:
+        samples = scrape(cfg.metrics.listen)
+    except (OSError, ValueError):
+        return {}
+    counts: dict[tuple[str, str], float] = {}
+    for name, label in (("delivered", "destination"), ("retried", "destination"),
+                        ("failed", "destination"), ("received", "calling_ae")):
+        for labels, value in samples.get(f"dicom_relay_{name}_objects_total", []):
+            key = (name, labels.get(label, ""))
+            counts[key] = counts.get(key, 0) + value
+    return counts or {("delivered", ""): 0}
 
 
 @app.command(epilog="Example: `dicom-relay retry --config relay.toml --reason status-A900`")

@@ -102,6 +102,12 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # (host, port) where /metrics is served by `run` and `process`; None: no metrics server.
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -130,6 +136,7 @@ class Config:
     sender: SenderConfig = field(default_factory=SenderConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Any, ...] = ()  # relay.rules.EditRule instances, in order
     log_level: str = "INFO"
@@ -316,6 +323,28 @@ def _audit(t: Table) -> AuditConfig:
                        patient_values=t.bool("patient_values", True))
 
 
+_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def _metrics(t: Table) -> MetricsConfig:
+    t.check_keys(["listen"])
+    if not t.has("listen"):
+        return MetricsConfig()
+    text = t.str("listen", what='"host:port", e.g. "127.0.0.1:9110"')
+    match = _LISTEN_RE.match(text)
+    port = int(match.group("port")) if match else 0
+    if match is None or not 1 <= port <= 65535:
+        raise t.error("listen", '"host:port" (e.g. "127.0.0.1:9110", "[::1]:9110", '
+                      '"0.0.0.0:9110")', text)
+    host = match.group("v6") or match.group("host")
+    if match.group("v6"):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise t.error("listen", "an IPv6 address in brackets", text) from None
+    return MetricsConfig(listen=(host, port))
+
+
 def _tls_file(t: Table, key: str) -> Path | None:
     if not t.has(key):
         return None
@@ -442,8 +471,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
 
     top = Table(file, "", raw)
-    top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "audit", "destinations",
-                    "rules", "log_level"])
+    top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "audit", "metrics",
+                    "destinations", "rules", "log_level"])
     receiver = _receiver(top.sub("receiver"))
     process = top.sub("process")
     process.check_keys(["workers", "unrouted"])
@@ -473,6 +502,7 @@ def load_config(path: str | Path) -> Config:
         process=ProcessConfig(workers=process.int("workers", ProcessConfig().workers, lo=1, hi=64),
                               unrouted=process.str("unrouted", "keep", choices=UNROUTED)),
         audit=_audit(top.sub("audit")),
+        metrics=_metrics(top.sub("metrics")),
         destinations=destinations,
         rules=tuple(rules),
         log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),

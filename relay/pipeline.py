@@ -15,9 +15,11 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
+from relay import __version__
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Config
 from relay.edit import BadInput, Editor, EditOutcome
+from relay.metrics import Metrics, RelayState
 from relay.route import Router, Routing
 from relay.send import DestinationSender
 from relay.spool import PARTIAL_SUFFIX, Failure, Spool
@@ -75,8 +77,10 @@ class Processor:
 
     def __init__(self, spool: Spool, editor: Editor, senders: list[DestinationSender],
                  audit: AuditLog = NO_AUDIT, committer: Committer | None = None,
-                 router: Router | None = None, unrouted: str = "keep") -> None:
+                 router: Router | None = None, unrouted: str = "keep",
+                 metrics: Metrics | None = None) -> None:
         self.spool = spool
+        self.metrics = metrics if metrics is not None else Metrics()
         self.editor = editor
         self.senders = {s.destination.name: s for s in senders}
         self.audit = audit
@@ -98,6 +102,7 @@ class Processor:
             edited.unlink(missing_ok=True)
             log.error("%s: %s: quarantined in failed/%s/", claimed.name, exc.detail, exc.reason)
             self.spool.fail(claimed, Failure(exc.reason, exc.detail, "process"))
+            self.metrics.failed("", exc.reason)
             self.audit.record("failed", claimed.name, stage="process", reason=exc.reason,
                               detail=exc.detail if self.audit.patient_values else None)
             return True
@@ -113,6 +118,7 @@ class Processor:
             log.exception("%s: unexpected error while editing: quarantined", claimed.name)
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self.spool.fail(claimed, Failure("internal-error", detail, "process"))
+            self.metrics.failed("", "internal-error")
             self.audit.record("failed", claimed.name, stage="process", reason="internal-error")
             return True
         try:
@@ -136,6 +142,7 @@ class Processor:
                         claimed.name, missing)
         for change in outcome.changes:
             log.info("%s: %s", claimed.name, change)
+        self.metrics.received(outcome.source_ae, stat.st_size)
         self.audit.record("received", claimed.name, calling_ae=outcome.source_ae,
                           size=stat.st_size, arrived=round(stat.st_mtime, 3),
                           sop_instance_uid=outcome.sop_instance_uid,
@@ -148,6 +155,7 @@ class Processor:
             edited.unlink(missing_ok=True)
             log.error("%s: cannot read it to route it (%s): quarantined", claimed.name, exc)
             self.spool.fail(claimed, Failure("unreadable", f"routing: {exc}", "route"))
+            self.metrics.failed("", "unreadable")
             self.audit.record("failed", claimed.name, stage="route", reason="unreadable")
             return True
         # Why not, with the value that decided it, unless the audit keeps no patient values
@@ -172,7 +180,7 @@ class Processor:
         else:
             edited.unlink(missing_ok=True)  # when every destination had its own edit
         for name, path_out in zip(copies, queued, strict=True):
-            self.senders[name].enqueue(path_out)
+            self.senders[name].enqueue(path_out, received=stat.st_mtime)
         return True
 
     def _unrouted(self, claimed: Path, edited: Path, routing: Routing) -> bool:
@@ -186,6 +194,7 @@ class Processor:
         log.warning("%s: no destination takes it (%s): kept in failed/unrouted/",
                     claimed.name, why)
         self.spool.fail(claimed, Failure("unrouted", why, "route"))
+        self.metrics.failed("", "unrouted")
         return True
 
     def _failed_for(self, claimed: Path, destination: str, exc: BadInput) -> None:
@@ -198,6 +207,7 @@ class Processor:
         keep.unlink(missing_ok=True)
         os.link(claimed, keep)
         self.spool.fail(keep, Failure(exc.reason, exc.detail, "route", destination))
+        self.metrics.failed(destination, exc.reason)
         self.audit.record("failed", claimed.name, stage="route", destination=destination,
                           reason=exc.reason)
 
@@ -220,6 +230,7 @@ class Relay:
         self._work: queue.Queue[Path | None] = queue.Queue(maxsize=1000)
         self.committer: Committer | None = None
         self._commit_thread: threading.Thread | None = None
+        self.metrics = Metrics()
 
     def start(self) -> None:
         self.spool.create()
@@ -234,7 +245,7 @@ class Relay:
             audit_path = self.config.audit_path
             audit = AuditLog(audit_path, patient_values=self.config.audit.patient_values)
             self.senders = [DestinationSender(self.spool, d, self.engine, self.config.sender,
-                                              audit=audit)
+                                              audit=audit, metrics=self.metrics)
                             for d in self.config.destinations]
             for sender in self.senders:
                 backlog = sender.load_backlog()
@@ -252,7 +263,7 @@ class Relay:
             router = Router(self.config.destinations, converter,
                             called_ae=self.config.receiver.ae_title)
             processor = Processor(self.spool, editor, self.senders, audit, self.committer,
-                                  router, self.config.process.unrouted)
+                                  router, self.config.process.unrouted, self.metrics)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.
@@ -266,6 +277,29 @@ class Relay:
             except BaseException:
                 self.stop()
                 raise
+        # Only where objects are processed: a `receive` beside a `process` (or the embedded
+        # receiver's child) reads the same config and must not take the same port.
+        if self.do_process and self.config.metrics.listen is not None:
+            self.metrics.watch(self.state)
+            try:
+                self.metrics.serve(self.config.metrics.listen)
+            except OSError as exc:
+                self.stop()
+                raise OSError(f"[metrics].listen {self.config.metrics.listen[0]}:"
+                              f"{self.config.metrics.listen[1]}: cannot serve /metrics there "
+                              f"({exc.strerror or exc})") from None
+
+    def state(self) -> RelayState:
+        """What the metrics read at each scrape."""
+        receiver = self.receiver
+        return RelayState(
+            spool=self.spool,
+            destinations=[s.destination.name for s in self.senders],
+            held={s.destination.name: len(s.held()) for s in self.senders
+                  if s.hold is not None},
+            receiver_port=self.config.receiver.port if self.do_receive else None,
+            receiver_restarts=receiver.restarts() if receiver is not None else 0,
+            version=__version__, engine=self.engine.name)
 
     def _thread(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -312,6 +346,7 @@ class Relay:
             self._commit_thread.join(timeout=60)
         if self.watcher is not None:
             self.watcher.close()
+        self.metrics.close()
 
     def wait(self) -> None:
         """Block until the stop event is set (by the SIGTERM/SIGINT handler). A receiver that

@@ -18,6 +18,7 @@ from pathlib import Path
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Destination, SenderConfig
 from relay.hold import StudyHold, arrival, study_of
+from relay.metrics import Metrics
 from relay.spool import Failure, Spool
 from relay.toolkits.base import Engine, Outcome, SendResult, local_failures
 
@@ -48,9 +49,11 @@ class DestinationSender:
 
     def __init__(self, spool: Spool, destination: Destination, engine: Engine,
                  config: SenderConfig, clock: Callable[[], float] = time.monotonic,
-                 audit: AuditLog = NO_AUDIT, wall: Callable[[], float] = time.time) -> None:
+                 audit: AuditLog = NO_AUDIT, wall: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.audit = audit
+        self.metrics = metrics if metrics is not None else Metrics()
         self.destination = destination
         self.engine = engine
         self.config = config
@@ -59,6 +62,9 @@ class DestinationSender:
         self._ready: deque[Path] = deque()
         self._ready_since: dict[Path, float] = {}  # when each ready file became ready
         self._known: set[Path] = set()
+        # When each object arrived in the spool (wall clock), for the latency metric; a
+        # backlog found at start-up counts from when it was queued (its file's time).
+        self._received: dict[Path, float] = {}
         self.batch_wait = (config.batch_wait if config.batch_wait is not None
                            else engine.batch_wait)
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
@@ -76,7 +82,7 @@ class DestinationSender:
         self.hold = (StudyHold(destination.hold_until_stable, destination.hold_max)
                      if destination.hold_until_stable > 0 else None)
 
-    def enqueue(self, path: Path) -> None:
+    def enqueue(self, path: Path, received: float | None = None) -> None:
         held = None
         if self.hold is not None:
             try:
@@ -86,6 +92,8 @@ class DestinationSender:
         with self._cond:
             if path not in self._known:
                 self._known.add(path)
+                if received is not None:
+                    self._received[path] = received
                 if held is not None and self.hold is not None:
                     self.hold.add(path, *held)
                 else:
@@ -210,8 +218,16 @@ class DestinationSender:
         key = r.status_text
         self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
         if r.outcome is Outcome.DELIVERED:
+            received = self._received.get(r.path)
+            if received is None:
+                try:
+                    received = r.path.stat().st_mtime
+                except FileNotFoundError:
+                    received = None
             self.spool.delivered(r.path)
             self.stats.delivered += 1
+            self.metrics.delivered(self.destination.name,
+                                   None if received is None else self.wall() - received)
             self._forget(r.path)
             self.audit.record("delivered", r.path.name, destination=self.destination.name,
                               status=r.status_text)
@@ -226,6 +242,7 @@ class DestinationSender:
             except FileNotFoundError:
                 log.error("%s vanished before it could be quarantined", r.path)
             self.stats.failed += 1
+            self.metrics.failed(self.destination.name, reason)
             self._forget(r.path)
             self.audit.record("failed", r.path.name, stage="send",
                               destination=self.destination.name, status=r.status_text,
@@ -261,6 +278,8 @@ class DestinationSender:
                 delay = backoff_delay(self._down_attempts, self.config.retry_initial,
                                       self.config.retry_max)
                 self._hold_until = now + delay
+                self.metrics.retried(self.destination.name, "local-failure"
+                                     if retry[0].local_failure else "unavailable", len(retry))
                 if retry[0].local_failure:
                     log.error("%s: %s (not the destination's fault): %d queued, next try in "
                               "%.1f s", self.destination.name, retry[0].detail,
@@ -274,6 +293,9 @@ class DestinationSender:
                 self._down_attempts = 0
                 retry = [r for r in retry if not self._unanswered_too_often(r)]
                 for r in retry:
+                    self.metrics.retried(self.destination.name,
+                                         "no-response" if r.status is None
+                                         else f"status-{r.status:04X}")
                     self.audit.record("deferred", r.path.name, destination=self.destination.name,
                                       status=r.status_text, detail=r.detail)
                     attempt = self._attempts.get(r.path, 0) + 1
@@ -318,6 +340,7 @@ class DestinationSender:
                 f"the association broke {strikes} times while sending "
                 f"it ({r.detail})"), reason="breaks-association")
             return
+        self.metrics.retried(self.destination.name, "association-broke")
         delay = backoff_delay(strikes, self.config.retry_initial, self.config.retry_max)
         log.warning("%s: association broke while sending %s (%s): set aside for %.1f s",
                     self.destination.name, r.path.name, r.detail, delay)
@@ -328,6 +351,7 @@ class DestinationSender:
     def _forget(self, path: Path) -> None:
         with self._cond:
             self._known.discard(path)
+            self._received.pop(path, None)
             self._ready_since.pop(path, None)
             self._attempts.pop(path, None)
             self._delayed.pop(path, None)

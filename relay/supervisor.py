@@ -108,6 +108,7 @@ class Supervisor:
         # PDU at its own DEBUG level keeps that level in our log.
         self.line_level = line_level
         self._ready = threading.Event()
+        self.restarts = 0  # times it died and was started again (a metric)
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -200,6 +201,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot restart %s: %s", self.name, exc)
                 continue
+            self.restarts += 1
             log.info("%s restarted (pid %d)", self.name, self.proc.pid)
 
     def _kill_group(self) -> None:
@@ -255,3 +257,6 @@ class SupervisedReceiver:
 
     def alive(self) -> bool:
         return self.supervisor.alive()
+
+    def restarts(self) -> int:
+        return self.supervisor.restarts

@@ -94,6 +94,10 @@ class Receiver(ABC):
     @abstractmethod
     def alive(self) -> bool: ...
 
+    def restarts(self) -> int:
+        """Times the receiver died and was started again (a supervised process)."""
+        return 0
+
 
 class Engine(ABC):
     name: str = "?"

@@ -1,0 +1,267 @@
+"""Prometheus metrics (`[metrics] listen = "127.0.0.1:9110"`), with the official client.
+
+Two kinds of figures, as Prometheus expects them:
+- counters the pipeline increments as things happen (received, delivered, retried, failed,
+  receive→delivered latency). They start from zero at each start, which is Prometheus'
+  convention (rate() and increase() handle the reset);
+- gauges read from the spool itself when scraped (queue depth and oldest queued age per
+  destination, quarantined objects, held studies, associations open): the spool is the truth,
+  so they are right from the first scrape after a restart, backlog included.
+
+`dicom-relay status` prints the same figures: the gauges from the spool (`spool_figures`), the
+counters from a running relay's /metrics when it serves one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from relay.spool import PARTIAL_SUFFIX, SIDECAR_SUFFIX, Spool
+
+log = logging.getLogger("relay.metrics")
+
+PREFIX = "dicom_relay"
+# Receive → delivered, seconds: from a small object on an idle relay (tens of ms) to a study
+# held until complete or a destination down for an hour.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+
+
+@dataclass(frozen=True)
+class QueueFigures:
+    destination: str
+    objects: int
+    oldest_age: float  # seconds since the oldest queued object was queued; 0 when empty
+    configured: bool  # False: out/<name>/ of a destination no longer in the config
+
+
+def spool_figures(spool: Spool, configured: list[str], now: float | None = None
+                  ) -> tuple[list[QueueFigures], dict[str, int], dict[str, int]]:
+    """(queue per destination, objects per spool folder, quarantined objects per reason),
+    read from the folders: what is on disk, whoever put it there."""
+    now = time.time() if now is None else now
+    queues = []
+    names = list(configured)
+    if spool.out.is_dir():
+        names += sorted(e.name for e in os.scandir(spool.out)
+                        if e.is_dir(follow_symlinks=False) and e.name not in configured)
+    for name in names:
+        count, oldest = _count(spool.outbox(name))
+        queues.append(QueueFigures(name, count, max(0.0, now - oldest) if count else 0.0,
+                                   name in configured))
+    folders = {"incoming": _count(spool.incoming)[0], "work": _count(spool.work)[0]}
+    quarantined = {}
+    if spool.failed.is_dir():
+        for entry in os.scandir(spool.failed):
+            if entry.is_dir(follow_symlinks=False):
+                quarantined[entry.name] = _count(Path(entry.path))[0]
+    folders["failed"] = sum(quarantined.values())
+    return queues, folders, quarantined
+
+
+def _count(folder: Path) -> tuple[int, float]:
+    """Complete objects in a folder (no partial files, no sidecars) and the oldest mtime."""
+    count, oldest = 0, float("inf")
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if (name.startswith(".") or name.endswith(PARTIAL_SUFFIX)
+                        or name.endswith(SIDECAR_SUFFIX)):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    oldest = min(oldest, entry.stat(follow_symlinks=False).st_mtime)
+                except FileNotFoundError:
+                    continue  # delivered while we looked
+                count += 1
+    except FileNotFoundError:
+        pass
+    return count, oldest
+
+
+def open_connections(port: int, proc: Path = Path("/proc/net")) -> int | None:
+    """Established TCP connections to a local port (each is an association, or about to be
+    one), whichever process holds them: the receiver may be storescp. None off Linux."""
+    found = False
+    count = 0
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st …; addresses are HEXIP:HEXPORT, 01 = ESTABLISHED
+            if len(fields) > 3 and fields[3] == "01" and \
+                    int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count if found else None
+
+
+class Metrics:
+    """The relay's metrics, in a registry of its own (tests run several relays in one
+    process). The pipeline calls the event methods; `serve` exposes them over HTTP."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._received = Counter(f"{PREFIX}_received_objects", "Objects received and "
+                                 "processed, by calling AE title", ["calling_ae"], registry=r)
+        self._received_bytes = Counter(f"{PREFIX}_received_bytes", "Bytes of the objects "
+                                       "received, by calling AE title", ["calling_ae"],
+                                       registry=r)
+        self._delivered = Counter(f"{PREFIX}_delivered_objects", "Objects a destination "
+                                  "confirmed (C-STORE success or a warning that means stored)",
+                                  ["destination"], registry=r)
+        self._retried = Counter(f"{PREFIX}_retried_objects", "Sends that will be tried again, "
+                                "by destination and reason", ["destination", "reason"],
+                                registry=r)
+        self._failed = Counter(f"{PREFIX}_failed_objects", "Objects quarantined in failed/, by "
+                               "destination ('' before routing) and reason",
+                               ["destination", "reason"], registry=r)
+        self._latency = Histogram(f"{PREFIX}_delivery_latency_seconds", "From the object's "
+                                  "arrival in the spool to its destination's confirmation",
+                                  ["destination"], buckets=LATENCY_BUCKETS, registry=r)
+        self._reloads = Counter(f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP), "
+                                "by result", ["result"], registry=r)
+        self._server: Any = None
+
+    # --- events ----------------------------------------------------------------------------
+
+    def received(self, calling_ae: str, size: int) -> None:
+        self._received.labels(calling_ae or "").inc()
+        self._received_bytes.labels(calling_ae or "").inc(size)
+
+    def delivered(self, destination: str, latency: float | None) -> None:
+        self._delivered.labels(destination).inc()
+        if latency is not None:
+            self._latency.labels(destination).observe(max(0.0, latency))
+
+    def retried(self, destination: str, reason: str, count: int = 1) -> None:
+        self._retried.labels(destination, reason).inc(count)
+
+    def failed(self, destination: str, reason: str) -> None:
+        self._failed.labels(destination, reason).inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self._reloads.labels("applied" if ok else "refused").inc()
+
+    # --- the scrape-time view of the running relay -----------------------------------------
+
+    def watch(self, state: Callable[[], RelayState]) -> None:
+        """Register the gauges read at each scrape from the running relay and its spool."""
+        self.registry.register(_StateCollector(state))
+
+    def serve(self, listen: tuple[str, int]) -> None:
+        """Serve /metrics on (host, port) in a thread; OSError when the port is taken."""
+        server, _thread = start_http_server(listen[1], listen[0], registry=self.registry)
+        self._server = server
+        log.info("metrics at http://%s/metrics", format_listen(listen))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@dataclass
+class RelayState:
+    """What the gauges read at scrape time (a callback builds it from the running relay)."""
+
+    spool: Spool
+    destinations: list[str]
+    held: dict[str, int]  # destination → studies held
+    receiver_port: int | None  # None: this process does not receive
+    receiver_restarts: int
+    version: str
+    engine: str
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: Callable[[], RelayState]) -> None:
+        self.state = state
+        self._lock = threading.Lock()  # scrapes may overlap; the folders are read once each
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            s = self.state()
+            queues, folders, quarantined = spool_figures(s.spool, s.destinations)
+        depth = GaugeMetricFamily(f"{PREFIX}_queued_objects", "Objects waiting in out/<dest>/ "
+                                  "(configured: 0 for a destination no longer configured)",
+                                  labels=["destination", "configured"])
+        age = GaugeMetricFamily(f"{PREFIX}_queue_oldest_age_seconds", "Age of the oldest "
+                                "object waiting for the destination (0: none waiting)",
+                                labels=["destination"])
+        for q in queues:
+            depth.add_metric([q.destination, "1" if q.configured else "0"], q.objects)
+            age.add_metric([q.destination], q.oldest_age)
+        yield depth
+        yield age
+        spool = GaugeMetricFamily(f"{PREFIX}_spool_objects", "Objects in the spool's incoming/, "
+                                  "work/ and failed/ folders", labels=["folder"])
+        for folder, count in folders.items():
+            spool.add_metric([folder], count)
+        yield spool
+        failed = GaugeMetricFamily(f"{PREFIX}_quarantined_objects", "Objects in failed/, by "
+                                   "reason (sub-folder)", labels=["reason"])
+        for reason, count in sorted(quarantined.items()):
+            failed.add_metric([reason], count)
+        yield failed
+        held = GaugeMetricFamily(f"{PREFIX}_held_studies", "Studies held until complete "
+                                 "(hold_until_stable)", labels=["destination"])
+        for dest, count in s.held.items():
+            held.add_metric([dest], count)
+        yield held
+        if s.receiver_port is not None:
+            count = open_connections(s.receiver_port)
+            if count is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_associations_open", "TCP connections open "
+                                        "on the receiver's port (associations)", value=count)
+            yield CounterMetricFamily(f"{PREFIX}_receiver_restarts", "Times the receiver "
+                                      "process died and was restarted", value=s.receiver_restarts)
+        info = InfoMetricFamily(f"{PREFIX}_build", "Version and engine of the running relay")
+        info.add_metric([], {"version": s.version, "engine": s.engine})
+        yield info
+
+
+def format_listen(listen: tuple[str, int]) -> str:
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def scrape(listen: tuple[str, int], timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str],
+                                                                                      float]]]:
+    """A running relay's /metrics: sample name → [(labels, value)]. OSError when none
+    answers."""
+    host, port = listen
+    if host in ("0.0.0.0", ""):  # noqa: S104
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    url = f"http://{format_listen((host, port))}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
+        text = response.read().decode("utf-8")
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
