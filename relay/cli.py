@@ -84,8 +84,13 @@ def _serve(cfg: Config, *, receive: bool, process: bool) -> None:
                  signal.Signals(signum).name)
         relay.stop_event.set()
 
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: reloading %s", cfg.source)
+        relay.reload_event.set()  # the main loop reloads: no work inside a signal handler
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         relay.start()
     except (OSError, RuntimeError) as exc:
@@ -104,7 +109,10 @@ def run(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -
     """Receive, rewrite and forward, in the foreground (for systemd or Docker).
 
     Stops cleanly on SIGTERM or Ctrl-C; whatever is not yet delivered stays in the spool and is
-    sent after the next start.
+    sent after the next start. SIGHUP (`systemctl reload dicom-relay`) re-reads the config:
+    rules, destinations, filters and [sender] apply from the next object, without dropping an
+    association; receiver, spool, toolkit, metrics and audit settings need a restart (the log
+    says so); a config that does not validate is refused and the running one stays.
     """
     _serve(_load(config, verbose), receive=True, process=True)
 

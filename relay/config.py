@@ -125,6 +125,9 @@ class Destination:
     # arrive), or until hold_max after the first arrived.
     hold_until_stable: float = 0.0
     hold_max: float = 3600.0
+    # Its table as written (canonical JSON): a reload replaces the destination's sender only
+    # when this (or [sender]) changed.
+    definition: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -451,6 +454,7 @@ def _destination(t: Table) -> Destination:
         rules_key=rules_key,
         hold_until_stable=hold,
         hold_max=hold_max,
+        definition=json.dumps(t.data, sort_keys=True, default=str),
     )
 
 

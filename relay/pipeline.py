@@ -13,11 +13,12 @@ import queue
 import threading
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from relay import __version__
 from relay.audit import NO_AUDIT, AuditLog
-from relay.config import Config
+from relay.config import Config, ConfigError, Destination, load_config
 from relay.edit import BadInput, Editor, EditOutcome
 from relay.metrics import Metrics, RelayState
 from relay.route import Router, Routing
@@ -71,6 +72,16 @@ class Committer:
             self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What a reload replaces, swapped as one: the rules, the routes, the senders."""
+
+    editor: Editor
+    router: Router
+    senders: dict[str, DestinationSender]
+    unrouted: str = "keep"
+
+
 class Processor:
     """Claims incoming objects, applies the rules, routes them, publishes to the queues of
     the destinations they are routed to."""
@@ -81,23 +92,31 @@ class Processor:
                  metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.metrics = metrics if metrics is not None else Metrics()
-        self.editor = editor
-        self.senders = {s.destination.name: s for s in senders}
         self.audit = audit
         # None: every object is made durable on its own (fsync of file and folders).
         self.committer = committer
-        self.router = router or Router([s.destination for s in senders])
-        self.unrouted = unrouted
+        self.setup = Setup(editor, router or Router([s.destination for s in senders]),
+                           {s.destination.name: s for s in senders}, unrouted)
+
+    @property
+    def editor(self) -> Editor:
+        return self.setup.editor
+
+    @property
+    def senders(self) -> dict[str, DestinationSender]:
+        return self.setup.senders
 
     def process(self, path: Path) -> bool:
         """Handle one incoming object; False if another worker had already claimed it."""
         claimed = self.spool.claim(path)
         if claimed is None:
             return False
+        # One object, one configuration: a reload meanwhile applies from the next object.
+        setup = self.setup
         stat = claimed.stat()
         edited = self.spool.edited_path(claimed)
         try:
-            outcome = self.editor.edit(claimed, edited, sync=self.committer is None)
+            outcome = setup.editor.edit(claimed, edited, sync=self.committer is None)
         except BadInput as exc:
             edited.unlink(missing_ok=True)
             log.error("%s: %s: quarantined in failed/%s/", claimed.name, exc.detail, exc.reason)
@@ -122,7 +141,7 @@ class Processor:
             self.audit.record("failed", claimed.name, stage="process", reason="internal-error")
             return True
         try:
-            return self._route_and_publish(claimed, edited, outcome, stat)
+            return self._route_and_publish(setup, claimed, edited, outcome, stat)
         except OSError as exc:
             # A full disk (the audit, a destination's copy, a link) is not the object's fault:
             # its copies go, it goes back to incoming/ to be processed again, never stuck in
@@ -135,8 +154,8 @@ class Processor:
                 self.spool.claim_back(claimed)
             raise
 
-    def _route_and_publish(self, claimed: Path, edited: Path, outcome: EditOutcome,
-                           stat: os.stat_result) -> bool:
+    def _route_and_publish(self, setup: Setup, claimed: Path, edited: Path,
+                           outcome: EditOutcome, stat: os.stat_result) -> bool:
         for missing in outcome.missing:
             log.warning("%s: rule not applied, source missing (on_missing = keep): %s",
                         claimed.name, missing)
@@ -150,7 +169,7 @@ class Processor:
         self.audit.record("edited", claimed.name, changes=self.audit.changes(outcome.changes),
                           rules_skipped=len(outcome.missing) or None)
         try:
-            routing = self.router.route(edited, outcome.source_ae)
+            routing = setup.router.route(edited, outcome.source_ae)
         except (OSError, ValueError, TypeError) as exc:
             edited.unlink(missing_ok=True)
             log.error("%s: cannot read it to route it (%s): quarantined", claimed.name, exc)
@@ -164,10 +183,10 @@ class Processor:
         self.audit.record("routed", claimed.name, to=list(routing.to),
                           not_to=dict(why_not) or None)
         if not routing.to:
-            return self._unrouted(claimed, edited, routing)
+            return self._unrouted(claimed, edited, routing, setup.unrouted)
         durable = self.committer is None
-        copies, failed = self.router.copies(self.spool, claimed, edited, routing.to,
-                                            sync=durable)
+        copies, failed = setup.router.copies(self.spool, claimed, edited, routing.to,
+                                             sync=durable)
         for name, exc in failed.items():
             self._failed_for(claimed, name, exc)
         if not copies:  # every destination's own edit failed: nothing left to send
@@ -180,13 +199,20 @@ class Processor:
         else:
             edited.unlink(missing_ok=True)  # when every destination had its own edit
         for name, path_out in zip(copies, queued, strict=True):
-            self.senders[name].enqueue(path_out, received=stat.st_mtime)
+            # The sender of the moment: one a reload put in place of the one this object's
+            # setup knew finds it in out/<dest>/ anyway.
+            sender = self.setup.senders.get(name)
+            if sender is not None:
+                sender.enqueue(path_out, received=stat.st_mtime)
+            else:
+                log.warning("%s: queued for %s, which a reload just removed: it stays in "
+                            "out/%s/", claimed.name, name, name)
         return True
 
-    def _unrouted(self, claimed: Path, edited: Path, routing: Routing) -> bool:
+    def _unrouted(self, claimed: Path, edited: Path, routing: Routing, unrouted: str) -> bool:
         why = "; ".join(f"{d}: {w}" for d, w in routing.not_to.items()) or "no destinations"
         edited.unlink(missing_ok=True)
-        if self.unrouted == "delete":
+        if unrouted == "delete":
             log.info("%s: no destination takes it (%s): deleted ([process].unrouted = "
                      "\"delete\")", claimed.name, why)
             claimed.unlink()
@@ -215,6 +241,9 @@ class Processor:
 class Relay:
     """The running relay: any of receive, process (edit + send), or both (`run`)."""
 
+    # Settings a running relay cannot change: a reload reports them and keeps the old ones.
+    RESTART_ONLY = ("receiver", "spool", "toolkit", "metrics", "audit")
+
     def __init__(self, config: Config, engine: Engine, *, receive: bool = True,
                  process: bool = True) -> None:
         self.config = config
@@ -223,14 +252,18 @@ class Relay:
         self.do_process = process
         self.spool = spool_for(config)
         self.stop_event = threading.Event()
+        self.reload_event = threading.Event()  # set by SIGHUP; wait() reloads
         self.receiver: Receiver | None = None
         self.senders: list[DestinationSender] = []
+        self._sender_threads: dict[str, threading.Thread] = {}
         self.threads: list[threading.Thread] = []
         self.watcher: IncomingWatcher | None = None
         self._work: queue.Queue[Path | None] = queue.Queue(maxsize=1000)
         self.committer: Committer | None = None
         self._commit_thread: threading.Thread | None = None
         self.metrics = Metrics()
+        self.audit: AuditLog = NO_AUDIT
+        self.processor: Processor | None = None
 
     def start(self) -> None:
         self.spool.create()
@@ -242,30 +275,21 @@ class Relay:
             if recovered:
                 log.info("start-up: %d object(s) left in work/ by a previous run requeued",
                          recovered)
-            audit_path = self.config.audit_path
-            audit = AuditLog(audit_path, patient_values=self.config.audit.patient_values)
-            self.senders = [DestinationSender(self.spool, d, self.engine, self.config.sender,
-                                              audit=audit, metrics=self.metrics)
-                            for d in self.config.destinations]
+            self.audit = AuditLog(self.config.audit_path,
+                                  patient_values=self.config.audit.patient_values)
+            self.senders = [self._sender(d, self.config) for d in self.config.destinations]
             for sender in self.senders:
-                backlog = sender.load_backlog()
-                if backlog:
-                    log.info("start-up: %d object(s) queued for %s", backlog,
-                             sender.destination.name)
-                self._thread(sender.run, f"send-{sender.destination.name}")
-            converter = (self.engine.toolkit_converter()
-                         if self.config.toolkit.converter == "toolkit" else None)
-            editor = Editor(self.config.rules, converter)
+                self._start_sender(sender)
             self.committer = Committer(self.spool)
             self._commit_thread = threading.Thread(target=self.committer.run, name="commit",
                                                    daemon=True)
             self._commit_thread.start()
-            router = Router(self.config.destinations, converter,
-                            called_ae=self.config.receiver.ae_title)
-            processor = Processor(self.spool, editor, self.senders, audit, self.committer,
-                                  router, self.config.process.unrouted, self.metrics)
+            editor, router = self._rules_and_routes(self.config)
+            self.processor = Processor(self.spool, editor, self.senders, self.audit,
+                                       self.committer, router, self.config.process.unrouted,
+                                       self.metrics)
             for i in range(self.config.process.workers):
-                self._thread(lambda p=processor: self._work_loop(p), f"edit-{i}")
+                self._thread(lambda p=self.processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.
             self.watcher = IncomingWatcher(self.spool)
             self._thread(self._watch_loop, "watch")
@@ -289,17 +313,125 @@ class Relay:
                               f"{self.config.metrics.listen[1]}: cannot serve /metrics there "
                               f"({exc.strerror or exc})") from None
 
+    def _rules_and_routes(self, config: Config) -> tuple[Editor, Router]:
+        converter = (self.engine.toolkit_converter()
+                     if config.toolkit.converter == "toolkit" else None)
+        return (Editor(config.rules, converter),
+                Router(config.destinations, converter, called_ae=config.receiver.ae_title))
+
+    def _sender(self, destination: Destination, config: Config) -> DestinationSender:
+        return DestinationSender(self.spool, destination, self.engine, config.sender,
+                                 audit=self.audit, metrics=self.metrics)
+
+    def _start_sender(self, sender: DestinationSender) -> None:
+        """Queue what out/<dest>/ holds, then start its thread."""
+        name = sender.destination.name
+        backlog = sender.load_backlog()
+        if backlog:
+            log.info("%d object(s) queued for %s", backlog, name)
+        thread = threading.Thread(target=sender.run, name=f"send-{name}", daemon=True)
+        thread.start()
+        self._sender_threads[name] = thread
+
     def state(self) -> RelayState:
         """What the metrics read at each scrape."""
         receiver = self.receiver
+        senders = list(self.senders)
         return RelayState(
             spool=self.spool,
-            destinations=[s.destination.name for s in self.senders],
-            held={s.destination.name: len(s.held()) for s in self.senders
-                  if s.hold is not None},
+            destinations=[s.destination.name for s in senders],
+            held={s.destination.name: len(s.held()) for s in senders if s.hold is not None},
             receiver_port=self.config.receiver.port if self.do_receive else None,
             receiver_restarts=receiver.restarts() if receiver is not None else 0,
             version=__version__, engine=self.engine.name)
+
+    # --- reload (SIGHUP) -------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Read the config file again and apply what a running relay can change, from the
+        next object on: rules, destinations, filters, holds, [sender], [process].unrouted,
+        log_level. What needs a restart is reported and kept as it was; a config that does
+        not validate is refused and the running one stays. False when refused."""
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            self.metrics.reloaded(False)
+            return False
+        if self.do_process and not new.destinations:
+            log.error("reload refused, the running configuration stays: %s: no "
+                      "[[destinations]] configured: nothing to forward to", new.source)
+            self.metrics.reloaded(False)
+            return False
+        kept = {}
+        for section in (*self.RESTART_ONLY, "process"):
+            old_value, new_value = getattr(self.config, section), getattr(new, section)
+            if section == "process":  # unrouted applies now, workers at the next start
+                new_value = replace(new_value, unrouted=old_value.unrouted)
+            for item in fields(old_value):
+                before, after = getattr(old_value, item.name), getattr(new_value, item.name)
+                if before != after:
+                    log.warning("reload: [%s].%s changed (%s -> %s): it needs a restart; "
+                                "kept as it was until then", section, item.name,
+                                _shown(before), _shown(after))
+            kept[section] = old_value
+        kept["process"] = replace(self.config.process, unrouted=new.process.unrouted)
+        new = replace(new, **kept)
+        if self.do_process:
+            try:
+                self._apply(new)
+            except Exception as exc:  # noqa: BLE001 - a reload must never stop the relay
+                log.exception("reload refused, the running configuration stays: %s", exc)
+                self.metrics.reloaded(False)
+                return False
+        if new.log_level != self.config.log_level:
+            logging.getLogger().setLevel(new.log_level)
+        self.config = new
+        self.metrics.reloaded(True)
+        log.info("reload: %s applied", new.source)
+        return True
+
+    def _apply(self, new: Config) -> None:
+        assert self.processor is not None
+        editor, router = self._rules_and_routes(new)  # may raise: nothing changed yet
+        old = {s.destination.name: s for s in self.senders}
+        keep, start, stop = [], [], []
+        for dest in new.destinations:
+            sender = old.get(dest.name)
+            if (sender is not None and sender.destination.definition == dest.definition
+                    and new.sender == self.config.sender):
+                keep.append(sender)
+                continue
+            start.append(self._sender(dest, new))
+            if sender is not None:
+                stop.append(sender)
+        removed = [s for name, s in old.items() if name not in {d.name for d in new.destinations}]
+        self.spool.destinations = tuple(d.name for d in new.destinations)
+        self.spool.create()  # out/<dest>/ of new destinations
+        senders = keep + start
+        self.senders = [next(s for s in senders if s.destination.name == d.name)
+                        for d in new.destinations]
+        # From here the next object is edited, routed and queued with the new setup.
+        self.processor.setup = Setup(editor, router, {s.destination.name: s
+                                                      for s in self.senders},
+                                     new.process.unrouted)
+        # A sender replaced or removed finishes the batch in hand (its association included)
+        # before its successor reads out/<dest>/: nothing is sent twice at once.
+        for sender in stop + removed:
+            sender.stop()
+            thread = self._sender_threads.pop(sender.destination.name, None)
+            if thread is not None:
+                thread.join()
+        for sender in start:
+            what = "changed" if sender.destination.name in old else "added"
+            log.info("reload: destination %s %s", sender.destination.name, what)
+            self._start_sender(sender)
+        for sender in removed:
+            name = sender.destination.name
+            left = len(self.spool.queued(name)) if self.spool.outbox(name).is_dir() else 0
+            log.warning("reload: destination %s removed; %d object(s) queued for it stay in "
+                        "out/%s/ (never deleted): put it back in the config to send them",
+                        name, left, name)
 
     def _thread(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -338,7 +470,7 @@ class Relay:
         self.stop_event.set()
         for sender in self.senders:
             sender.stop()
-        for thread in self.threads:
+        for thread in [*self.threads, *self._sender_threads.values()]:
             thread.join(timeout=30)
         # After the editors: what they published last is committed before we return.
         if self.committer is not None and self._commit_thread is not None:
@@ -349,7 +481,19 @@ class Relay:
         self.metrics.close()
 
     def wait(self) -> None:
-        """Block until the stop event is set (by the SIGTERM/SIGINT handler). A receiver that
-        dies meanwhile is the supervisor's to restart and log."""
-        while not self.stop_event.wait(1.0):
-            pass
+        """Block until the stop event is set (by the SIGTERM/SIGINT handler), reloading the
+        config when SIGHUP asked for it. A receiver that dies meanwhile is the supervisor's
+        to restart and log."""
+        while not self.stop_event.wait(0.2):
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload()
+
+
+def _shown(value: object) -> str:
+    """A config value for a log line (paths and tuples as written)."""
+    if value is None:
+        return "unset"
+    if hasattr(value, "__dataclass_fields__"):
+        return "(changed)"
+    return str(value)

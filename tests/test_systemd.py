@@ -43,6 +43,7 @@ def test_units_parse_and_run_the_right_verb() -> None:
         assert service["NoNewPrivileges"] == "yes"
         assert service["ProtectSystem"] == "strict"
         assert service["CapabilityBoundingSet"] == ""
+        assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # systemctl reload
         assert unit["Install"]["WantedBy"] == "multi-user.target"
     process = parse(files["dicom-relay-process.service"])
     assert "dicom-relay-receive.service" in process["Unit"]["After"]
