@@ -22,6 +22,7 @@ from relay.hold import held_studies
 from relay.metrics import format_listen, scrape, spool_figures
 from relay.pipeline import Relay, spool_for
 from relay.route import Router
+from relay.stow import transport_for
 from relay.supervisor import LOG_PLAIN_ENV
 from relay.toolkits import select_engine
 from relay.toolkits.base import DestinationUnavailable, Engine, Outcome, ToolFailure
@@ -169,7 +170,8 @@ def send(
     started = time.monotonic()
     with typer.progressbar(length=len(files), label=f"sending to {dest.name}",
                            file=sys.stderr) as bar:
-        for result in engine.send(files, dest, cfg.sender.calling_ae_title, cfg.sender.timeout):
+        sender = transport_for(dest, engine)
+        for result in sender.send(files, dest, cfg.sender.calling_ae_title, cfg.sender.timeout):
             bar.update(1)
             if result.outcome is Outcome.DELIVERED:
                 stored += 1
@@ -194,7 +196,8 @@ def echo(
     = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """C-ECHO destinations (DICOM ping). Exits 1 if any does not answer."""
+    """C-ECHO destinations (DICOM ping); a DICOMweb destination gets a QIDO-RS query for one
+    study (it answers, and takes our credentials). Exits 1 if any does not answer."""
     cfg = _load(config, verbose)
     if receiver:
         from relay.toolkits.embedded import EmbeddedEngine
@@ -227,13 +230,15 @@ def _echo_all(cfg: Config, only: str | None = None) -> bool:
     for dest in dests:
         started = time.monotonic()
         try:
-            engine.echo(dest, cfg.sender.calling_ae_title, min(cfg.sender.timeout, 10.0))
+            transport_for(dest, engine).echo(dest, cfg.sender.calling_ae_title,
+                                             min(cfg.sender.timeout, 10.0))
         except (DestinationUnavailable, ToolFailure) as exc:
             typer.echo(f"FAIL {dest.name}: {exc}")
             ok = False
             continue
         ms = (time.monotonic() - started) * 1000
-        typer.echo(f"ok   {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}) {ms:.0f} ms")
+        what = "QIDO-RS" if dest.kind == "dicomweb" else "C-ECHO"
+        typer.echo(f"ok   {dest.name} ({dest.describe()}, {what}) {ms:.0f} ms")
     return ok
 
 
@@ -343,7 +348,7 @@ def check(
         if dest.hold_until_stable:
             extra.append(f"held until quiet {dest.hold_until_stable:g} s "
                          f"(at most {dest.hold_max:g} s)")
-        typer.echo(f"  destination {dest.name}: {dest.ae_title}@{dest.host}:{dest.port}"
+        typer.echo(f"  destination {dest.name} ({dest.kind}): {dest.describe()}"
                    + (f" ({'; '.join(extra)})" if extra else ""))
     engine = _engine(cfg)
     typer.echo(f"engine: {engine.describe()}")
@@ -379,10 +384,12 @@ def status(
     queues, folders, _ = spool_figures(spool, [d.name for d in cfg.destinations])
     counters = _running_counters(cfg)
     typer.echo(f"spool {spool.root}: " + ", ".join(f"{k} {v}" for k, v in folders.items()))
-    typer.echo(f"\n{'destination':<20} {'queued':>7} {'oldest':>8}"
+    kinds = {d.name: "DICOMweb" if d.kind == "dicomweb" else "DIMSE" for d in cfg.destinations}
+    typer.echo(f"\n{'destination':<20} {'kind':<8} {'queued':>7} {'oldest':>8}"
                + (f" {'delivered':>10} {'retried':>8} {'failed':>7}" if counters else ""))
     for q in queues:
-        line = f"{q.destination:<20} {q.objects:>7} {_age(q.oldest_age):>8}"
+        line = (f"{q.destination:<20} {kinds.get(q.destination, '-'):<8} {q.objects:>7} "
+                f"{_age(q.oldest_age):>8}")
         if counters:
             line += "".join(f" {counters.get((name, q.destination), 0):>{width}.0f}"
                             for name, width in (("delivered", 10), ("retried", 8),
@@ -390,6 +397,9 @@ def status(
         if not q.configured:
             line += "  (no longer in the config: kept in the spool, never deleted)"
         typer.echo(line)
+    for dest, codes in sorted(_http_statuses(cfg).items()):
+        typer.echo(f"{dest}: HTTP statuses since the relay started: "
+                   + ", ".join(f"{code} x{count:.0f}" for code, count in sorted(codes.items())))
     if counters:
         received = {k[1]: v for k, v in counters.items() if k[0] == "received"}
         typer.echo("\nreceived since the relay started: " + (", ".join(
@@ -445,6 +455,20 @@ def _running_counters(cfg: Config) -> dict[tuple[str, str], float]:
             key = (name, labels.get(label, ""))
             counts[key] = counts.get(key, 0) + value
     return counts or {("delivered", ""): 0}
+
+
+def _http_statuses(cfg: Config) -> dict[str, dict[str, float]]:
+    """DICOMweb destination → HTTP status → objects, from the running relay's /metrics."""
+    if cfg.metrics.listen is None:
+        return {}
+    try:
+        samples = scrape(cfg.metrics.listen)
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, dict[str, float]] = {}
+    for labels, value in samples.get("dicom_relay_http_status_objects_total", []):
+        found.setdefault(labels.get("destination", ""), {})[labels.get("code", "?")] = value
+    return found
 
 
 @app.command(epilog="Example: `dicom-relay retry --config relay.toml --reason status-A900`")

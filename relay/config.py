@@ -10,6 +10,7 @@ import ipaddress
 import json
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,23 @@ class Destination:
     # Its table as written (canonical JSON): a reload replaces the destination's sender only
     # when this (or [sender]) changed.
     definition: str = field(default="", compare=False)
+    # A DICOMweb destination: STOW-RS to {url}/studies (ae_title/host/port are then unused).
+    url: str | None = None
+    token_file: Path | None = None  # Authorization: Bearer <its content>
+    username: str | None = None  # HTTP basic, with password_file
+    password_file: Path | None = None
+    # DIMSE: what the destination refuses in its transfer syntax is sent decompressed
+    # (Explicit VR Little Endian) with "on-refusal", quarantined with "never".
+    transcode: str = "never"
+
+    @property
+    def kind(self) -> str:
+        """'dicomweb' (STOW-RS over HTTP) or 'dimse' (C-STORE through the engine)."""
+        return "dicomweb" if self.url else "dimse"
+
+    def describe(self) -> str:
+        """Where it is, for log lines: AE@host:port or the URL."""
+        return self.url or f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -433,8 +451,54 @@ def _destination_rules(t: Table) -> tuple[tuple[Any, ...], str]:
     return tuple(rules), json.dumps(value, sort_keys=True, default=str) if value else ""
 
 
+TRANSCODE = ("never", "on-refusal")
+_DIMSE_KEYS = ("ae_title", "host", "port", "transcode")
+_DICOMWEB_KEYS = ("url", "token_file", "username", "password_file")
+
+
+def _dicomweb(t: Table) -> dict[str, Any]:
+    """A DICOMweb destination's own keys (url and its credentials)."""
+    for key in _DIMSE_KEYS:
+        if t.has(key):
+            raise t.error(key, "no DIMSE key in a DICOMweb destination (one with url): a table "
+                          "has url, or ae_title/host/port", show_got=False)
+    url = t.str("url", what="an http:// or https:// URL, e.g. "
+                "\"https://archive.example.org/dicom-web\"")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query \
+            or parsed.fragment:
+        raise t.error("url", "an http:// or https:// URL with a host, without ?query or "
+                      "#fragment (STOW-RS goes to {url}/studies)", url)
+    token_file = _secret_file(t, "token_file")
+    username = t.str("username", what="a user name") if t.has("username") else None
+    password_file = _secret_file(t, "password_file")
+    if token_file and (username or password_file):
+        raise t.error("token_file", "either token_file (Bearer) or username + password_file "
+                      "(basic), not both", show_got=False)
+    if username is not None and password_file is None:
+        raise t.error("password_file", "it with username (HTTP basic needs both)",
+                      show_got=False)
+    if password_file is not None and username is None:
+        raise t.error("username", "it with password_file (HTTP basic needs both)",
+                      show_got=False)
+    return {"url": url.rstrip("/"), "token_file": token_file, "username": username,
+            "password_file": password_file, "ae_title": "", "host": parsed.hostname,
+            "port": parsed.port or (443 if parsed.scheme == "https" else 80)}
+
+
+def _secret_file(t: Table, key: str) -> Path | None:
+    if not t.has(key):
+        return None
+    path = Path(t.str(key, what="a file path"))
+    if not path.is_absolute():
+        path = (t.file.parent / path).resolve()
+    if not path.is_file():
+        raise t.error(key, "an existing file holding the secret", str(path))
+    return path
+
+
 def _destination(t: Table) -> Destination:
-    t.check_keys(["name", "ae_title", "host", "port", "tls", "filter", "rules",
+    t.check_keys(["name", *_DIMSE_KEYS, *_DICOMWEB_KEYS, "tls", "filter", "rules",
                   "hold_until_stable", "hold_max"])
     rules, rules_key = _destination_rules(t)
     hold = t.float("hold_until_stable", 0.0, lo=0, hi=7 * 86400)
@@ -442,12 +506,22 @@ def _destination(t: Table) -> Destination:
     if hold and hold_max < hold:
         raise t.error("hold_max", f"a number of seconds >= hold_until_stable ({hold:g})",
                       hold_max)
+    if t.has("url"):
+        where = _dicomweb(t)
+    else:
+        for key in _DICOMWEB_KEYS[1:]:
+            if t.has(key):
+                raise t.error(key, "it only with url (a DICOMweb destination)", show_got=False)
+        where = {
+            "ae_title": t.str("ae_title", pattern=_AE_RE, what=AE_WHAT).strip(),
+            "host": t.str("host", what="an IP address or host name"),
+            "port": t.int("port", None, lo=1, hi=65535),
+            "transcode": t.str("transcode", "never", choices=TRANSCODE),
+        }
     return Destination(
         name=t.str("name", what="a name of letters, digits, '-', '_' or '.' (it names a spool "
                    "folder)", pattern=_NAME_RE),
-        ae_title=t.str("ae_title", pattern=_AE_RE, what=AE_WHAT).strip(),
-        host=t.str("host", what="an IP address or host name"),
-        port=t.int("port", None, lo=1, hi=65535),
+        **where,
         tls=_tls(t.sub("tls"), server=False) if t.has("tls") else None,
         filter=_filter(t.sub("filter")) if t.has("filter") else None,
         rules=rules,

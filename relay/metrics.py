@@ -137,6 +137,9 @@ class Metrics:
         self._latency = Histogram(f"{PREFIX}_delivery_latency_seconds", "From the object's "
                                   "arrival in the spool to its destination's confirmation",
                                   ["destination"], buckets=LATENCY_BUCKETS, registry=r)
+        self._http = Counter(f"{PREFIX}_http_status_objects", "Objects sent to a DICOMweb "
+                             "destination, by the HTTP status of their STOW-RS request",
+                             ["destination", "code"], registry=r)
         self._reloads = Counter(f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP), "
                                 "by result", ["result"], registry=r)
         self._server: Any = None
@@ -157,6 +160,9 @@ class Metrics:
 
     def failed(self, destination: str, reason: str) -> None:
         self._failed.labels(destination, reason).inc()
+
+    def http_status(self, destination: str, code: int) -> None:
+        self._http.labels(destination, str(code)).inc()
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels("applied" if ok else "refused").inc()

@@ -24,6 +24,7 @@ from relay.metrics import Metrics, RelayState
 from relay.route import Router, Routing
 from relay.send import DestinationSender
 from relay.spool import PARTIAL_SUFFIX, Failure, Spool
+from relay.stow import StowSender, transport_for
 from relay.toolkits.base import Engine, Receiver
 from relay.watch import IncomingWatcher
 
@@ -262,6 +263,7 @@ class Relay:
         self.committer: Committer | None = None
         self._commit_thread: threading.Thread | None = None
         self.metrics = Metrics()
+        self.stow = StowSender()
         self.audit: AuditLog = NO_AUDIT
         self.processor: Processor | None = None
 
@@ -320,8 +322,10 @@ class Relay:
                 Router(config.destinations, converter, called_ae=config.receiver.ae_title))
 
     def _sender(self, destination: Destination, config: Config) -> DestinationSender:
-        return DestinationSender(self.spool, destination, self.engine, config.sender,
-                                 audit=self.audit, metrics=self.metrics)
+        """DIMSE destinations are sent to through the engine, DICOMweb ones over HTTP."""
+        return DestinationSender(self.spool, destination,
+                                 transport_for(destination, self.engine, self.stow),
+                                 config.sender, audit=self.audit, metrics=self.metrics)
 
     def _start_sender(self, sender: DestinationSender) -> None:
         """Queue what out/<dest>/ holds, then start its thread."""

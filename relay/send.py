@@ -195,6 +195,8 @@ class DestinationSender:
             for result in self.engine.send(batch, self.destination,
                                            self.config.calling_ae_title, self.config.timeout,
                                            keep_open):
+                if result.http_status is not None:
+                    self.metrics.http_status(self.destination.name, result.http_status)
                 self._settle(result)
                 results.append(result)
         except Exception as exc:  # noqa: BLE001 - a bug or a broken tool must not end the
@@ -230,11 +232,13 @@ class DestinationSender:
                                    None if received is None else self.wall() - received)
             self._forget(r.path)
             self.audit.record("delivered", r.path.name, destination=self.destination.name,
-                              status=r.status_text)
+                              kind=self.destination.kind, status=r.status_text,
+                              http_status=r.http_status)
         elif r.outcome is Outcome.FAILED:
             log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
                       r.path.name, r.status_text, r.detail)
             reason = reason or (f"status-{r.status:04X}" if r.status is not None
+                                else f"http-{r.http_status}" if r.http_status
                                 else "not-sendable")
             try:
                 self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
@@ -245,7 +249,8 @@ class DestinationSender:
             self.metrics.failed(self.destination.name, reason)
             self._forget(r.path)
             self.audit.record("failed", r.path.name, stage="send",
-                              destination=self.destination.name, status=r.status_text,
+                              destination=self.destination.name, kind=self.destination.kind,
+                              status=r.status_text, http_status=r.http_status,
                               reason=reason, detail=r.detail)
 
     def _schedule_retries(self, results: list[SendResult]) -> None:
@@ -277,6 +282,8 @@ class DestinationSender:
                 self._down_attempts += 1
                 delay = backoff_delay(self._down_attempts, self.config.retry_initial,
                                       self.config.retry_max)
+                # A server that said when to come back (HTTP 503/429 Retry-After) is heard.
+                delay = max([delay, *(r.retry_after for r in retry if r.retry_after)])
                 self._hold_until = now + delay
                 self.metrics.retried(self.destination.name, "local-failure"
                                      if retry[0].local_failure else "unavailable", len(retry))
@@ -294,10 +301,12 @@ class DestinationSender:
                 retry = [r for r in retry if not self._unanswered_too_often(r)]
                 for r in retry:
                     self.metrics.retried(self.destination.name,
-                                         "no-response" if r.status is None
-                                         else f"status-{r.status:04X}")
+                                         f"status-{r.status:04X}" if r.status is not None
+                                         else f"http-{r.http_status}" if r.http_status
+                                         else "no-response")
                     self.audit.record("deferred", r.path.name, destination=self.destination.name,
-                                      status=r.status_text, detail=r.detail)
+                                      kind=self.destination.kind, status=r.status_text,
+                                      http_status=r.http_status, detail=r.detail)
                     attempt = self._attempts.get(r.path, 0) + 1
                     self._attempts[r.path] = attempt
                     delay = backoff_delay(attempt, self.config.retry_initial,

@@ -77,11 +77,16 @@ def copy_with_new_uids(source: Path, target: Path, *, ethnic_group: str | None =
     return uid
 
 
-def mixed_study(folder: Path) -> dict[str, dict[str, str]]:
-    """The MIXED files with new UIDs, each with its own EthnicGroup and a PatientID that
-    differs from it. Returns SOP Instance UID → {source, ethnic_group, patient_id}."""
+# Beyond images: a structured report and RT objects (an archive must take them too).
+NON_IMAGES = ["test-SR.dcm", "rtplan.dcm", "rtdose.dcm"]
+
+
+def mixed_study(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """The MIXED files (or `names`) with new UIDs, each with its own EthnicGroup and a
+    PatientID that differs from it. Returns SOP Instance UID → {source, ethnic_group,
+    patient_id}."""
     out = {}
-    for i, name in enumerate(MIXED):
+    for i, name in enumerate(MIXED if names is None else names):
         eg = f"EG{i:04d}"
         uid = copy_with_new_uids(bundled(name), folder / f"{i:02d}_{name}", ethnic_group=eg,
                                  patient_id=f"ORIG{i}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
 DCMTK_BIN = Path("/usr/bin")  # never by bare name: pynetdicom's scripts shadow DCMTK's
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,7 +92,9 @@ def dcmtk_env() -> dict[str, str]:
 class Orthanc:
     """An Orthanc started with a temporary config: DICOM and REST on loopback only."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False) -> None:
+        """dicomweb: with the DICOMweb plugin (Debian's orthanc-dicomweb) at
+        self.dicomweb_url."""
         self.workdir = workdir
         self.aet = aet
         self.dicom_port = free_port()
@@ -112,12 +115,14 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "HttpServerEnabled": True,
-            "Plugins": [],
+            "Plugins": [ORTHANC_DICOMWEB] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "StorageCompression": False,
             "ConcurrentJobs": 1,
             "SaveJobs": False,
         }))
         self.log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.dicomweb_url = f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self) -> Orthanc:
         self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=self.log,
@@ -422,3 +427,99 @@ class Dcm4cheStoreSCP:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class ScriptedStow:
+    """A scripted STOW-RS server (http.server, 127.0.0.1) for the statuses Orthanc cannot be
+    made to give. `script(call_number, sop_instance_uids) -> (HTTP status, JSON body or None,
+    headers)`; every request body is parsed as multipart/related, the instances it carried
+    are kept in `received` (SOP Instance UIDs, per request)."""
+
+    def __init__(self, script: Any) -> None:
+        import email
+        import email.policy
+        import http.server
+        import threading
+
+        self.script = script
+        self.received: list[list[str]] = []
+        self.auth: list[str | None] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - QIDO-RS for echo
+                owner.auth.append(self.headers.get("Authorization"))
+                status, body, headers = owner.script(-1, [])
+                self._answer(status, body if body is not None else [], headers)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                data = self.rfile.read(length)
+                owner.auth.append(self.headers.get("Authorization"))
+                message = email.message_from_bytes(
+                    f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + data,
+                    policy=email.policy.HTTP)
+                uids = []
+                for part in message.iter_parts():
+                    ds = dcmread_bytes(part.get_payload(decode=True))
+                    uids.append(str(ds.file_meta.MediaStorageSOPInstanceUID))
+                owner.received.append(uids)
+                status, body, headers = owner.script(len(owner.received) - 1, uids)
+                self._answer(status, body, headers)
+
+            def _answer(self, status: int, body: Any, headers: dict[str, str]) -> None:
+                payload = b"" if body is None else (
+                    body if isinstance(body, bytes) else json.dumps(body).encode())
+                self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(payload)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def dcmread_bytes(data: bytes) -> Any:
+    import io
+    import warnings
+
+    from pydicom import dcmread
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def stow_response(stored: Iterable[str] = (), failed: dict[str, int] | None = None,
+                  warnings: dict[str, int] | None = None) -> dict[str, Any]:
+    """A STOW-RS response body (DICOM JSON): ReferencedSOPSequence for `stored` (with
+    WarningReason from `warnings`), FailedSOPSequence with FailureReason for `failed`."""
+    def ref(uid: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00081155": {"vr": "UI", "Value": [uid]}, **extra}
+
+    body: dict[str, Any] = {}
+    warnings = warnings or {}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": [
+            ref(uid, {"00081196": {"vr": "US", "Value": [warnings[uid]]}}
+                if uid in warnings else {}) for uid in stored]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [
+            ref(uid, {"00081197": {"vr": "US", "Value": [code]}})
+            for uid, code in failed.items()]}
+    return body

@@ -123,7 +123,7 @@ class Collect:
         self.destination = destination
         self.queued: list[Path] = []
 
-    def enqueue(self, path: Path) -> None:
+    def enqueue(self, path: Path, received: float | None = None) -> None:
         self.queued.append(path)
 
 

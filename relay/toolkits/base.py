@@ -53,10 +53,18 @@ class SendResult:
     # The local toolkit program failed on its own, before reaching the destination (a broken
     # installation, a missing Java, a bad option): not the destination's fault, nor this file's.
     local_failure: bool = False
+    # DICOMweb: the HTTP status of the request it was in, and the server's Retry-After.
+    http_status: int | None = None
+    retry_after: float | None = None
+    # The destination refused the object's transfer syntax for its SOP class (no accepted
+    # presentation context): the case `transcode = "on-refusal"` decompresses.
+    refused_syntax: bool = False
 
     @property
     def status_text(self) -> str:
-        return "no response" if self.status is None else f"0x{self.status:04X}"
+        if self.status is None:
+            return f"HTTP {self.http_status}" if self.http_status else "no response"
+        return f"0x{self.status:04X}"
 
 
 def last_lines(output: str, count: int = 4) -> str:
