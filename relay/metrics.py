@@ -140,6 +140,9 @@ class Metrics:
         self._http = Counter(f"{PREFIX}_http_status_objects", "Objects sent to a DICOMweb "
                              "destination, by the HTTP status of their STOW-RS request",
                              ["destination", "code"], registry=r)
+        self._transcoded = Counter(f"{PREFIX}_transcoded_objects", "Objects decompressed for "
+                                   "a destination that refused their transfer syntax",
+                                   ["destination"], registry=r)
         self._reloads = Counter(f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP), "
                                 "by result", ["result"], registry=r)
         self._server: Any = None
@@ -163,6 +166,9 @@ class Metrics:
 
     def http_status(self, destination: str, code: int) -> None:
         self._http.labels(destination, str(code)).inc()
+
+    def transcoded(self, destination: str) -> None:
+        self._transcoded.labels(destination).inc()
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels("applied" if ok else "refused").inc()

@@ -21,6 +21,7 @@ from relay.hold import StudyHold, arrival, study_of
 from relay.metrics import Metrics
 from relay.spool import Failure, Spool
 from relay.toolkits.base import Engine, Outcome, SendResult, local_failures
+from relay.transcode import CannotDecode, decompress_in_place, is_compressed, syntax_name
 
 log = logging.getLogger("relay.send")
 
@@ -70,6 +71,7 @@ class DestinationSender:
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
         self._attempts: dict[Path, int] = {}
         self._strikes: dict[Path, int] = {}  # times the association broke with it in flight
+        self._transcoded: set[Path] = set()  # decompressed for this destination already
         # Consecutive batches in which it got no response while others in the batch did (a
         # tool that skips an object it cannot send, without saying so in a way we read).
         self._unanswered: dict[Path, int] = {}
@@ -191,12 +193,21 @@ class DestinationSender:
         # Each confirmed file leaves the spool as its response arrives, not at the end of the
         # batch: a crash mid-batch then resends only what was not confirmed yet.
         missing = SendResult(Path(), Outcome.RETRY, None, "no result from the engine")
+        again: list[Path] = []  # transcoded for this destination: sent again at once
         try:
             for result in self.engine.send(batch, self.destination,
                                            self.config.calling_ae_title, self.config.timeout,
                                            keep_open):
                 if result.http_status is not None:
                     self.metrics.http_status(self.destination.name, result.http_status)
+                if self._wants_transcoding(result):
+                    failure = self._transcode(result)
+                    if failure is None:
+                        again.append(result.path)
+                        continue
+                    self._settle(failure, reason="cannot-decode")
+                    results.append(failure)
+                    continue
                 self._settle(result)
                 results.append(result)
         except Exception as exc:  # noqa: BLE001 - a bug or a broken tool must not end the
@@ -205,15 +216,46 @@ class DestinationSender:
                           self.engine.name)
             missing = local_failures([Path()], f"the {self.engine.name} engine failed: "
                                      f"{type(exc).__name__}: {exc}")[0]
-        answered = {r.path for r in results}
+        answered = {r.path for r in results} | set(again)
         # An adapter must answer for every file; one it forgot is retried, never dropped.
         results += [replace(missing, path=p) for p in batch if p not in answered]
         self._schedule_retries(results)
+        if again:
+            with self._cond:
+                self._requeue_front(again)
+                self._cond.notify()
         delivered = sum(r.outcome is Outcome.DELIVERED for r in results)
         if delivered:
             log.info("%s: %d of %d delivered in %.2f s (%d still queued)", self.destination.name,
                      delivered, len(results), self.clock() - started, self.pending())
         return results
+
+    def _wants_transcoding(self, r: SendResult) -> bool:
+        """The destination refused this compressed object's transfer syntax, it may be sent
+        decompressed (transcode = "on-refusal"), and it has not been already."""
+        return (r.refused_syntax and self.destination.transcode == "on-refusal"
+                and r.path not in self._transcoded and is_compressed(r.path))
+
+    def _transcode(self, r: SendResult) -> SendResult | None:
+        """Decompress this destination's copy; None when done (to be sent again), else the
+        failure to quarantine (no decoder takes it)."""
+        try:
+            before, after = decompress_in_place(r.path)
+        except CannotDecode as exc:
+            return SendResult(r.path, Outcome.FAILED, None,
+                              f"refused in its transfer syntax ({r.detail}) and {exc}")
+        except OSError as exc:
+            return SendResult(r.path, Outcome.FAILED, None, f"refused in its transfer syntax "
+                              f"({r.detail}); cannot write its decompressed copy: {exc}")
+        with self._cond:
+            self._transcoded.add(r.path)
+        log.info("%s: %s refused in %s: sent decompressed (%s) instead", self.destination.name,
+                 r.path.name, syntax_name(before), syntax_name(after))
+        self.metrics.transcoded(self.destination.name)
+        self.audit.record("transcoded", r.path.name, destination=self.destination.name,
+                          kind=self.destination.kind, transfer_syntax=before, to=after,
+                          because=r.detail)
+        return None
 
     def _settle(self, r: SendResult, reason: str | None = None) -> None:
         """A final answer for one file: delivered (delete it) or refused (quarantine it)."""
@@ -366,3 +408,4 @@ class DestinationSender:
             self._delayed.pop(path, None)
             self._strikes.pop(path, None)
             self._unanswered.pop(path, None)
+            self._transcoded.discard(path)

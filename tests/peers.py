@@ -168,7 +168,10 @@ class Orthanc:
         for iid in self.instance_ids():
             tags = self.rest(f"/instances/{iid}/simplified-tags")
             if tags["SOPInstanceUID"] == sop_uid:
-                return str(self.rest(f"/instances/{iid}/metadata/TransferSyntax"))
+                url = (f"http://127.0.0.1:{self.http_port}/instances/{iid}/metadata/"
+                       "TransferSyntax")
+                with urllib.request.urlopen(url, timeout=30) as response:  # plain text
+                    return response.read().decode().strip()
         raise KeyError(sop_uid)
 
 

@@ -82,6 +82,10 @@ _ECHO_RE = re.compile(r">> \d+:C-ECHO-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H")
 # peer's or the socket's doing).
 _JAVA_EXCEPTION_RE = re.compile(r"^(?:Exception in thread \S+ )?(?!java\.(?:net|io)\.)"
                                 r"(?:java|javax|org)\.[\w.$]+(?:Exception|Error)\b", re.M)
+# storescu failing to decompress: no OpenCV library (its JPEG and JPEG 2000 decoders), or a
+# raster its decoder cannot make.
+_DECODING_RE = re.compile(r"UnsatisfiedLinkError: .*opencv|incompatible with ColorModel|"
+                          r"Decompressor|ImageReader", re.I)
 _NO_CONTEXT_RE = re.compile(r"No Presentation Context for Abstract Syntax: ([0-9.]+)")
 # What storescu prints once it turns to the network; output without any of these means the
 # tool stopped on its own first (launcher, Java, options, files).
@@ -211,6 +215,7 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
     died_on_next = (accepted_at >= 0
                     and _JAVA_EXCEPTION_RE.search(output, accepted_at) is not None
                     and not any(uid not in statuses for uid in requested))
+    decoding_failed = _DECODING_RE.search(output) is not None
     problem = problem_of(output, returncode)
     results = []
     for path, sop_class, uid in files:
@@ -228,13 +233,16 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
         elif sop_class in no_context:
             results.append(SendResult(path, Outcome.FAILED, None,
                                       "the destination accepts no presentation context for "
-                                      f"SOP class {sop_class}"))
+                                      f"SOP class {sop_class}", refused_syntax=True))
         else:
             in_flight = uid in requested or died_on_next
             died_on_next &= not in_flight
+            # storescu decompresses an object whose own syntax the peer refused; without
+            # OpenCV's library (or with a data set it cannot decode) it dies doing so.
             results.append(SendResult(path, Outcome.RETRY, None,
                                       f"storescu: no C-STORE-RSP for it ({problem})",
-                                      in_flight=in_flight))
+                                      in_flight=in_flight,
+                                      refused_syntax=in_flight and decoding_failed))
     return results
 
 

@@ -156,6 +156,12 @@ _STATUS_RE = re.compile(r"^0x([0-9A-Fa-f]{4})")
 _CONTEXT_RE = re.compile(r"Context ID:\s+(\d+) \(([^)]*)\)")
 
 
+def _refused_context(detail: str) -> bool:
+    """Whether a result's detail says the peer accepted no presentation context for it."""
+    return ("refused the presentation context" in detail
+            or "no acceptable presentation context" in detail)
+
+
 def reached_network(output: str) -> bool:
     """Whether a DCMTK network tool run with --verbose got as far as asking for an
     association (dcmsend, storescu and echoscu all print this line before connecting)."""
@@ -499,7 +505,8 @@ class DcmtkEngine(Engine):
                 continue
             in_flight = aborted and not flagged and found[0] is Outcome.RETRY
             flagged |= in_flight
-            yield SendResult(path, *found, in_flight=in_flight)
+            yield SendResult(path, *found, in_flight=in_flight,
+                             refused_syntax=_refused_context(found[2]))
 
     def _send_tls(self, files: list[Path], destination: Destination, calling_ae: str,
                   timeout: float) -> Iterator[SendResult]:
@@ -548,7 +555,7 @@ class DcmtkEngine(Engine):
             why = ", ".join(sorted(set(refused_contexts(output).values()))) or "refused"
             for path in files:
                 yield SendResult(path, Outcome.FAILED, None, "storescu: destination refused "
-                                 f"the presentation context ({why})")
+                                 f"the presentation context ({why})", refused_syntax=True)
             return
         if not accepted:
             # No association (refused, rejected, TLS handshake failed, timed out).
@@ -573,7 +580,7 @@ class DcmtkEngine(Engine):
             in_flight = aborted and not flagged and outcome is Outcome.RETRY
             flagged |= in_flight
             yield SendResult(path, outcome, status, f"storescu: {detail}",
-                             in_flight=in_flight)
+                             in_flight=in_flight, refused_syntax=_refused_context(detail))
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))

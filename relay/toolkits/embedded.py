@@ -410,7 +410,7 @@ class EmbeddedEngine(Engine):
         except ContextsRefused as exc:
             for path, context in batch:
                 yield SendResult(path, Outcome.FAILED, None,
-                                 f"{exc}: {context[0]} in {context[1]}")
+                                 f"{exc}: {context[0]} in {context[1]}", refused_syntax=True)
             return
         except DestinationUnavailable as exc:
             for path, _ in batch:
@@ -427,7 +427,8 @@ class EmbeddedEngine(Engine):
                 if context not in accepted:
                     yield SendResult(path, Outcome.FAILED, None,
                                      f"{destination.name} accepts no presentation context for "
-                                     f"SOP class {context[0]} in transfer syntax {context[1]}")
+                                     f"SOP class {context[0]} in transfer syntax {context[1]}",
+                                     refused_syntax=True)
                     continue
                 if not assoc.is_established:
                     for rest, _ in batch[i:]:
