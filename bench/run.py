@@ -338,6 +338,42 @@ end
 """
 
 
+def run_stow(work: Path, files: list[Path], data: str) -> list[Row]:
+    """Orthanc reached two ways in the same run: dcmsend's C-STORE straight to it, and the
+    relay (embedded engine) forwarding by STOW-RS to its DICOMweb plugin."""
+    rows = []
+    direct = Orthanc(work / f"stow-direct-{data}").start()
+    started = time.monotonic()
+    dcmsend(files, direct.dicom_port, direct.aet)
+    wait_until(lambda: int(direct.rest("/statistics")["CountInstances"]) >= len(files), 600,
+               interval=0.02)
+    rows.append(Row("direct: dcmsend -> Orthanc (C-STORE)", data, len(files),
+                    time.monotonic() - started, megabytes(files)))
+    direct.close()
+    archive = Orthanc(work / f"stow-archive-{data}", dicomweb=True).start()
+    port = free_port()
+    spool = work / f"spool-stow-{data}"
+    cfg = relay_config(work / f"relay-stow-{data}.toml", port=port, spool=spool,
+                       rules=EG_RULE, destinations=[])
+    cfg.write_text(cfg.read_text() + f'\n[[destinations]]\nname = "archive"\n'
+                   f'url = "{archive.dicomweb_url}"\n')
+    relay = RelayProcess(cfg, work).start(port)
+    started = time.monotonic()
+    sender_cpu = dcmsend(files, port, "DICOMRELAY")
+    wait_until(lambda: int(archive.rest("/statistics")["CountInstances"]) >= len(files), 600,
+               interval=0.02)
+    seconds = time.monotonic() - started
+    assert relay.proc is not None
+    rss, cpu = proc_stats(relay.proc.pid)
+    relay.stop()
+    archive.close()
+    rows.append(Row("relay (embedded) -> Orthanc (STOW-RS)", data, len(files), seconds,
+                    megabytes(files), rss_mb=rss, cpu_s=cpu, sender_cpu_s=sender_cpu,
+                    note=f"{rows[0].seconds / seconds:.2f}x the throughput of the direct "
+                         "C-STORE to Orthanc in the same run"))
+    return rows
+
+
 def run_orthanc_router(work: Path, files: list[Path], data: str) -> Row:
     sink = Sink(work / f"sink-orthanc-{data}")
     folder = work / f"router-{data}"
@@ -408,6 +444,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="runs of each small and "
                         "large scenario, the median reported (default 3, 1 with --smoke): "
                         "these machines are noisy")
+    parser.add_argument("--only", action="append", help="run only the scenarios whose "
+                        "name starts with this (direct, embedded, dcmtk, dcm4che, per-file, "
+                        "orthanc-router, stow); repeatable")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.smoke else 3)
     small_n, large_n, large_mb, backlog_n, perfile_n, stream_n = (
@@ -439,7 +478,10 @@ def main() -> None:
                      (f"{engine} backlog", lambda e=engine: run_relay(
                          work, e, backlog, "backlog", backlog=True), 1)]
         plan += [("per-file", lambda: run_per_file(work, small[:perfile_n], "small"), 1),
-                 ("orthanc-router", lambda: run_orthanc_router(work, small, "small"), 1)]
+                 ("orthanc-router", lambda: run_orthanc_router(work, small, "small"), 1),
+                 ("stow", lambda: run_stow(work, small, "small"), repeat)]
+        if args.only:
+            plan = [step for step in plan if any(step[0].startswith(o) for o in args.only)]
         for name, step, runs in plan:
             results: list[Row] = []
             for run in range(runs):
@@ -450,7 +492,8 @@ def main() -> None:
 
     direct = {r.data: r.seconds / r.instances for r in rows
               if r.scenario == "direct: dcmsend -> storescp"}
-    direct["backlog"] = direct["small"]
+    if "small" in direct:
+        direct["backlog"] = direct["small"]
     for r in rows:
         if r.data in direct:
             r.ratio = (r.seconds / r.instances) / direct[r.data]

@@ -23,7 +23,9 @@ def test_bench_smoke_runs_every_scenario(dcmtk: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     for scenario in ("direct: dcmsend -> storescp", "direct: dcmsend -> Orthanc",
                      "relay (embedded)", "relay (dcmtk)",
-                     "original per-file pipeline (DCMTK tools)", "Orthanc auto-router (Lua)"):
+                     "original per-file pipeline (DCMTK tools)", "Orthanc auto-router (Lua)",
+                     "direct: dcmsend -> Orthanc (C-STORE)",
+                     "relay (embedded) -> Orthanc (STOW-RS)"):
         assert f"| {scenario} |" in result.stdout, scenario
     # The dcm4che engine has its rows wherever a toolkit is found (in CI: ../shared).
     assert ("| relay (dcm4che) |" in result.stdout) == (DCM4CHE_HOME is not None)
