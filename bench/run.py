@@ -221,15 +221,21 @@ def run_direct(work: Path, files: list[Path], data: str) -> list[Row]:
                     sink_cpu_s=proc_stats(sink.proc.pid)[1]))
     sink.close()
     if data == "small":
-        pacs = Orthanc(work / "direct-orthanc").start()
-        started = time.monotonic()
-        dcmsend(files, pacs.dicom_port, pacs.aet)
-        wait_until(lambda: int(pacs.rest("/statistics")["CountInstances"]) >= len(files), 600,
-                   interval=0.02)
-        rows.append(Row("direct: dcmsend -> Orthanc", data, len(files),
-                        time.monotonic() - started, megabytes(files)))
-        pacs.close()
+        rows.append(direct_to_orthanc(work / "direct-orthanc", files, data,
+                                      "direct: dcmsend -> Orthanc"))
     return rows
+
+
+def direct_to_orthanc(folder: Path, files: list[Path], data: str, scenario: str) -> Row:
+    """dcmsend's C-STORE straight to a new, empty Orthanc, until it has them all."""
+    pacs = Orthanc(Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name))).start()
+    started = time.monotonic()
+    dcmsend(files, pacs.dicom_port, pacs.aet)
+    wait_until(lambda: int(pacs.rest("/statistics")["CountInstances"]) >= len(files), 600,
+               interval=0.02)
+    row = Row(scenario, data, len(files), time.monotonic() - started, megabytes(files))
+    pacs.close()
+    return row
 
 
 def run_relay(work: Path, engine: str, files: list[Path], data: str,
@@ -341,23 +347,17 @@ end
 def run_stow(work: Path, files: list[Path], data: str) -> list[Row]:
     """Orthanc reached two ways in the same run: dcmsend's C-STORE straight to it, and the
     relay (embedded engine) forwarding by STOW-RS to its DICOMweb plugin."""
-    rows = []
-    direct = Orthanc(work / f"stow-direct-{data}").start()
-    started = time.monotonic()
-    dcmsend(files, direct.dicom_port, direct.aet)
-    wait_until(lambda: int(direct.rest("/statistics")["CountInstances"]) >= len(files), 600,
-               interval=0.02)
-    rows.append(Row("direct: dcmsend -> Orthanc (C-STORE)", data, len(files),
-                    time.monotonic() - started, megabytes(files)))
-    direct.close()
-    archive = Orthanc(work / f"stow-archive-{data}", dicomweb=True).start()
+    rows = [direct_to_orthanc(work / f"stow-direct-{data}", files, data,
+                              "direct: dcmsend -> Orthanc (C-STORE)")]
+    run = Path(tempfile.mkdtemp(dir=work, prefix=f"stow-{data}-"))  # empty for each run
+    archive = Orthanc(run / "archive", dicomweb=True).start()
     port = free_port()
-    spool = work / f"spool-stow-{data}"
-    cfg = relay_config(work / f"relay-stow-{data}.toml", port=port, spool=spool,
+    spool = run / "spool"
+    cfg = relay_config(run / "relay.toml", port=port, spool=spool,
                        rules=EG_RULE, destinations=[])
     cfg.write_text(cfg.read_text() + f'\n[[destinations]]\nname = "archive"\n'
                    f'url = "{archive.dicomweb_url}"\n')
-    relay = RelayProcess(cfg, work).start(port)
+    relay = RelayProcess(cfg, run).start(port)
     started = time.monotonic()
     sender_cpu = dcmsend(files, port, "DICOMRELAY")
     wait_until(lambda: int(archive.rest("/statistics")["CountInstances"]) >= len(files), 600,

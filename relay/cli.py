@@ -382,7 +382,8 @@ def status(
         typer.echo(f"spool {spool.root} does not exist yet (the relay has not run)")
         return
     queues, folders, _ = spool_figures(spool, [d.name for d in cfg.destinations])
-    counters = _running_counters(cfg)
+    samples = _running_samples(cfg)
+    counters = _counters(samples)
     typer.echo(f"spool {spool.root}: " + ", ".join(f"{k} {v}" for k, v in folders.items()))
     kinds = {d.name: "DICOMweb" if d.kind == "dicomweb" else "DIMSE" for d in cfg.destinations}
     typer.echo(f"\n{'destination':<20} {'kind':<8} {'queued':>7} {'oldest':>8}"
@@ -397,7 +398,7 @@ def status(
         if not q.configured:
             line += "  (no longer in the config: kept in the spool, never deleted)"
         typer.echo(line)
-    for dest, codes in sorted(_http_statuses(cfg).items()):
+    for dest, codes in sorted(_http_statuses(samples).items()):
         typer.echo(f"{dest}: HTTP statuses since the relay started: "
                    + ", ".join(f"{code} x{count:.0f}" for code, count in sorted(codes.items())))
     if counters:
@@ -439,14 +440,21 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def _running_counters(cfg: Config) -> dict[tuple[str, str], float]:
-    """(delivered|retried|failed|received, destination or calling AE) → count, from the
-    running relay's /metrics; {} when it serves none."""
+def _running_samples(cfg: Config) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The running relay's /metrics; {} when it serves none (or none answers)."""
     if cfg.metrics.listen is None:
         return {}
     try:
-        samples = scrape(cfg.metrics.listen)
+        return scrape(cfg.metrics.listen)
     except (OSError, ValueError):
+        return {}
+
+
+def _counters(samples: dict[str, list[tuple[dict[str, str], float]]]
+              ) -> dict[tuple[str, str], float]:
+    """(delivered|retried|failed|received, destination or calling AE) → count; {} when the
+    relay serves no metrics."""
+    if not samples:
         return {}
     counts: dict[tuple[str, str], float] = {}
     for name, label in (("delivered", "destination"), ("retried", "destination"),
@@ -457,14 +465,9 @@ def _running_counters(cfg: Config) -> dict[tuple[str, str], float]:
     return counts or {("delivered", ""): 0}
 
 
-def _http_statuses(cfg: Config) -> dict[str, dict[str, float]]:
-    """DICOMweb destination → HTTP status → objects, from the running relay's /metrics."""
-    if cfg.metrics.listen is None:
-        return {}
-    try:
-        samples = scrape(cfg.metrics.listen)
-    except (OSError, ValueError):
-        return {}
+def _http_statuses(samples: dict[str, list[tuple[dict[str, str], float]]]
+                   ) -> dict[str, dict[str, float]]:
+    """DICOMweb destination → HTTP status → objects."""
     found: dict[str, dict[str, float]] = {}
     for labels, value in samples.get("dicom_relay_http_status_objects_total", []):
         found.setdefault(labels.get("destination", ""), {})[labels.get("code", "?")] = value
