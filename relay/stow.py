@@ -20,9 +20,11 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ log = logging.getLogger("relay.stow")
 # each is one transaction for the server, and one retry unit for us).
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_REQUEST_INSTANCES = 200
+# A batch goes as this many requests at once (each on its own kept-alive connection): a
+# server stores one request's instances one after the other, two requests use two cores.
+# 500 small instances to Orthanc: 2.8-3.0 s in one stream, 1.8-2.0 s in two (measured).
+PARALLEL_REQUESTS = 2
+MIN_SPLIT = 10  # instances per request below which a batch is not split for parallelism
 CHUNK = 1024 * 1024
 RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 # DICOM JSON tags (PS3.18 Table 10.5.3-1)
@@ -219,18 +226,25 @@ class StowSender:
     """Sends to DICOMweb destinations (the sending half of an engine's interface)."""
 
     name = "dicomweb"
-    batch_wait = 0.0  # one kept-alive connection: nothing to amortise
+    # Each request is a transaction with its own cost at the server (Orthanc: ~10 ms even for
+    # one instance, measured): a batch waits this long for more to join it, so a stream goes
+    # as a few requests of many instances, not one per instance (see SenderConfig.batch_wait).
+    batch_wait = 0.25
 
     def __init__(self, max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         self.max_request_bytes = max_request_bytes
-        self._sessions: dict[str, requests.Session] = {}
+        self._sessions: dict[tuple[str, int], requests.Session] = {}
+        self._lock = threading.Lock()
 
-    def _session(self, destination: Any) -> requests.Session:
-        session = self._sessions.get(destination.name)
-        if session is None:
-            session = requests.Session()
-            session.headers["User-Agent"] = f"dicom-relay/{__version__}"
-            self._sessions[destination.name] = session
+    def _session(self, destination: Any, slot: int = 0) -> requests.Session:
+        """The kept-alive session of this destination's worker slot (a session is used by
+        one thread at a time)."""
+        with self._lock:
+            session = self._sessions.get((destination.name, slot))
+            if session is None:
+                session = requests.Session()
+                session.headers["User-Agent"] = f"dicom-relay/{__version__}"
+                self._sessions[(destination.name, slot)] = session
         tls = destination.tls
         session.verify = (False if tls is not None and not tls.require_peer_certificate
                           else str(tls.ca) if tls is not None and tls.ca else True)
@@ -273,10 +287,22 @@ class StowSender:
                                   path.stat().st_size))
             except Exception as exc:  # noqa: BLE001 - an unreadable file fails alone
                 yield SendResult(path, Outcome.FAILED, None, f"cannot read file meta: {exc}")
-        for group in request_groups(parts, self.max_request_bytes):
-            yield from self._post(group, destination, timeout)
+        per_request = max(MIN_SPLIT, -(-len(parts) // PARALLEL_REQUESTS))
+        groups = request_groups(parts, self.max_request_bytes,
+                                min(MAX_REQUEST_INSTANCES, per_request))
+        if len(groups) <= 1:
+            for group in groups:
+                yield from self._post(group, destination, timeout, 0)
+            return
+        # Each worker slot has its own session (connection); results come as requests end.
+        with ThreadPoolExecutor(PARALLEL_REQUESTS, thread_name_prefix="stow") as pool:
+            slots = [i % PARALLEL_REQUESTS for i in range(len(groups))]
+            futures = [pool.submit(list, self._post(group, destination, timeout, slot))
+                       for group, slot in zip(groups, slots, strict=True)]
+            for future in as_completed(futures):
+                yield from future.result()
 
-    def _post(self, parts: list[Part], destination: Any, timeout: float
+    def _post(self, parts: list[Part], destination: Any, timeout: float, slot: int
               ) -> Iterator[SendResult]:
         try:
             headers, auth = self._auth_headers(destination)
@@ -291,7 +317,7 @@ class StowSender:
         # Reading: the server answers once it stored them all; allow for the request's size.
         read_timeout = timeout + len(parts) * 0.5 + body.length / 5e6
         try:
-            response = self._session(destination).post(
+            response = self._session(destination, slot).post(
                 url, data=body, headers=headers, auth=auth, timeout=(timeout, read_timeout))
         except requests.exceptions.SSLError as exc:
             detail = f"{url}: TLS: {_reason(exc)}"
@@ -314,8 +340,10 @@ class StowSender:
         yield from (SendResult(p.path, Outcome.RETRY, None, detail) for p in parts)
 
     def release(self, destination: Any) -> None:
-        session = self._sessions.pop(destination.name, None)
-        if session is not None:
+        with self._lock:
+            sessions = [self._sessions.pop(key) for key in list(self._sessions)
+                        if key[0] == destination.name]
+        for session in sessions:
             session.close()
 
     def echo(self, destination: Any, calling_ae: str, timeout: float) -> None:
