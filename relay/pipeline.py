@@ -367,7 +367,6 @@ class Relay:
                       "[[destinations]] configured: nothing to forward to", new.source)
             self.metrics.reloaded(False)
             return False
-        kept = {}
         for section in (*self.RESTART_ONLY, "process"):
             old_value, new_value = getattr(self.config, section), getattr(new, section)
             if section == "process":  # unrouted applies now, workers at the next start
@@ -378,9 +377,8 @@ class Relay:
                     log.warning("reload: [%s].%s changed (%s -> %s): it needs a restart; "
                                 "kept as it was until then", section, item.name,
                                 _shown(before), _shown(after))
-            kept[section] = old_value
-        kept["process"] = replace(self.config.process, unrouted=new.process.unrouted)
-        new = replace(new, **kept)
+        new = replace(new, **{s: getattr(self.config, s) for s in self.RESTART_ONLY},
+                      process=replace(self.config.process, unrouted=new.process.unrouted))
         if self.do_process:
             try:
                 self._apply(new)

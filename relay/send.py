@@ -20,7 +20,7 @@ from relay.config import Destination, SenderConfig
 from relay.hold import StudyHold, arrival, study_of
 from relay.metrics import Metrics
 from relay.spool import Failure, Spool
-from relay.toolkits.base import Engine, Outcome, SendResult, local_failures
+from relay.toolkits.base import Outcome, SendResult, Transport, local_failures, reason_of
 from relay.transcode import CannotDecode, decompress_in_place, is_compressed, syntax_name
 
 log = logging.getLogger("relay.send")
@@ -48,7 +48,7 @@ class SendStats:
 class DestinationSender:
     """Owns out/<dest>/: learns of new files through `enqueue`, of old ones by one scan."""
 
-    def __init__(self, spool: Spool, destination: Destination, engine: Engine,
+    def __init__(self, spool: Spool, destination: Destination, transport: Transport,
                  config: SenderConfig, clock: Callable[[], float] = time.monotonic,
                  audit: AuditLog = NO_AUDIT, wall: Callable[[], float] = time.time,
                  metrics: Metrics | None = None) -> None:
@@ -56,7 +56,7 @@ class DestinationSender:
         self.audit = audit
         self.metrics = metrics if metrics is not None else Metrics()
         self.destination = destination
-        self.engine = engine
+        self.transport = transport  # the engine (DIMSE) or the STOW-RS sender (DICOMweb)
         self.config = config
         self.clock = clock
         self.stats = SendStats()
@@ -67,7 +67,7 @@ class DestinationSender:
         # backlog found at start-up counts from when it was queued (its file's time).
         self._received: dict[Path, float] = {}
         self.batch_wait = (config.batch_wait if config.batch_wait is not None
-                           else engine.batch_wait)
+                           else transport.batch_wait)
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
         self._attempts: dict[Path, int] = {}
         self._strikes: dict[Path, int] = {}  # times the association broke with it in flight
@@ -182,10 +182,10 @@ class DestinationSender:
                 elif kept:
                     # Nothing more came for a while: end the association kept for the next
                     # batch (well before a PACS's own idle timeout would).
-                    self.engine.release(self.destination)
+                    self.transport.release(self.destination)
                     kept = False
         finally:
-            self.engine.release(self.destination)
+            self.transport.release(self.destination)
 
     def send_batch(self, batch: list[Path], keep_open: bool = False) -> list[SendResult]:
         started = self.clock()
@@ -195,7 +195,7 @@ class DestinationSender:
         missing = SendResult(Path(), Outcome.RETRY, None, "no result from the engine")
         again: list[Path] = []  # transcoded for this destination: sent again at once
         try:
-            for result in self.engine.send(batch, self.destination,
+            for result in self.transport.send(batch, self.destination,
                                            self.config.calling_ae_title, self.config.timeout,
                                            keep_open):
                 if result.http_status is not None:
@@ -212,9 +212,9 @@ class DestinationSender:
                 results.append(result)
         except Exception as exc:  # noqa: BLE001 - a bug or a broken tool must not end the
             # destination's sender (its queue would stall unseen): what is unanswered waits.
-            log.exception("%s: the %s engine failed while sending", self.destination.name,
-                          self.engine.name)
-            missing = local_failures([Path()], f"the {self.engine.name} engine failed: "
+            log.exception("%s: the %s sender failed", self.destination.name,
+                          self.transport.name)
+            missing = local_failures([Path()], f"the {self.transport.name} sender failed: "
                                      f"{type(exc).__name__}: {exc}")[0]
         answered = {r.path for r in results} | set(again)
         # An adapter must answer for every file; one it forgot is retried, never dropped.
@@ -279,9 +279,7 @@ class DestinationSender:
         elif r.outcome is Outcome.FAILED:
             log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
                       r.path.name, r.status_text, r.detail)
-            reason = reason or (f"status-{r.status:04X}" if r.status is not None
-                                else f"http-{r.http_status}" if r.http_status
-                                else "not-sendable")
+            reason = reason or reason_of(r, "not-sendable")
             try:
                 self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
                                                 "send", self.destination.name))
@@ -342,10 +340,7 @@ class DestinationSender:
                 self._down_attempts = 0
                 retry = [r for r in retry if not self._unanswered_too_often(r)]
                 for r in retry:
-                    self.metrics.retried(self.destination.name,
-                                         f"status-{r.status:04X}" if r.status is not None
-                                         else f"http-{r.http_status}" if r.http_status
-                                         else "no-response")
+                    self.metrics.retried(self.destination.name, reason_of(r, "no-response"))
                     self.audit.record("deferred", r.path.name, destination=self.destination.name,
                                       kind=self.destination.kind, status=r.status_text,
                                       http_status=r.http_status, detail=r.detail)

@@ -38,6 +38,7 @@ from relay.toolkits.base import (
     Outcome,
     SendResult,
     ToolFailure,
+    Transport,
     classify_status,
 )
 
@@ -380,7 +381,8 @@ def _reason(exc: BaseException) -> str:
     return text[:300]
 
 
-def transport_for(destination: Any, engine: Any, stow: StowSender | None = None) -> Any:
+def transport_for(destination: Any, engine: Transport, stow: StowSender | None = None
+                  ) -> Transport:
     """Who sends to this destination: the engine (DIMSE) or a STOW-RS sender (DICOMweb)."""
     if destination.kind == "dicomweb":
         return stow if stow is not None else StowSender()

@@ -143,4 +143,4 @@ def test_an_engine_that_raises_does_not_end_the_sender(
     assert all(r.local_failure and "RuntimeError: a bug in an adapter" in r.detail
                for r in results)
     assert len(results) == 2 and len(list((spool.out / "pacs").iterdir())) == 2
-    assert "the embedded engine failed while sending" in caplog.text
+    assert "pacs: the embedded sender failed" in caplog.text

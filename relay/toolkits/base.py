@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from relay.config import Config, Destination
@@ -105,6 +105,29 @@ class Receiver(ABC):
     def restarts(self) -> int:
         """Times the receiver died and was started again (a supervised process)."""
         return 0
+
+
+class Transport(Protocol):
+    """The sending side a destination's sender talks to: an Engine for DIMSE destinations,
+    relay.stow.StowSender for DICOMweb ones."""
+
+    name: str
+    batch_wait: float
+
+    def send(self, files: list[Path], destination: Destination, calling_ae: str,
+             timeout: float, keep_open: bool = False) -> Iterator[SendResult]: ...
+
+    def release(self, destination: Destination) -> None: ...
+
+    def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None: ...
+
+
+def reason_of(r: SendResult, unanswered: str) -> str:
+    """A result's reason for failed/ folders and metrics: its DIMSE status (status-A900),
+    else its HTTP status (http-403), else `unanswered`."""
+    if r.status is not None:
+        return f"status-{r.status:04X}"
+    return f"http-{r.http_status}" if r.http_status else unanswered
 
 
 class Engine(ABC):
