@@ -12,7 +12,8 @@ from dicomdata import ct_series
 from peers import EG_RULE, ENGINES, Orthanc, free_port, relay_config
 
 REPO = Path(__file__).resolve().parent.parent
-VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry"]
+VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry",
+         "systemd", "haproxy"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -218,3 +218,26 @@ def test_the_health_check_is_an_association_request_the_relay_accepts() -> None:
     [context] = pdu.presentation_context
     assert context.abstract_syntax == "1.2.840.10008.1.1"
     assert data[0] == 0x01 and int.from_bytes(data[2:6], "big") == len(data) - 6
+
+
+def test_the_rendered_config_refuses_a_check_the_relays_would_refuse(tmp_path: Path) -> None:
+    cfg = relay_config(tmp_path / "relay.toml", port=11112, spool=tmp_path / "spool",
+                       destinations=[("pacs", "PACS", 104)],
+                       receiver='allowed_calling_aets = ["CT01"]')
+
+    def render(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "haproxy", "--config", str(cfg),
+                               "--relay", "10.0.0.11", "--relay", "[fd00::12]:11113", *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    refused = render()
+    assert refused.returncode == 2
+    assert "allowed_calling_aets does not include the health check's AE title" in \
+        refused.stderr
+    tcp = render("--check", "tcp")
+    assert tcp.returncode == 0, tcp.stderr
+    assert "server relay1 10.0.0.11:11112" in tcp.stdout
+    assert "server relay2 [fd00::12]:11113" in tcp.stdout
+    assert "tcp-check" not in tcp.stdout and "check inter 2s" in tcp.stdout
+    bad = render("--check", "tcp", "--inter", "soon")
+    assert bad.returncode == 2 and "--inter: expected a duration" in bad.stderr
