@@ -16,10 +16,10 @@ from typing import Annotated
 import typer
 
 from relay import __version__
-from relay.config import Config, ConfigError, Destination, load_config
+from relay.config import Config, ConfigError, Destination, join_host_port, load_config
 from relay.edit import BadInput, Editor
 from relay.hold import held_studies
-from relay.metrics import format_listen, scrape, spool_figures
+from relay.metrics import scrape, spool_figures
 from relay.pipeline import Relay, spool_for
 from relay.route import Router
 from relay.stow import transport_for
@@ -410,7 +410,7 @@ def status(
         typer.echo("\n(counters: set [metrics].listen to have the running relay count "
                    "deliveries, retries and failures)")
     else:
-        typer.echo(f"\n(counters: no relay answers at {format_listen(cfg.metrics.listen)})")
+        typer.echo(f"\n(counters: no relay answers at {join_host_port(*cfg.metrics.listen)})")
     now = time.time()
     for dest in cfg.destinations:
         if dest.hold_until_stable <= 0:

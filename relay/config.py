@@ -344,7 +344,31 @@ def _audit(t: Table) -> AuditConfig:
                        patient_values=t.bool("patient_values", True))
 
 
-_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+_HOST_PORT_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))"
+                           r"(?::(?P<port>\d{1,5}))?$")
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port', '[IPv6]:port', or 'host' when there is a default port -> (host, port);
+    ValueError saying what was expected otherwise."""
+    match = _HOST_PORT_RE.match(text.strip())
+    if match is None or (match.group("port") is None and default_port is None):
+        raise ValueError(f"{text!r}: expected host:port or [IPv6]:port")
+    port = int(match.group("port") or default_port or 0)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is not between 1 and 65535")
+    if match.group("v6"):
+        try:
+            ipaddress.IPv6Address(match.group("v6"))
+        except ValueError:
+            raise ValueError(f"{text!r}: not an IPv6 address in the brackets") from None
+        return match.group("v6"), port
+    return match.group("host"), port
+
+
+def join_host_port(host: str, port: int) -> str:
+    """The other way round: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _metrics(t: Table) -> MetricsConfig:
@@ -352,18 +376,11 @@ def _metrics(t: Table) -> MetricsConfig:
     if not t.has("listen"):
         return MetricsConfig()
     text = t.str("listen", what='"host:port", e.g. "127.0.0.1:9110"')
-    match = _LISTEN_RE.match(text)
-    port = int(match.group("port")) if match else 0
-    if match is None or not 1 <= port <= 65535:
+    try:
+        return MetricsConfig(listen=split_host_port(text))
+    except ValueError:
         raise t.error("listen", '"host:port" (e.g. "127.0.0.1:9110", "[::1]:9110", '
-                      '"0.0.0.0:9110")', text)
-    host = match.group("v6") or match.group("host")
-    if match.group("v6"):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise t.error("listen", "an IPv6 address in brackets", text) from None
-    return MetricsConfig(listen=(host, port))
+                      '"0.0.0.0:9110")', text) from None
 
 
 def _tls_file(t: Table, key: str) -> Path | None:

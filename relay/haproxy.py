@@ -20,7 +20,7 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 
-from relay.config import Config
+from relay.config import Config, join_host_port, split_host_port
 from relay.systemd import templates_dir
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -29,10 +29,6 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # A-RELEASE-RQ: type 05, reserved, length 4, 4 reserved bytes (PS3.8 9.3.6).
 RELEASE_RQ = "05000000000400000000"
 CHECKS = ("dicom", "tcp")
-
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))"
-                        r"(?::(?P<port>\d{1,5}))?$")
-
 
 @dataclass(frozen=True)
 class BalancerOptions:
@@ -65,19 +61,6 @@ def associate_rq(called_ae: str, calling_ae: str) -> bytes:
     return bytes(pdu.encode())
 
 
-def parse_address(text: str, default_port: int) -> str:
-    """'host', 'host:port' or '[v6]:port' → HAProxy's 'host:port' / '[v6]:port' (ValueError
-    when it is neither)."""
-    match = _HOST_PORT.match(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r}: expected host, host:port or [IPv6]:port")
-    port = int(match.group("port") or default_port)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{text!r}: port {port} is not between 1 and 65535")
-    host = match.group("v6")
-    return f"[{host}]:{port}" if host else f"{match.group('host')}:{port}"
-
-
 def render_haproxy(config: Config, relays: list[str], options: BalancerOptions) -> str:
     """haproxy.cfg for `relays` (addresses; the port defaults to [receiver].port)."""
     if not relays:
@@ -87,8 +70,8 @@ def render_haproxy(config: Config, relays: list[str], options: BalancerOptions) 
     if not re.fullmatch(r"\d+(ms|s|m)?", options.inter):
         raise ValueError(f"--inter: expected a duration such as 500ms or 2s, got "
                          f"{options.inter!r}")
-    addresses = [parse_address(r, config.receiver.port) for r in relays]
-    listen = parse_address(options.listen, 104)
+    addresses = [join_host_port(*split_host_port(r, config.receiver.port)) for r in relays]
+    listen = join_host_port(*split_host_port(options.listen, 104))
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir() / "haproxy"),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,

@@ -29,7 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from relay.spool import PARTIAL_SUFFIX, SIDECAR_SUFFIX, Spool
+from relay.config import join_host_port
+from relay.spool import SIDECAR_SUFFIX, Spool, is_ready
 
 log = logging.getLogger("relay.metrics")
 
@@ -61,7 +62,8 @@ def spool_figures(spool: Spool, configured: list[str], now: float | None = None
         count, oldest = _count(spool.outbox(name))
         queues.append(QueueFigures(name, count, max(0.0, now - oldest) if count else 0.0,
                                    name in configured))
-    folders = {"incoming": _count(spool.incoming)[0], "work": _count(spool.work)[0]}
+    folders = {"receiving": _count(spool.receiving)[0], "incoming": _count(spool.incoming)[0],
+               "work": _count(spool.work)[0]}
     quarantined = {}
     if spool.failed.is_dir():
         for entry in os.scandir(spool.failed):
@@ -77,9 +79,7 @@ def _count(folder: Path) -> tuple[int, float]:
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                name = entry.name
-                if (name.startswith(".") or name.endswith(PARTIAL_SUFFIX)
-                        or name.endswith(SIDECAR_SUFFIX)):
+                if not is_ready(Path(entry.name)) or entry.name.endswith(SIDECAR_SUFFIX):
                     continue
                 try:
                     if not entry.is_file(follow_symlinks=False):
@@ -183,7 +183,7 @@ class Metrics:
         """Serve /metrics on (host, port) in a thread; OSError when the port is taken."""
         server, _thread = start_http_server(listen[1], listen[0], registry=self.registry)
         self._server = server
-        log.info("metrics at http://%s/metrics", format_listen(listen))
+        log.info("metrics at http://%s/metrics", join_host_port(*listen))
 
     def close(self) -> None:
         if self._server is not None:
@@ -228,8 +228,9 @@ class _StateCollector(Collector):
             age.add_metric([q.destination], q.oldest_age)
         yield depth
         yield age
-        spool = GaugeMetricFamily(f"{PREFIX}_spool_objects", "Objects in the spool's incoming/, "
-                                  "work/ and failed/ folders", labels=["folder"])
+        spool = GaugeMetricFamily(f"{PREFIX}_spool_objects", "Objects in the spool's "
+                                  "receiving/, incoming/, work/ and failed/ folders",
+                                  labels=["folder"])
         for folder, count in folders.items():
             spool.add_metric([folder], count)
         yield spool
@@ -255,11 +256,6 @@ class _StateCollector(Collector):
         yield info
 
 
-def format_listen(listen: tuple[str, int]) -> str:
-    host, port = listen
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def scrape(listen: tuple[str, int], timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str],
                                                                                       float]]]:
     """A running relay's /metrics: sample name → [(labels, value)]. OSError when none
@@ -269,7 +265,7 @@ def scrape(listen: tuple[str, int], timeout: float = 5.0) -> dict[str, list[tupl
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    url = f"http://{format_listen((host, port))}/metrics"
+    url = f"http://{join_host_port(host, port)}/metrics"
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
         text = response.read().decode("utf-8")
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}

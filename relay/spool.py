@@ -324,19 +324,6 @@ class Spool:
         path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
         return target
 
-    # --- reporting -------------------------------------------------------------------------
-
-    def depth(self) -> dict[str, int]:
-        counts = {
-            "receiving": len(list(_files(self.receiving))) if self.receiving.is_dir() else 0,
-            "incoming": len(self.ready_incoming()) if self.incoming.is_dir() else 0,
-            "work": len(list(_files(self.work))) if self.work.is_dir() else 0,
-        }
-        for dest in self.destinations:
-            counts[f"out/{dest}"] = len(self.queued(dest)) if self.outbox(dest).is_dir() else 0
-        counts["failed"] = sum(1 for _ in self.failures())
-        return counts
-
 
 def _files(folder: Path) -> Iterator[Path]:
     with os.scandir(folder) as entries:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.metrics import spool_figures
 from relay.spool import Failure, Spool, is_ready, safe_name
 
 
@@ -132,8 +133,10 @@ def test_hostile_reason_stays_inside_failed(spool: Spool) -> None:
 def test_depth(spool: Spool) -> None:
     _incoming(spool)
     _incoming(spool)
-    assert spool.depth() == {"receiving": 0, "incoming": 2, "work": 0, "out/central": 0,
-                             "out/backup": 0, "failed": 0}
+    queues, folders, quarantined = spool_figures(spool, ["central", "backup"])
+    assert folders == {"receiving": 0, "incoming": 2, "work": 0, "failed": 0}
+    assert {q.destination: q.objects for q in queues} == {"central": 0, "backup": 0}
+    assert quarantined == {}
 
 
 def test_unsynced_publish_keeps_the_original_until_committed(spool: Spool,
