@@ -38,7 +38,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from inotify_simple import INotify, flags
 from pydicom.filereader import read_partial
@@ -156,10 +156,13 @@ _STATUS_RE = re.compile(r"^0x([0-9A-Fa-f]{4})")
 _CONTEXT_RE = re.compile(r"Context ID:\s+(\d+) \(([^)]*)\)")
 
 
-def _refused_context(detail: str) -> bool:
-    """Whether a result's detail says the peer accepted no presentation context for it."""
-    return ("refused the presentation context" in detail
-            or "no acceptable presentation context" in detail)
+class Answer(NamedTuple):
+    """What a DCMTK tool's report or log says of one file."""
+
+    outcome: Outcome
+    status: int | None
+    detail: str
+    refused_syntax: bool = False  # the peer accepted no presentation context for it
 
 
 def reached_network(output: str) -> bool:
@@ -185,12 +188,11 @@ def refused_contexts(output: str) -> dict[tuple[int, int], str]:
     return refused
 
 
-def parse_dcmsend_report(text: str, output: str = ""
-                         ) -> dict[str, tuple[Outcome, int | None, str]]:
-    """Filename → (outcome, status, detail) from dcmsend's --create-report-file (and its
-    verbose output, which says which presentation contexts the peer refused)."""
+def parse_dcmsend_report(text: str, output: str = "") -> dict[str, Answer]:
+    """Filename → its Answer from dcmsend's --create-report-file (and its verbose output,
+    which says which presentation contexts the peer refused)."""
     refused = refused_contexts(output)
-    results: dict[str, tuple[Outcome, int | None, str]] = {}
+    results: dict[str, Answer] = {}
     for block in text.split("\n\n"):
         fields = {}
         for line in block.splitlines():
@@ -205,16 +207,17 @@ def parse_dcmsend_report(text: str, output: str = ""
                    int(fields.get("Pres. Context", "0") or 0))
         if match:
             code = int(match.group(1), 16)
-            results[name] = (classify_status(code), code, status)
+            results[name] = Answer(classify_status(code), code, status)
         elif context in refused:
             # The peer answered and refused this SOP class / transfer syntax: sending it again
             # will not change that (and must not hold up the rest of the queue).
-            results[name] = (Outcome.FAILED, None, f"destination refused the presentation "
-                             f"context ({refused[context]})")
+            results[name] = Answer(Outcome.FAILED, None, f"destination refused the "
+                                   f"presentation context ({refused[context]})", True)
         elif status == "<not sent>":
-            results[name] = (Outcome.RETRY, None, "not sent (association ended before it)")
+            results[name] = Answer(Outcome.RETRY, None, "not sent (association ended before it)")
         else:  # <no acceptable presentation context>, <invalid dataset pointer>
-            results[name] = (Outcome.FAILED, None, status.strip("<>"))
+            results[name] = Answer(Outcome.FAILED, None, status.strip("<>"),
+                                   status == "<no acceptable presentation context>")
     return results
 
 
@@ -318,11 +321,11 @@ _SENDING_RE = re.compile(r"^I: Sending file: (.*)$")
 _DIMSE_STATUS_RE = re.compile(r"^D: DIMSE Status\s*: 0x([0-9A-Fa-f]{4})(?::\s*(.*))?$")
 
 
-def parse_storescu_log(output: str) -> tuple[bool, list[tuple[str, Outcome, int | None, str]]]:
-    """(association accepted?, [(file, outcome, status, detail)] in the order storescu sent
-    them) from storescu --debug output."""
+def parse_storescu_log(output: str) -> tuple[bool, list[tuple[str, Answer]]]:
+    """(association accepted?, [(file, its Answer)] in the order storescu sent them) from
+    storescu --debug output."""
     accepted = False
-    results: list[tuple[str, Outcome, int | None, str]] = []
+    results: list[tuple[str, Answer]] = []
     current: str | None = None
     status: int | None = None
     detail = ""
@@ -332,13 +335,14 @@ def parse_storescu_log(output: str) -> tuple[bool, list[tuple[str, Outcome, int 
         if current is None:
             return
         if status is not None:
-            results.append((current, classify_status(status), status, detail))
+            results.append((current, Answer(classify_status(status), status, detail)))
         elif refused:
             # The peer answered and refused this SOP class / transfer syntax: sending it again
             # will not change that (and must not hold up the rest of the queue).
-            results.append((current, Outcome.FAILED, None, detail))
+            results.append((current, Answer(Outcome.FAILED, None, detail, True)))
         else:
-            results.append((current, Outcome.RETRY, None, detail or "no C-STORE response"))
+            results.append((current, Answer(Outcome.RETRY, None,
+                                            detail or "no C-STORE response")))
 
     for line in output.splitlines():
         if line.startswith("I: Association Accepted"):
@@ -503,10 +507,10 @@ class DcmtkEngine(Engine):
                 # dcmsend refused the file before sending (unreadable as DICOM).
                 yield SendResult(path, Outcome.FAILED, None, "dcmsend could not read it")
                 continue
-            in_flight = aborted and not flagged and found[0] is Outcome.RETRY
+            in_flight = aborted and not flagged and found.outcome is Outcome.RETRY
             flagged |= in_flight
-            yield SendResult(path, *found, in_flight=in_flight,
-                             refused_syntax=_refused_context(found[2]))
+            yield SendResult(path, found.outcome, found.status, found.detail,
+                             in_flight=in_flight, refused_syntax=found.refused_syntax)
 
     def _send_tls(self, files: list[Path], destination: Destination, calling_ae: str,
                   timeout: float) -> Iterator[SendResult]:
@@ -566,9 +570,9 @@ class DcmtkEngine(Engine):
             return
         # storescu sends in the order given; a file it skipped while checking its input
         # ("cannot access file", no SOP class) has no "Sending file:" line.
-        by_name: dict[str, list[tuple[Outcome, int | None, str]]] = {}
-        for name, outcome, status, detail in sent:
-            by_name.setdefault(name, []).append((outcome, status, detail))
+        by_name: dict[str, list[Answer]] = {}
+        for name, answer in sent:
+            by_name.setdefault(name, []).append(answer)
         aborted = any(marker in output for marker in _ABORT_MARKERS)
         flagged = False
         for path in files:
@@ -576,11 +580,11 @@ class DcmtkEngine(Engine):
             if not answers:
                 yield SendResult(path, Outcome.FAILED, None, "storescu could not read it")
                 continue
-            outcome, status, detail = answers.pop(0)
-            in_flight = aborted and not flagged and outcome is Outcome.RETRY
+            answer = answers.pop(0)
+            in_flight = aborted and not flagged and answer.outcome is Outcome.RETRY
             flagged |= in_flight
-            yield SendResult(path, outcome, status, f"storescu: {detail}",
-                             in_flight=in_flight, refused_syntax=_refused_context(detail))
+            yield SendResult(path, answer.outcome, answer.status, f"storescu: {answer.detail}",
+                             in_flight=in_flight, refused_syntax=answer.refused_syntax)
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))

@@ -47,7 +47,7 @@ def _send(files: list[Path], port: int, report: Path) -> dict[str, Outcome]:
                     "--create-report-file", str(report), "127.0.0.1", str(port),
                     *map(str, files)], capture_output=True, env=dcmtk_env(), timeout=300,
                    check=False)
-    return {name: outcome for name, (outcome, _, _) in
+    return {name: answer.outcome for name, answer in
             parse_dcmsend_report(report.read_text()).items()}
 
 

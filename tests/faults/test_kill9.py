@@ -44,8 +44,8 @@ def _modality_round(files: list[Path], port: int, report: Path) -> set[Path]:
     subprocess.run(argv, capture_output=True, env=dcmtk_env(), timeout=300, check=False)
     if not report.exists():
         return set()
-    return {Path(name) for name, (outcome, _, _) in parse_dcmsend_report(
-        report.read_text()).items() if outcome is Outcome.DELIVERED}
+    return {Path(name) for name, answer in parse_dcmsend_report(
+        report.read_text()).items() if answer.outcome is Outcome.DELIVERED}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
