@@ -15,13 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pydicom.uid import UID
+
 from relay.audit import NO_AUDIT, AuditLog
 from relay.config import Destination, SenderConfig
 from relay.hold import StudyHold, arrival, study_of
 from relay.metrics import Metrics
 from relay.spool import Failure, Spool
 from relay.toolkits.base import Outcome, SendResult, Transport, local_failures, reason_of
-from relay.transcode import CannotDecode, decompress_in_place, is_compressed, syntax_name
+from relay.transcode import CannotDecode, decompress_in_place, is_compressed
 
 log = logging.getLogger("relay.send")
 
@@ -250,7 +252,7 @@ class DestinationSender:
         with self._cond:
             self._transcoded.add(r.path)
         log.info("%s: %s refused in %s: sent decompressed (%s) instead", self.destination.name,
-                 r.path.name, syntax_name(before), syntax_name(after))
+                 r.path.name, UID(before).name, UID(after).name)
         self.metrics.transcoded(self.destination.name)
         self.audit.record("transcoded", r.path.name, destination=self.destination.name,
                           kind=self.destination.kind, transfer_syntax=before, to=after,

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -35,8 +36,6 @@ class CannotDecode(Exception):
 
 def is_compressed(path: Path) -> bool:
     """Whether the file's transfer syntax is a compressed (encapsulated) one."""
-    from pydicom.filereader import read_file_meta_info
-
     try:
         return UID(str(read_file_meta_info(path).TransferSyntaxUID)).is_compressed
     except Exception:  # noqa: BLE001 - unreadable: nothing to transcode
@@ -74,8 +73,3 @@ def decompress_in_place(path: Path) -> tuple[str, str]:
     finally:
         tmp.unlink(missing_ok=True)
     return str(before), str(ExplicitVRLittleEndian)
-
-
-def syntax_name(uid: str) -> str:
-    name = UID(uid).name
-    return name if name != uid else uid
