@@ -39,6 +39,12 @@ def safe_name(sop_instance_uid: str | None) -> str:
     return f"{stem}~{uuid.uuid4().hex[:12]}.dcm"
 
 
+def transcoding_path(queued: Path) -> Path:
+    """Where a destination's decompressed copy of a queued object is written before it
+    replaces that destination's link (a partial name: never sent, dropped at start-up)."""
+    return queued.with_name(f".{queued.name}.transcoded{PARTIAL_SUFFIX}")
+
+
 def is_ready(path: Path) -> bool:
     """Whether a name in incoming/ is a finished object (not a partial or hidden file)."""
     name = path.name
@@ -200,6 +206,11 @@ class Spool:
                 for path in self.outbox(dest).glob(f".*{PARTIAL_SUFFIX}"):
                     path.unlink()
         return count
+
+    def kept_path(self, claimed: Path) -> Path:
+        """A second name for a claimed original, kept for a destination whose own rules
+        failed on it (quarantined under it) while the others' copies go on."""
+        return self.work / f".{claimed.name}{PARTIAL_SUFFIX}"
 
     def edited_path(self, claimed: Path, variant: int | None = None) -> Path:
         """Where the edit of a claimed object is written (variant: a destination's own edit

@@ -55,8 +55,8 @@ def link(request: pytest.FixtureRequest, dcmtk: Path, tmp_path: Path) -> Link:
         return Link(engine)
     from security.pki import make_pki
 
-    from relay.config import TLSConfig
-    from relay.tls import server_context
+    from relay.config.model import TLSConfig
+    from relay.toolkits.tls import server_context
 
     pki = make_pki(tmp_path / "pki")
     return Link(engine,

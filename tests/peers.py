@@ -54,6 +54,17 @@ def with_dcm4che(*params: str) -> list[Any]:
 ENGINES = ["embedded", "dcmtk", *with_dcm4che("dcm4che")]
 
 
+def logged_events() -> Any:
+    """An event stream whose outcomes are logged, as in a running relay (relay.ops.logs),
+    for a stage driven on its own by a test that reads its log lines."""
+    from relay.events import EventBus
+    from relay.ops.logs import LogLines
+
+    events = EventBus()
+    events.subscribe(LogLines())
+    return events
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -376,7 +387,7 @@ class Link:
     tls: Any = None  # relay.config.TLSConfig
 
     def destination(self, ae_title: str, port: int) -> Any:
-        from relay.config import Destination
+        from relay.config.model import Destination
 
         return Destination("scp", ae_title, "127.0.0.1", port, tls=self.tls)
 

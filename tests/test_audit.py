@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from relay.audit import AuditLog
+from relay.ops.audit import AuditLog
 
 
 def _mode(path: Path) -> int:

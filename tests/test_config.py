@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_config
-from relay.rules import KeywordRule, XPathRule
+from relay.config.load import load_config
+from relay.config.model import ConfigError
+from relay.edit.rules import KeywordRule, XPathRule
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = """

@@ -14,12 +14,12 @@ from lxml import etree
 from pydicom import dcmread
 
 from dicomdata import bundled
-from relay.config import Destination
-from relay.dicomxml import safe_parser
-from relay.edit import BadInput, Editor
-from relay.rules import KeywordRule, XPathRule
+from relay.config.model import Destination
+from relay.edit.dicomxml import safe_parser
+from relay.edit.editor import BadInput, Editor
+from relay.edit.rules import KeywordRule, XPathRule
+from relay.send.results import Outcome, Outgoing
 from relay.spool import is_ready
-from relay.toolkits.base import Outcome
 from relay.toolkits.dcm4che import (
     Dcm4cheEngine,
     parse_storescu_output,
@@ -47,10 +47,11 @@ def uid_of(name: str) -> str:
     return str(dcmread(bundled(name), stop_before_pixels=True).SOPInstanceUID)
 
 
-def named(name: str, path: Path | None = None) -> tuple[Path, str, str]:
-    """(path, SOP Class UID, SOP Instance UID) of a bundled file, as the sender gives them."""
+def named(name: str, path: Path | None = None) -> Outgoing:
+    """A bundled file as the sender gives it to the adapter."""
     ds = dcmread(bundled(name), stop_before_pixels=True)
-    return (path or Path(name), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    return Outgoing(path or Path(name), str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                    str(ds.file_meta.TransferSyntaxUID))
 
 
 def test_storescp_argv_uses_real_options(tmp_path: Path) -> None:
@@ -119,8 +120,8 @@ def test_what_storescu_cannot_send_is_told_apart() -> None:
     # context; JPEG 2000 sent as request 3, then the JVM died (no OpenCV) and MR never went.
     output = recorded("storescu-cannot-send.out") + recorded("storescu-cannot-send.err")
     files = [named("CT_small.dcm", Path("ct.dcm")),
-             (Path("cut.dcm"), "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.7"),
-             (Path("unknownclass.dcm"), "1.2.3.999", "1.2.3.4.6"),
+             Outgoing(Path("cut.dcm"), "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.7", ""),
+             Outgoing(Path("unknownclass.dcm"), "1.2.3.999", "1.2.3.4.6", ""),
              named("JPEG2000.dcm", Path("j2k.dcm")), named("MR_small.dcm", Path("mr.dcm"))]
     ct, cut, unknown, j2k, mr = results_from_output(files, output, 1)
     assert ct.outcome is Outcome.DELIVERED
@@ -137,7 +138,7 @@ def test_the_object_the_jvm_died_on_before_its_request_is_the_one_in_flight() ->
     # one is set aside (three times: quarantined), not taken for the destination being down.
     output = (recorded("storescu-dies-before-request.out")
               + recorded("storescu-dies-before-request.err"))
-    files = [named("CT_small.dcm"), (Path("rtdose-class31.dcm"), "31", "31"),
+    files = [named("CT_small.dcm"), Outgoing(Path("rtdose-class31.dcm"), "31", "31", ""),
              named("MR_small.dcm")]
     ct, dose, mr = results_from_output(files, output, 0)
     assert ct.outcome is Outcome.DELIVERED

@@ -33,10 +33,10 @@ from peers import (
     wait_for_port,
     wait_until,
 )
-from relay.config import Destination, SenderConfig
-from relay.send import DestinationSender
+from relay.config.model import Destination, SenderConfig
+from relay.send.results import Outcome, ToolFailure
+from relay.send.sender import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import Outcome, ToolFailure
 from relay.toolkits.dcm4che import Dcm4cheEngine, java_library_path
 
 pytestmark = [pytest.mark.e2e,

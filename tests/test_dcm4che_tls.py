@@ -18,8 +18,11 @@ from security.pki import Pki, make_pki
 from test_dcm4che import HOME, options_in_help
 
 from peers import free_port
-from relay.config import ConfigError, Destination, TLSConfig, load_config
-from relay.tls import (
+from relay.config.load import load_config
+from relay.config.model import ConfigError, Destination, TLSConfig
+from relay.toolkits.dcm4che import storescp_argv, storescu_argv, tls_args
+from relay.toolkits.select import select_engine
+from relay.toolkits.tls import (
     JAVA_TLS_CIPHERS,
     JAVA_TLS_PROTOCOLS,
     JavaStores,
@@ -27,8 +30,6 @@ from relay.tls import (
     java_stores,
     server_context,
 )
-from relay.toolkits import select_engine
-from relay.toolkits.dcm4che import storescp_argv, storescu_argv, tls_args
 
 PROBE = Path(__file__).parent / "data" / "java" / "TlsProbe.java"
 

@@ -11,8 +11,9 @@ from pydicom import dcmread
 
 from dicomdata import bundled, copy_with_new_uids, ct_series
 from peers import Link, free_port
+from relay.send.results import Outcome
+from relay.toolkits import common as adapters_common
 from relay.toolkits import dcmtk as dcmtk_module
-from relay.toolkits.base import Outcome
 
 
 @pytest.mark.parametrize("link", ["dcmtk-tls"], indirect=True)
@@ -20,7 +21,7 @@ def test_more_contexts_than_one_association_holds(tmp_path: Path, link: Link,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # 128 presentation contexts per association: with the limit at 2, three (SOP class,
     # transfer syntax) pairs need two associations, and every object still arrives.
-    monkeypatch.setattr(dcmtk_module, "MAX_CONTEXTS", 2)
+    monkeypatch.setattr(adapters_common, "MAX_CONTEXTS", 2)
     files = []
     for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "CT_small.dcm"):
         target = tmp_path / f"{len(files)}-{name}"

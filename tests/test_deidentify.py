@@ -11,8 +11,8 @@ import pytest
 from pydicom import dcmread
 
 from dicomdata import IDENTIFYING, identified_study
-from relay.deidentify import Deidentifier, profile_attributes
-from relay.route import DestinationEdits
+from relay.edit.deidentify import Deidentifier, profile_attributes
+from relay.route.router import DestinationEdits
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -95,7 +95,7 @@ def test_options_keep_retain_dates_and_clean_descriptions(study: list[Path]) -> 
 
 
 def test_a_destinations_rules_chain_in_order(study: list[Path], tmp_path: Path) -> None:
-    from relay.rules import KeywordRule
+    from relay.edit.rules import KeywordRule
 
     edits = DestinationEdits([KeywordRule("StudyDescription", value="RESEARCH TORAX"),
                               Deidentifier(SECRET, clean_descriptions=True),

@@ -11,9 +11,9 @@ from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 
 from dicomdata import bundled, readable_bundled_files
-from relay.dicomxml import dataset_to_xml
-from relay.edit import BadInput, Editor, read_dicom
-from relay.rules import KeywordRule, XPathRule
+from relay.edit.dicomxml import dataset_to_xml
+from relay.edit.editor import BadInput, Editor, read_dicom
+from relay.edit.rules import KeywordRule, XPathRule
 
 FILES = readable_bundled_files()
 RULES = [
@@ -158,7 +158,7 @@ def test_truncated_encapsulated_pixel_data_is_refused(cut_from_end: int, tmp_pat
 def test_splice_and_full_rewrite_agree(tmp_path: Path) -> None:
     # The fast path (splicing the changed elements into the original file) and pydicom's full
     # rewrite must produce the same object.
-    import relay.edit as edit_module
+    import relay.edit.editor as edit_module
 
     src = bundled("CT_small.dcm")
     rule = [KeywordRule("PatientID", value="A-MUCH-LONGER-PATIENT-IDENTIFIER"),

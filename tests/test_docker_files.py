@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from relay.config import load_config
+from relay.config.load import load_config
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 

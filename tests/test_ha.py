@@ -25,8 +25,8 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicomdata import ct_series
 from peers import ENGINES, Orthanc, RelayProcess, free_port, relay_config, spool_files, wait_until
-from relay.haproxy import associate_rq
-from relay.metrics import open_connections
+from relay.ops.haproxy import associate_rq
+from relay.ops.metrics import open_connections
 
 pytestmark = pytest.mark.e2e
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dicomdata import ct_series
-from relay.config import Destination, SenderConfig
-from relay.hold import StudyHold, held_studies
-from relay.send import DestinationSender
+from relay.config.model import Destination, SenderConfig
+from relay.send.hold import StudyHold, held_studies
+from relay.send.results import Outcome, SendResult
+from relay.send.sender import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import Outcome, SendResult
 
 HELD = Destination("research", "RESEARCH", "127.0.0.1", 104, hold_until_stable=60,
                    hold_max=600)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import DCMTK_BIN, ScriptedSCP, free_port
-from relay.config import Destination, SenderConfig, TLSConfig
-from relay.send import DestinationSender
+from peers import DCMTK_BIN, ScriptedSCP, free_port, logged_events
+from relay.config.model import Destination, SenderConfig, TLSConfig
+from relay.send.results import Outcome, ToolFailure
+from relay.send.sender import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import Outcome, ToolFailure
 from relay.toolkits.dcmtk import DcmtkEngine
 from relay.toolkits.embedded import EmbeddedEngine
 
@@ -113,7 +113,8 @@ def test_the_sender_logs_a_local_failure_with_the_tools_words_and_keeps_the_queu
     spool = Spool(tmp_path / "spool", ["pacs"])
     spool.create()
     ct_series(spool.out / "pacs", 3)
-    sender = DestinationSender(spool, dest, _broken_dcmtk(tmp_path / "bin"), SenderConfig())
+    sender = DestinationSender(spool, dest, _broken_dcmtk(tmp_path / "bin"), SenderConfig(),
+                               events=logged_events())
     sender.load_backlog()
     with caplog.at_level(logging.WARNING, logger="relay.send"):
         sender.send_batch(sender._next_batch())

@@ -28,8 +28,9 @@ from peers import (
     spool_files,
     wait_until,
 )
-from relay.config import ConfigError, load_config
-from relay.metrics import Metrics, RelayState, open_connections, scrape, spool_figures
+from relay.config.load import load_config
+from relay.config.model import ConfigError
+from relay.ops.metrics import Metrics, RelayState, open_connections, scrape, spool_figures
 from relay.spool import Spool
 
 DASHBOARD = Path(__file__).parent.parent / "templates" / "grafana-dashboard.json"

@@ -25,7 +25,7 @@ from peers import (
     wait_until,
     with_dcm4che,
 )
-from relay.supervisor import port_in_use
+from relay.receive.supervisor import port_in_use
 
 pytestmark = pytest.mark.e2e
 
@@ -175,7 +175,7 @@ def test_receiver_killed_mid_object_forwards_nothing_truncated(
 def test_only_marked_objects_are_handed_over(tmp_path: Path, dcmtk: Path) -> None:
     # storescp leaves `<name>.done` (with --exec-sync, before it answers success): an object
     # with its marker goes on to incoming/, one without was never acknowledged.
-    from relay.config import load_config
+    from relay.config.load import load_config
     from relay.spool import Spool
     from relay.toolkits.dcmtk import DcmtkEngine
 

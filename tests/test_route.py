@@ -11,10 +11,13 @@ import pytest
 from pydicom import dcmread
 
 from dicomdata import bundled, copy_with_new_uids
-from relay.config import ConfigError, load_config
-from relay.edit import Editor
-from relay.pipeline import Processor
-from relay.route import DestinationFilter, Router, key_filter, route, value_as_text
+from relay.config.load import load_config
+from relay.config.model import ConfigError
+from relay.edit.editor import Editor
+from relay.events import Identity
+from relay.pipeline.processor import Processor, Setup
+from relay.route.filters import DestinationFilter, key_filter, route, value_as_text
+from relay.route.router import Router
 from relay.spool import Spool
 
 
@@ -106,7 +109,7 @@ def test_deidentify_is_a_destination_rule_only(tmp_path: Path) -> None:
 
 
 def test_called_ae_is_refused_where_the_engine_cannot_know_it(tmp_path: Path) -> None:
-    from relay.toolkits import select_engine
+    from relay.toolkits.select import select_engine
 
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[toolkit]\nengine = "dcmtk"\n[[destinations]]\nname = "d"\nae_title = "D"\n'
@@ -123,7 +126,8 @@ class Collect:
         self.destination = destination
         self.queued: list[Path] = []
 
-    def enqueue(self, path: Path, received: float | None = None) -> None:
+    def enqueue(self, path: Path, received: float | None = None,
+                identity: Identity | None = None) -> None:
         self.queued.append(path)
 
 
@@ -137,8 +141,8 @@ def _processor(tmp_path: Path, toml: str) -> tuple[Processor, dict[str, Collect]
     spool = Spool(cfg.spool.path, [d.name for d in cfg.destinations]).create()
     senders = {d.name: Collect(d) for d in cfg.destinations}
     router = Router(cfg.destinations, called_ae="DICOMRELAY")
-    processor = Processor(spool, Editor(cfg.rules), list(senders.values()),  # type: ignore[arg-type]
-                          router=router, unrouted=cfg.process.unrouted)
+    processor = Processor(spool, Setup(Editor(cfg.rules), router, senders,  # type: ignore[arg-type]
+                                       cfg.process.unrouted))
     return processor, senders, spool
 
 
@@ -286,19 +290,16 @@ def test_a_destinations_copy_is_byte_identical_outside_its_own_rules(tmp_path: P
         b.file_meta.TransferSyntaxUID
 
 
-def test_a_full_disk_after_the_edit_puts_the_object_back(tmp_path: Path) -> None:
+def test_a_full_disk_after_the_edit_puts_the_object_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     processor, senders, spool = _processor(tmp_path, THREE)
 
-    class FullDisk:
-        patient_values = True
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
 
-        def record(self, *args: object, **kwargs: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        def changes(self, changes: list) -> list:
-            return []
-
-    processor.audit = FullDisk()  # type: ignore[assignment]
+    # Linking the edited copies into the destinations' queues (the audit log, a subscriber
+    # of the event stream, is no longer on the delivery path: its failure is logged).
+    monkeypatch.setattr(spool, "publish", full_disk)
     ct = _incoming(spool, "ct.dcm", "CT_small.dcm", "EG")
     with pytest.raises(OSError):
         processor.process(ct)

@@ -31,8 +31,8 @@ from peers import (
     spool_files,
     wait_until,
 )
-from relay.deidentify import profile_attributes
-from relay.supervisor import port_in_use
+from relay.edit.deidentify import profile_attributes
+from relay.receive.supervisor import port_in_use
 
 pytestmark = pytest.mark.e2e
 

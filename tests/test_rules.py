@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicomdata import bundled, copy_with_new_uids
-from relay.dicomxml import dataset_to_xml
-from relay.edit import BadInput, Editor, read_dicom
-from relay.rules import KeywordRule, MissingSource, RuleError, XPathRule, XSLTRule
+from relay.edit.dicomxml import dataset_to_xml
+from relay.edit.editor import BadInput, Editor, read_dicom
+from relay.edit.rules import KeywordRule, MissingSource, RuleError, XPathRule, XSLTRule
 
 # The original relay_process.sh, verbatim.
 ORIGINAL_TARGET = '//DicomAttribute[@keyword="PatientID"]/Value'

@@ -10,8 +10,8 @@ import pytest
 from pydicom.filereader import read_partial
 
 from dicomdata import bundled, readable_bundled_files
-from relay.edit import BadInput, read_dicom
-from relay.scan import Unsure, find_cut
+from relay.edit.editor import BadInput, read_dicom
+from relay.edit.scan import Unsure, find_cut
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
@@ -89,7 +89,7 @@ def test_read_dicom_up_to_the_ruled_tags_still_finds_cuts(tmp_path: Path) -> Non
 def test_leading_values_agree_with_pydicom(path: Path) -> None:
     # The DCMTK sender's check of every object's SOP UIDs reads only the first bytes; where
     # it answers, it must answer what pydicom reads.
-    from relay.scan import leading_values
+    from relay.edit.scan import leading_values
 
     found = leading_values(path, {0x00080016, 0x00080018})
     if found is None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Destination, SenderConfig
-from relay.send import DestinationSender, backoff_delay
+from peers import logged_events
+from relay.config.model import Destination, SenderConfig
+from relay.send.results import Outcome, SendResult, classify_status
+from relay.send.sender import DestinationSender, backoff_delay
 from relay.spool import Spool
-from relay.toolkits.base import Outcome, SendResult, classify_status
 
 DEST = Destination("central", "PACS", "127.0.0.1", 104)
 
@@ -59,7 +60,8 @@ def spool(tmp_path: Path) -> Spool:
 
 def _sender(spool: Spool, engine: FakeEngine, clock: Clock) -> DestinationSender:
     cfg = SenderConfig(batch_size=10, retry_initial=2.0, retry_max=10.0)
-    return DestinationSender(spool, DEST, engine, cfg, clock=clock)  # type: ignore[arg-type]
+    return DestinationSender(spool, DEST, engine, cfg, clock=clock,  # type: ignore[arg-type]
+                             events=logged_events())
 
 
 @pytest.mark.parametrize(("status", "outcome"), [

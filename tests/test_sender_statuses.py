@@ -11,10 +11,10 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
 from dicomdata import ct_series
 from peers import Link, free_port, wait_until
-from relay.config import SenderConfig
-from relay.send import DestinationSender
+from relay.config.model import SenderConfig
+from relay.send.results import DestinationUnavailable, Outcome
+from relay.send.sender import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import DestinationUnavailable, Outcome
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_batches_in_a_row_share_one_association(tmp_path: Path) -> None:
     # and releases it once none has come for KEEP_OPEN seconds.
     import threading
 
-    from relay.send import KEEP_OPEN
+    from relay.send.sender import KEEP_OPEN
     from relay.toolkits.embedded import EmbeddedEngine
 
     spool = Spool(tmp_path / "spool", ["scp"]).create()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.metrics import spool_figures
+from relay.ops.metrics import spool_figures
 from relay.spool import Failure, Spool, is_ready, safe_name
 
 

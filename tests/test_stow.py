@@ -28,14 +28,16 @@ from peers import (
     ScriptedStow,
     dcmsend,
     free_port,
+    logged_events,
     spool_files,
     stow_response,
     wait_until,
 )
-from relay.config import ConfigError, Destination, SenderConfig, load_config
-from relay.send import DestinationSender
-from relay.spool import Spool
-from relay.stow import (
+from relay.config.load import load_config
+from relay.config.model import ConfigError, Destination, SenderConfig
+from relay.send.results import DestinationUnavailable, Outcome
+from relay.send.sender import DestinationSender
+from relay.send.stow import (
     MultipartBody,
     Part,
     StowSender,
@@ -43,7 +45,7 @@ from relay.stow import (
     results_from_response,
     retry_after,
 )
-from relay.toolkits.base import DestinationUnavailable, Outcome
+from relay.spool import Spool
 
 
 def stow_config(path: Path, *, port: int, spool: Path, url: str, engine: str = "embedded",
@@ -210,7 +212,8 @@ def _queued(spool: Spool, folder: Path, count: int) -> dict[str, Path]:
 def _sender(spool: Spool, url: str, **dest: Any) -> DestinationSender:
     destination = Destination("archive", "", "127.0.0.1", 0, url=url, **dest)
     return DestinationSender(spool, destination, StowSender(),
-                             SenderConfig(retry_initial=0.1, retry_max=5.0, timeout=5))
+                             SenderConfig(retry_initial=0.1, retry_max=5.0, timeout=5),
+                             events=logged_events())
 
 
 @pytest.fixture

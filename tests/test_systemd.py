@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_config
-from relay.systemd import render_units, systemd_quote
+from relay.config.load import load_config
+from relay.config.model import ConfigError
+from relay.ops.systemd import render_units, systemd_quote
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "templates" / "relay.toml"

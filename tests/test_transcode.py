@@ -31,7 +31,7 @@ from peers import (
     spool_files,
     wait_until,
 )
-from relay.transcode import CannotDecode, decompress_in_place
+from relay.send.transcode import CannotDecode, decompress_in_place
 
 pytestmark = pytest.mark.e2e
 

@@ -49,25 +49,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lxml import etree
-from pydicom.filereader import read_file_meta_info
 
-from relay.dicomxml import safe_parser, to_string
-from relay.supervisor import SupervisedReceiver, run_tool
-from relay.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores, java_stores
-from relay.toolkits.base import (
+from relay.edit.dicomxml import safe_parser, to_string
+from relay.receive.supervisor import SupervisedReceiver, run_tool
+from relay.send.results import (
     DestinationUnavailable,
-    Engine,
     Outcome,
-    Receiver,
+    Outgoing,
     SendResult,
     ToolFailure,
     classify_status,
-    last_lines,
     local_failures,
+    read_outgoing,
 )
+from relay.toolkits.base import Engine, Receiver
+from relay.toolkits.common import last_lines, tool_timeout
+from relay.toolkits.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores, java_stores
 
 if TYPE_CHECKING:
-    from relay.config import Config, Destination, TLSConfig
+    from relay.config.model import Config, Destination, TLSConfig
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcm4che")
@@ -194,12 +194,12 @@ def parse_storescu_output(output: str) -> dict[str, list[int]]:
     return statuses
 
 
-def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
+def results_from_output(files: Sequence[Outgoing], output: str,
                         returncode: int) -> list[SendResult]:
-    """Per-file results for (path, SOP Class UID, SOP Instance UID): from C-STORE-RSP lines
-    and storescu's own words, never from the exit code alone."""
+    """Per-file results: from C-STORE-RSP lines and storescu's own words, never from the
+    exit code alone."""
     if not reached_network(output):
-        return local_failures([path for path, _, _ in files],
+        return local_failures([item.path for item in files],
                               f"storescu stopped before connecting (exit {returncode}): "
                               f"{last_lines(output)}")
     statuses = parse_storescu_output(output)
@@ -218,7 +218,8 @@ def results_from_output(files: Sequence[tuple[Path, str, str]], output: str,
     decoding_failed = _DECODING_RE.search(output) is not None
     problem = problem_of(output, returncode)
     results = []
-    for path, sop_class, uid in files:
+    for item in files:
+        path, sop_class, uid = item.path, item.sop_class_uid, item.sop_instance_uid
         answers = statuses.get(uid)
         unread = re.search(rf"^Failed to scan file {re.escape(str(path))}: (.*)\n(.*)",
                            output, re.M)
@@ -375,33 +376,35 @@ class Dcm4cheEngine(Engine):
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
         # One tool process per call: nothing to keep open between calls.
-        named = []
-        for path in files:
-            try:
-                meta = read_file_meta_info(path)
-                named.append((path, str(meta.MediaStorageSOPClassUID),
-                              str(meta.MediaStorageSOPInstanceUID)))
-            except Exception as exc:  # noqa: BLE001 - an unreadable file fails alone
-                yield SendResult(path, Outcome.FAILED, None, f"cannot read file meta: {exc}")
-        if not named:
+        ready, unreadable = read_outgoing(files)
+        yield from unreadable
+        if not ready:
             return
-        argv = storescu_argv(self.bin_dir, [p for p, _, _ in named], destination, calling_ae,
-                             timeout, self._tls(destination))
+        argv = storescu_argv(self.bin_dir, [item.path for item in ready], destination,
+                             calling_ae, timeout, self._tls(destination))
         try:
-            proc = run_tool(argv, timeout=timeout * (2 + len(named)), env=self.env)
+            proc = run_tool(argv, timeout=tool_timeout(timeout, len(ready)), env=self.env)
             output, code = proc.stdout + "\n" + proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
             output, code = _text(exc.stdout) + "\n" + _text(exc.stderr), -1
-        yield from results_from_output(named, output, code)
+        except OSError as exc:  # gone or not executable since start-up
+            yield from local_failures([item.path for item in ready],
+                                      f"cannot run {argv[0]}: {exc.strerror or exc}")
+            return
+        yield from results_from_output(ready, output, code)
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout,
                              self._tls(destination))
+        limit = tool_timeout(timeout, 1)
         try:
-            proc = run_tool(argv, timeout=timeout * 3, env=self.env)
+            proc = run_tool(argv, timeout=limit, env=self.env)
         except subprocess.TimeoutExpired:
             raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO timed out "
-                                         f"after {timeout * 3:.0f} s") from None
+                                         f"after {limit:.0f} s") from None
+        except OSError as exc:
+            raise ToolFailure(f"local tool failure: cannot run {argv[0]}: "
+                              f"{exc.strerror or exc}") from None
         output = proc.stdout + "\n" + proc.stderr
         if not reached_network(output):
             raise ToolFailure(f"local tool failure: dcm4che's storescu stopped before "
@@ -415,7 +418,7 @@ class Dcm4cheEngine(Engine):
 
     def to_xml(self, path: Path) -> etree._Element:
         """`dcm2xml -B`: the PS3.19 XML of the header, group 0002 included, no bulk data."""
-        proc = run_tool([self.bin_dir / "dcm2xml", "-B", path], timeout=120, text=False,
+        proc = run_tool([str(self.bin_dir / "dcm2xml"), "-B", str(path)], timeout=120, text=False,
                         env=self.env)
         if proc.returncode != 0:
             raise ValueError(f"dcm2xml failed: {proc.stderr.decode(errors='replace')[-300:]}")

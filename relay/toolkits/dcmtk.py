@@ -44,22 +44,28 @@ from inotify_simple import INotify, flags
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from relay.scan import leading_values
-from relay.supervisor import SupervisedReceiver, run_tool
-from relay.toolkits.base import (
+from relay.edit.scan import leading_values
+from relay.receive.supervisor import SupervisedReceiver, run_tool
+from relay.send.results import (
+    Context,
     DestinationUnavailable,
-    Engine,
     Outcome,
-    Receiver,
     SendResult,
     ToolFailure,
     classify_status,
-    last_lines,
     local_failures,
+    retry_all,
+)
+from relay.toolkits.base import Engine, Receiver
+from relay.toolkits.common import (
+    context_groups,
+    last_lines,
+    mark_in_flight,
+    tool_timeout,
 )
 
 if TYPE_CHECKING:
-    from relay.config import Config, Destination, TLSConfig
+    from relay.config.model import Config, Destination, TLSConfig
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcmtk")
@@ -225,7 +231,7 @@ SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 
 
 def _after_sop_uids(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > SOP_INSTANCE_UID
+    return int(tag) > SOP_INSTANCE_UID
 
 
 def _read_uids(path: Path) -> tuple[str, str, str] | str:
@@ -263,10 +269,9 @@ def _sendable(path: Path) -> str | None:
 # What an association profile may name: a UID is digits and dots (PS3.5 9.1). Anything else
 # (peer-supplied text) must never reach the profile file, where it could add lines.
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-MAX_CONTEXTS = 128  # presentation context IDs are the odd numbers 1…255
 
 
-def _presentation(path: Path) -> tuple[str, str] | str:
+def _presentation(path: Path) -> Context | str:
     """(SOP Class UID, transfer syntax UID) the file goes as, or why it cannot be sent."""
     found = _read_uids(path)
     if isinstance(found, str):
@@ -278,7 +283,7 @@ def _presentation(path: Path) -> tuple[str, str] | str:
     return sop_class, syntax
 
 
-def association_profile(contexts: list[tuple[str, str]], name: str = "Relay") -> str:
+def association_profile(contexts: list[Context], name: str = "Relay") -> str:
     """A DCMTK association configuration (storescu --config-file FILE Relay) that proposes
     each (SOP class, transfer syntax) pair in a presentation context of its own: every object
     goes in the syntax it arrived in, compressed or not."""
@@ -475,7 +480,7 @@ class DcmtkEngine(Engine):
             argv = dcmsend_argv(self.dcmsend, files, destination, calling_ae, timeout, report)
             code: int | None = None
             try:
-                proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * (2 + len(files)))
+                proc = run_tool(argv, env=dcmtk_env(), timeout=tool_timeout(timeout, len(files)))
                 output, code = (proc.stdout + proc.stderr).strip(), proc.returncode
             except subprocess.TimeoutExpired:
                 output = "dcmsend timed out"
@@ -493,45 +498,39 @@ class DcmtkEngine(Engine):
         if text is None:
             # No report: no association (refused, rejected, timed out).
             why = next((ln for ln in output.splitlines() if ln.startswith("F:")), output[-300:])
-            for path in files:
-                yield SendResult(path, Outcome.RETRY, None, f"dcmsend: {why}")
+            yield from retry_all(files, f"dcmsend: {why}")
             return
         by_name = parse_dcmsend_report(text, output)
-        # dcmsend sends in order: when the association broke, the first file it did not get
-        # a response for was the one on the wire.
-        aborted = "Peer aborted" in output or "Failed receiving DIMSE response" in output
-        flagged = False
+        results = []
         for path in files:
             found = by_name.get(str(path))
             if found is None:
                 # dcmsend refused the file before sending (unreadable as DICOM).
-                yield SendResult(path, Outcome.FAILED, None, "dcmsend could not read it")
+                results.append(SendResult(path, Outcome.FAILED, None,
+                                          "dcmsend could not read it"))
                 continue
-            in_flight = aborted and not flagged and found.outcome is Outcome.RETRY
-            flagged |= in_flight
-            yield SendResult(path, found.outcome, found.status, found.detail,
-                             in_flight=in_flight, refused_syntax=found.refused_syntax)
+            results.append(SendResult(path, found.outcome, found.status, found.detail,
+                                      refused_syntax=found.refused_syntax))
+        # dcmsend sends in order: when the association broke, the first file it did not get
+        # a response for was the one on the wire.
+        yield from mark_in_flight(results, "Peer aborted" in output
+                                  or "Failed receiving DIMSE response" in output)
 
     def _send_tls(self, files: list[Path], destination: Destination, calling_ae: str,
                   timeout: float) -> Iterator[SendResult]:
         """storescu over TLS, as many associations as 128 presentation contexts need."""
-        groups: list[tuple[list[Path], list[tuple[str, str]]]] = []
+        ready: list[tuple[Path, Context]] = []
         for path in files:
             found = _presentation(path)
             if isinstance(found, str):
                 yield SendResult(path, Outcome.FAILED, None, f"storescu cannot send it: {found}")
-                continue
-            if not groups or (found not in groups[-1][1]
-                              and len(groups[-1][1]) >= MAX_CONTEXTS):
-                groups.append(([], []))
-            group_files, contexts = groups[-1]
-            group_files.append(path)
-            if found not in contexts:
-                contexts.append(found)
-        for group_files, contexts in groups:
-            yield from self._storescu(group_files, contexts, destination, calling_ae, timeout)
+            else:
+                ready.append((path, found))
+        for group, contexts in context_groups(ready, lambda item: item[1]):
+            yield from self._storescu([path for path, _ in group], contexts, destination,
+                                      calling_ae, timeout)
 
-    def _storescu(self, files: list[Path], contexts: list[tuple[str, str]],
+    def _storescu(self, files: list[Path], contexts: list[Context],
                   destination: Destination, calling_ae: str,
                   timeout: float) -> Iterator[SendResult]:
         with tempfile.TemporaryDirectory(prefix="dicom-relay-storescu-") as tmp:
@@ -540,7 +539,7 @@ class DcmtkEngine(Engine):
             argv = storescu_argv(self.storescu, files, destination, calling_ae, timeout,
                                  profile)
             try:
-                proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * (2 + len(files)))
+                proc = run_tool(argv, env=dcmtk_env(), timeout=tool_timeout(timeout, len(files)))
                 output = proc.stdout + proc.stderr
             except subprocess.TimeoutExpired as exc:
                 output = str(exc.stdout or "") + "\nstorescu timed out"
@@ -565,26 +564,25 @@ class DcmtkEngine(Engine):
             # No association (refused, rejected, TLS handshake failed, timed out).
             why = next((ln for ln in output.splitlines() if ln.startswith("F:")),
                        output.strip()[-300:])
-            for path in files:
-                yield SendResult(path, Outcome.RETRY, None, f"storescu: {why}")
+            yield from retry_all(files, f"storescu: {why}")
             return
         # storescu sends in the order given; a file it skipped while checking its input
         # ("cannot access file", no SOP class) has no "Sending file:" line.
         by_name: dict[str, list[Answer]] = {}
         for name, answer in sent:
             by_name.setdefault(name, []).append(answer)
-        aborted = any(marker in output for marker in _ABORT_MARKERS)
-        flagged = False
+        results = []
         for path in files:
             answers = by_name.get(str(path))
             if not answers:
-                yield SendResult(path, Outcome.FAILED, None, "storescu could not read it")
+                results.append(SendResult(path, Outcome.FAILED, None,
+                                          "storescu could not read it"))
                 continue
             answer = answers.pop(0)
-            in_flight = aborted and not flagged and answer.outcome is Outcome.RETRY
-            flagged |= in_flight
-            yield SendResult(path, answer.outcome, answer.status, f"storescu: {answer.detail}",
-                             in_flight=in_flight, refused_syntax=answer.refused_syntax)
+            results.append(SendResult(path, answer.outcome, answer.status,
+                                      f"storescu: {answer.detail}",
+                                      refused_syntax=answer.refused_syntax))
+        yield from mark_in_flight(results, any(marker in output for marker in _ABORT_MARKERS))
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))
@@ -592,14 +590,15 @@ class DcmtkEngine(Engine):
                 "--call", destination.ae_title,
                 "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
                 *tls_args(destination.tls), destination.host, str(destination.port)]
+        limit = tool_timeout(timeout, 1)
         try:
-            proc = run_tool(argv, env=dcmtk_env(), timeout=timeout * 3)
+            proc = run_tool(argv, env=dcmtk_env(), timeout=limit)
         except OSError as exc:
             raise ToolFailure(f"local tool failure: cannot run {self.echoscu}: "
                               f"{exc.strerror or exc}") from None
         except subprocess.TimeoutExpired:
             raise DestinationUnavailable(f"{destination.name}: echoscu timed out after "
-                                         f"{timeout * 3:.0f} s") from None
+                                         f"{limit:.0f} s") from None
         output = proc.stdout + proc.stderr
         if not reached_network(output):
             raise ToolFailure(f"local tool failure: echoscu stopped before connecting (exit "

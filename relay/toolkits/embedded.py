@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import (
     AE,
@@ -35,22 +34,26 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification
 
-from relay.spool import PARTIAL_SUFFIX, safe_name
-from relay.supervisor import LOG_PLAIN_ENV, SupervisedReceiver
-from relay.tls import client_context, server_context
-from relay.toolkits.base import (
+from relay.receive.supervisor import LOG_PLAIN_ENV, SupervisedReceiver
+from relay.send.results import (
+    Context,
     DestinationUnavailable,
-    Engine,
     Outcome,
-    Receiver,
+    Outgoing,
     SendResult,
     ToolFailure,
     classify_status,
     local_failures,
+    read_outgoing,
+    retry_all,
 )
+from relay.spool import PARTIAL_SUFFIX, safe_name
+from relay.toolkits.base import Engine, Receiver
+from relay.toolkits.common import MAX_CONTEXTS, context_groups
+from relay.toolkits.tls import client_context, server_context
 
 if TYPE_CHECKING:
-    from relay.config import Config, Destination
+    from relay.config.model import Config, Destination
     from relay.spool import Spool
 
 log = logging.getLogger("relay.embedded")
@@ -58,8 +61,6 @@ log = logging.getLogger("relay.embedded")
 # Send files from disk in PDU-sized chunks without decoding them (memory stays flat, the
 # original encoding goes out untouched).
 _config.STORE_SEND_CHUNKED_DATASET = True
-# A presentation context list holds at most 128 entries (odd IDs 1-255).
-MAX_CONTEXTS = 128
 
 READY_LINE = "embedded receiver listening"  # logged once it is; its supervisor waits for it
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -263,9 +264,6 @@ class EmbeddedReceiver(Receiver):
             self.server.shutdown()
             self.server = None
 
-    def alive(self) -> bool:
-        return self.server is not None
-
 
 class EmbeddedReceiverProcess(SupervisedReceiver, Receiver):
     """The embedded receiver in a process of its own (`dicom-relay receive`, same config),
@@ -291,11 +289,6 @@ class EmbeddedReceiverProcess(SupervisedReceiver, Receiver):
         super().__init__(config, argv, host=config.receiver.host, env=env)
 
 
-def _file_context(path: Path) -> tuple[str, str]:
-    meta = read_file_meta_info(path)
-    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
-
-
 class EmbeddedEngine(Engine):
     name = "embedded"
 
@@ -303,7 +296,7 @@ class EmbeddedEngine(Engine):
         # Associations kept between batches (send(keep_open=True)), per (destination, calling
         # AE): the association and the contexts it proposed. A burst then costs one
         # association, not one per batch (each costs threads, a connection, a negotiation).
-        self._kept: dict[tuple[str, str], tuple[Any, list[tuple[str, str]]]] = {}
+        self._kept: dict[tuple[str, str], tuple[Any, list[Context]]] = {}
         self._lock = threading.Lock()
 
     def release(self, destination: Destination) -> None:
@@ -319,7 +312,7 @@ class EmbeddedEngine(Engine):
         return EmbeddedReceiver(config, spool)
 
     def _associate(self, destination: Destination, calling_ae: str, timeout: float,
-                   contexts: list[tuple[str, str]]) -> Any:
+                   contexts: list[Context]) -> Any:
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = timeout
         ae.dimse_timeout = timeout
@@ -361,29 +354,16 @@ class EmbeddedEngine(Engine):
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
-        pending: list[tuple[Path, tuple[str, str]]] = []
-        for path in files:
-            try:
-                pending.append((path, _file_context(path)))
-            except Exception as exc:  # noqa: BLE001 - an unreadable file fails alone
-                yield SendResult(path, Outcome.FAILED, None, f"cannot read file meta: {exc}")
-        while pending:
-            # One association per batch, split only when it needs over 128 contexts.
-            contexts: list[tuple[str, str]] = []
-            batch, later = [], []
-            for item in pending:
-                if item[1] not in contexts:
-                    if len(contexts) == MAX_CONTEXTS:
-                        later.append(item)
-                        continue
-                    contexts.append(item[1])
-                batch.append(item)
-            pending = later
+        ready, unreadable = read_outgoing(files)
+        yield from unreadable
+        # One association per batch, split only when it needs over 128 contexts.
+        groups = context_groups(ready, lambda item: item.context)
+        for i, (batch, contexts) in enumerate(groups):
             yield from self._send_batch(batch, contexts, destination, calling_ae, timeout,
-                                        keep_open and not pending)
+                                        keep_open and i == len(groups) - 1)
 
-    def _kept_association(self, key: tuple[str, str], contexts: list[tuple[str, str]]
-                          ) -> tuple[Any, list[tuple[str, str]]]:
+    def _kept_association(self, key: tuple[str, str], contexts: list[Context]
+                          ) -> tuple[Any, list[Context]]:
         """The association kept for `key` if it is still up and proposed every context this
         batch needs: (association, its proposed contexts). Otherwise (None, the contexts a
         new association should propose: this batch's, then the kept one's, up to 128)."""
@@ -399,40 +379,40 @@ class EmbeddedEngine(Engine):
         extra = [cx for cx in proposed if cx not in contexts]
         return None, contexts + extra[:MAX_CONTEXTS - len(contexts)]
 
-    def _send_batch(self, batch: list[tuple[Path, tuple[str, str]]],
-                    contexts: list[tuple[str, str]], destination: Destination,
-                    calling_ae: str, timeout: float, keep_open: bool) -> Iterator[SendResult]:
+    def _send_batch(self, batch: list[Outgoing], contexts: list[Context],
+                    destination: Destination, calling_ae: str, timeout: float,
+                    keep_open: bool) -> Iterator[SendResult]:
         key = (destination.name, calling_ae)
         assoc, contexts = self._kept_association(key, contexts)
         try:
             if assoc is None:
                 assoc = self._associate(destination, calling_ae, timeout, contexts)
         except ContextsRefused as exc:
-            for path, context in batch:
-                yield SendResult(path, Outcome.FAILED, None,
-                                 f"{exc}: {context[0]} in {context[1]}", refused_syntax=True)
+            for item in batch:
+                yield SendResult(item.path, Outcome.FAILED, None,
+                                 f"{exc}: {item.sop_class_uid} in {item.transfer_syntax}",
+                                 refused_syntax=True)
             return
         except DestinationUnavailable as exc:
-            for path, _ in batch:
-                yield SendResult(path, Outcome.RETRY, None, str(exc))
+            yield from retry_all([item.path for item in batch], str(exc))
             return
         except ToolFailure as exc:
-            yield from local_failures([path for path, _ in batch],
+            yield from local_failures([item.path for item in batch],
                                       str(exc).removeprefix("local tool failure: "))
             return
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
                     for cx in assoc.accepted_contexts}
         try:
-            for i, (path, context) in enumerate(batch):
-                if context not in accepted:
+            for i, item in enumerate(batch):
+                path = item.path
+                if item.context not in accepted:
                     yield SendResult(path, Outcome.FAILED, None,
                                      f"{destination.name} accepts no presentation context for "
-                                     f"SOP class {context[0]} in transfer syntax {context[1]}",
-                                     refused_syntax=True)
+                                     f"SOP class {item.sop_class_uid} in transfer syntax "
+                                     f"{item.transfer_syntax}", refused_syntax=True)
                     continue
                 if not assoc.is_established:
-                    for rest, _ in batch[i:]:
-                        yield SendResult(rest, Outcome.RETRY, None, "association lost")
+                    yield from retry_all([rest.path for rest in batch[i:]], "association lost")
                     return
                 try:
                     status = assoc.send_c_store(path)

@@ -21,7 +21,7 @@ from peers import (
     relay_config,
     wait_until,
 )
-from relay.toolkits.base import Outcome
+from relay.send.results import Outcome
 from relay.toolkits.dcmtk import parse_dcmsend_report
 
 pytestmark = pytest.mark.e2e

@@ -27,7 +27,7 @@ from peers import (
     spool_files,
     wait_until,
 )
-from relay.toolkits.base import Outcome
+from relay.send.results import Outcome
 from relay.toolkits.dcmtk import parse_dcmsend_report
 
 pytestmark = pytest.mark.e2e
@@ -110,6 +110,6 @@ def test_kill_9_twenty_times_loses_nothing(tmp_path: Path, dcmtk: Path, engine: 
 
 
 def _port_free(port: int) -> bool:
-    from relay.supervisor import port_in_use
+    from relay.receive.supervisor import port_in_use
 
     return not port_in_use("127.0.0.1", port)

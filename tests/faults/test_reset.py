@@ -9,10 +9,10 @@ from pathlib import Path
 
 from dicomdata import ct_series
 from peers import Link, ScriptedSCP
-from relay.config import SenderConfig
-from relay.send import DestinationSender
+from relay.config.model import SenderConfig
+from relay.send.results import Outcome
+from relay.send.sender import DestinationSender
 from relay.spool import Spool
-from relay.toolkits.base import Outcome
 
 
 def test_connection_reset_mid_batch(tmp_path: Path, link: Link) -> None:

@@ -14,7 +14,7 @@ from pynetdicom import AE
 
 from dicomdata import bundled
 from peers import ENGINES, RelayProcess, ScriptedSCP, free_port, relay_config, wait_until
-from relay.dicomxml import safe_parser
+from relay.edit.dicomxml import safe_parser
 
 HOSTILE_UIDS = ["1.2.3/../../../escaped", "../../escaped2", "1.2.3$(touch escaped3)"]
 

@@ -23,8 +23,8 @@ from peers import (
     spool_files,
     wait_until,
 )
-from relay.config import TLSConfig
-from relay.tls import client_context, server_context
+from relay.config.model import TLSConfig
+from relay.toolkits.tls import client_context, server_context
 from security.pki import Pki, make_pki
 
 pytestmark = pytest.mark.e2e

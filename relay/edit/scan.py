@@ -38,9 +38,13 @@ class Cut:
 
 
 class _Walk:
-    def __init__(self, buf: mmap.mmap | bytes, little: bool) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, little: bool,
+                 collect: frozenset[int] = frozenset()) -> None:
         self.buf = buf
         self.size = len(buf)
+        # Top-level elements whose raw values the walk keeps on its way: tag -> (VR, bytes).
+        self.collect = collect
+        self.found: dict[int, tuple[bytes | None, bytes]] = {}
         endian = "<" if little else ">"
         self.tag_length = struct.Struct(f"{endian}HHI")  # implicit: group, element, length
         self.explicit = struct.Struct(f"{endian}HH2sH")  # group, element, VR, short length
@@ -81,6 +85,8 @@ class _Walk:
                 pos = value + length
                 if pos > self.size:
                     raise _CutAt(value, f"the {length}-byte value of {_tag(tag)}")
+                if depth == 0 and tag in self.collect:
+                    self.found[tag] = (vr, bytes(self.buf[value:pos]))
         return pos, last
 
     def items(self, pos: int, implicit: bool, depth: int, owner: int) -> int:
@@ -115,21 +121,29 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def find_cut(path: Path, start: int, implicit: bool, little: bool) -> Cut | None:
+def find_cut(path: Path, start: int, implicit: bool, little: bool,
+             collect: frozenset[int] = frozenset(),
+             found: dict[int, tuple[bytes | None, bytes]] | None = None) -> Cut | None:
     """Walk the top-level elements from byte `start` of `path` to its end: a Cut if the file
-    ends inside one, else None. Raises Unsure where the walk cannot tell."""
+    ends inside one, else None. Raises Unsure where the walk cannot tell. The raw values
+    (VR or None when implicit, bytes) of the top-level elements in `collect` that it passes
+    go into `found`, on the way."""
     with open(path, "rb") as fp:
         size = fp.seek(0, 2)
         if start >= size:
             return None
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            walk = _Walk(buf, little, collect)
             try:
-                _Walk(buf, little).elements(start, implicit, 0, in_item=False)
+                walk.elements(start, implicit, 0, in_item=False)
             except _CutAt as cut:
                 return Cut(f"the file ends at byte {size}, inside {cut.what} "
                            f"(from byte {cut.position})")
             except struct.error as exc:  # a header read past the end
                 raise Unsure(str(exc)) from None
+            finally:
+                if found is not None:
+                    found.update(walk.found)
     return None
 
 

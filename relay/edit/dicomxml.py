@@ -58,18 +58,23 @@ class AttributeChange:
         return f"{self.path}: {show(self.before)} -> {show(self.after)}"
 
 
-def _peek(ds: Dataset, tag: int) -> DataElement | None:
-    """An element's decoded form without storing it back into `ds` (which would re-encode it)."""
+def peek(ds: Dataset, tag: int, encoding: Any = default_encoding) -> DataElement | None:
+    """An element's decoded form without storing it back into `ds` (which would re-encode it:
+    what is not edited must keep its bytes)."""
     raw = ds.get_item(tag)
     if isinstance(raw, RawDataElement):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return convert_raw_data_element(raw, encoding=default_encoding, ds=ds)
+            return convert_raw_data_element(raw, encoding=encoding, ds=ds)
     return raw
 
 
-def _charset_of(ds: Dataset, inherited: Any) -> Any:
-    elem = _peek(ds, 0x00080005)
+def charset_of(ds: Dataset, inherited: Any = None) -> Any:
+    """The Python codecs of a data set's Specific Character Set (inherited: those of the
+    data set it is an item of; default: the default repertoire)."""
+    if inherited is None:
+        inherited = [default_encoding]
+    elem = peek(ds, 0x00080005)
     if elem is None:
         return inherited
     value = elem.value
@@ -92,7 +97,7 @@ def _private_creator(ds: Dataset, tag: int, creators: dict[int, str | None]) -> 
         return None
     creator_tag = (group << 16) | (elem >> 8)
     if creator_tag not in creators:
-        creator = _peek(ds, creator_tag)
+        creator = peek(ds, creator_tag)
         creators[creator_tag] = str(creator.value).strip() if creator and creator.value else None
     return creators[creator_tag]
 
@@ -162,7 +167,7 @@ def _add_attribute(parent: etree._Element, ds: Dataset, tag: int, charset: Any,
     if vr == "SQ":
         for i, item in enumerate(elem.value or [], start=1):
             item_node = etree.SubElement(node, "Item", number=str(i))
-            _add_dataset(item_node, item, _charset_of(item, charset), f"{path}{_tag_hex(tag)}/{i}/")
+            _add_dataset(item_node, item, charset_of(item, charset), f"{path}{_tag_hex(tag)}/{i}/")
         return
     if vr in BINARY_VRS or isinstance(elem.value, bytes | bytearray):
         data = elem.value or b""
@@ -216,7 +221,7 @@ def dataset_to_xml(ds: Dataset, only: frozenset[int] | None = None) -> etree._El
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         _add_dataset(root, meta, [default_encoding], only=only)
-    _add_dataset(root, ds, _charset_of(ds, [default_encoding]), only=only)
+    _add_dataset(root, ds, charset_of(ds, [default_encoding]), only=only)
     return root
 
 
@@ -358,7 +363,7 @@ def apply_xml_changes(ds: Dataset | None, before: etree._Element, after: etree._
     """The attributes that differ between two XML trees of a header; when `ds` is given,
     set exactly those on it (nothing else is touched, so nothing else is re-encoded)."""
     if charset is None:
-        charset = _charset_of(ds, [default_encoding]) if ds is not None else [default_encoding]
+        charset = charset_of(ds, [default_encoding]) if ds is not None else [default_encoding]
     old, new = _by_tag(before), _by_tag(after)
     changes: list[AttributeChange] = []
     for tag_hex in sorted(old.keys() | new.keys()):
@@ -380,7 +385,7 @@ def apply_xml_changes(ds: Dataset | None, before: etree._Element, after: etree._
             for i, (oi, ni) in enumerate(
                     zip(_numbered(o, "Item"), _numbered(n, "Item"), strict=True)):
                 item = seq[i] if seq is not None else None
-                item_charset = _charset_of(item, charset) if item is not None else charset
+                item_charset = charset_of(item, charset) if item is not None else charset
                 changes += apply_xml_changes(item, oi, ni, item_charset, f"{label}[{i + 1}].")
             continue
         element = element_from_xml(n, charset)  # also validates what the rules wrote

@@ -24,7 +24,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from relay.spool import PARTIAL_SUFFIX
+from relay.spool import transcoding_path
 
 # Syntaxes that are always lossy (JPEG 2000 and others may be either: their header says).
 ALWAYS_LOSSY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless})
@@ -62,7 +62,7 @@ def decompress_in_place(path: Path) -> tuple[str, str]:
         raise CannotDecode(f"no decoder could decode {before.name}: {reason[:300]}") from None
     if before in ALWAYS_LOSSY and ds.get("LossyImageCompression") != "01":
         ds.LossyImageCompression = "01"  # PS3.3 C.7.6.1.1.5: it has been lossy compressed
-    tmp = path.with_name(f".{path.name}.transcoded{PARTIAL_SUFFIX}")
+    tmp = transcoding_path(path)
     try:
         with open(tmp, "wb") as fp:
             ds.save_as(fp, enforce_file_format=True)

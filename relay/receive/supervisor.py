@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from relay.config import Config
+    from relay.config.model import Config
 
 log = logging.getLogger("relay.supervisor")
 
@@ -119,9 +119,6 @@ class Supervisor:
         proc = self.proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def alive(self) -> bool:
-        return self.pid is not None
-
     def start(self) -> None:
         if port_in_use(self.host, self.port):
             raise OSError(errno.EADDRINUSE,
@@ -202,7 +199,7 @@ class Supervisor:
                 log.error("cannot restart %s: %s", self.name, exc)
                 continue
             self.restarts += 1
-            log.info("%s restarted (pid %d)", self.name, self.proc.pid)
+            log.info("%s restarted (pid %s)", self.name, self.pid)
 
     def _kill_group(self) -> None:
         proc = self.proc
@@ -254,9 +251,6 @@ class SupervisedReceiver:
 
     def stop(self) -> None:
         self.supervisor.stop()
-
-    def alive(self) -> bool:
-        return self.supervisor.alive()
 
     def restarts(self) -> int:
         return self.supervisor.restarts

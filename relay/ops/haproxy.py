@@ -20,8 +20,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 
-from relay.config import Config, join_host_port, split_host_port
-from relay.systemd import templates_dir
+from relay.config.model import Config, join_host_port, split_host_port
+from relay.ops.systemd import templates_dir
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

@@ -15,15 +15,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lxml import etree
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import FileDataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
+from pydicom.tag import Tag
 
-from relay.dicomxml import AttributeChange, ConversionError, apply_xml_changes, dataset_to_xml
-from relay.rules import EditRule, MissingSource, RuleError
-from relay.scan import Unsure, find_cut
-from relay.splice import splice_file
+from relay.config.model import EditRule
+from relay.edit.dicomxml import (
+    AttributeChange,
+    ConversionError,
+    apply_xml_changes,
+    charset_of,
+    dataset_to_xml,
+    peek,
+)
+from relay.edit.rules import MissingSource, RuleError
+from relay.edit.scan import Unsure, find_cut
+from relay.edit.splice import splice_file
+from relay.events import IDENTITY_KEYWORDS, Identity
 
 log = logging.getLogger("relay.edit")
 
@@ -32,6 +43,9 @@ log = logging.getLogger("relay.edit")
 DEFER_SIZE = 64 * 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"
+# What identifies an object and its study (relay.events.Identity): keyword -> tag.
+IDENTITY_TAGS = {keyword: int(tag_for_keyword(keyword) or 0)
+                 for keyword in IDENTITY_KEYWORDS.values()}
 
 
 class BadInput(Exception):
@@ -45,19 +59,21 @@ class BadInput(Exception):
 
 @dataclass
 class EditOutcome:
-    sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
     source_ae: str | None = None  # (0002,0016): the calling AE title, as receivers record it
+    identity: Identity = field(default_factory=Identity)  # as received, before the rules
     changes: list[AttributeChange] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # rules skipped: source absent (kept)
 
 
-def read_dicom(path: Path, up_to: int | None = None) -> FileDataset:
+def read_dicom(path: Path, up_to: int | None = None,
+               beyond: dict[int, str] | None = None) -> FileDataset:
     """Read a DICOM file's header (large values deferred); reject what cannot be relayed.
 
     up_to: decode only the top-level elements up to this tag (what the rules touch); the rest
-    of the file is walked without decoding (relay.scan) to check it is all there."""
+    of the file is walked without decoding (relay.scan) to check it is all there, and the
+    identifying values found on the way (IDENTITY_TAGS) go into `beyond`, decoded."""
     stopped: list[int] = []
 
     def stop(tag: int, vr: str | None, length: int) -> bool:
@@ -81,7 +97,8 @@ def read_dicom(path: Path, up_to: int | None = None) -> FileDataset:
     except (EOFError, ValueError, IndexError, KeyError, TypeError, NotImplementedError,
             OverflowError) as exc:
         raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
-    problem = _truncation(path, ds, size) if not stopped else _cut_after(path, ds, rest, size)
+    problem = (_truncation(path, ds, size) if not stopped
+               else _cut_after(path, ds, rest, size, {} if beyond is None else beyond))
     if problem:
         raise BadInput("truncated", problem)
     meta = ds.file_meta
@@ -92,17 +109,61 @@ def read_dicom(path: Path, up_to: int | None = None) -> FileDataset:
     return ds
 
 
-def _cut_after(path: Path, ds: FileDataset, start: int, size: int) -> str | None:
-    """Why the part of the file pydicom did not decode is cut short, or None."""
+def _cut_after(path: Path, ds: FileDataset, start: int, size: int,
+               beyond: dict[int, str]) -> str | None:
+    """Why the part of the file pydicom did not decode is cut short, or None; the
+    identifying values in that part go into `beyond`."""
     implicit, little = ds.original_encoding
     if ds.file_meta.get("TransferSyntaxUID") == DEFLATED or implicit is None or little is None:
         return None  # positions in a deflated stream say nothing about the file
+    raw: dict[int, tuple[bytes | None, bytes]] = {}
     try:
-        cut = find_cut(path, start, implicit, little)
+        cut = find_cut(path, start, implicit, little, frozenset(IDENTITY_TAGS.values()), raw)
     except Unsure:
         # Something the walk does not model: let pydicom read it all and judge as before.
-        return _truncation(path, read_dicom(path), size)
+        whole = read_dicom(path)
+        charset = charset_of(whole)
+        beyond.update({tag: _text(whole, tag, charset) for tag in IDENTITY_TAGS.values()})
+        return _truncation(path, whole, size)
+    charset = charset_of(ds)
+    for tag, (vr, value) in raw.items():
+        element = RawDataElement(Tag(tag), vr.decode("ascii") if vr else None, len(value),
+                                 value, 0, implicit, little)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                decoded = convert_raw_data_element(element, encoding=charset, ds=ds)
+            beyond[tag] = _as_text(decoded.value)
+        except Exception:  # noqa: BLE001, S112 - an undecodable value identifies nothing
+            continue
     return cut.detail if cut else None
+
+
+def _as_text(value: object) -> str:
+    """A value as one string (several values joined with a backslash, as DICOM does)."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return "\\".join(_as_text(v) for v in value)
+    return str(value).strip()
+
+
+def _text(ds: Dataset, tag: int, charset: object) -> str:
+    """An element's value as text, read without changing `ds` ('' when absent)."""
+    try:
+        element = peek(ds, tag, charset)
+        return "" if element is None else _as_text(element.value)
+    except Exception:  # noqa: BLE001 - an undecodable value identifies nothing
+        return ""
+
+
+def identity_of(ds: Dataset, beyond: dict[int, str]) -> Identity:
+    """What identifies the object: from the elements read, else from those found beyond
+    them."""
+    charset = charset_of(ds)
+    return Identity(**{name: _text(ds, IDENTITY_TAGS[keyword], charset) or
+                       beyond.get(IDENTITY_TAGS[keyword], "")
+                       for name, keyword in IDENTITY_KEYWORDS.items()})
 
 
 # The Sequence Delimitation Item that ends an undefined-length element, in both byte orders.
@@ -185,13 +246,15 @@ class Editor:
         syncs many edits at once) before it drops `src`. whole: decode every element (else,
         when the rules name what they touch, only the elements up to those)."""
         up_to = None if whole else self.up_to
-        ds = read_dicom(src, up_to)  # bad input is caught the same way whatever the converter
+        beyond: dict[int, str] = {}
+        # Bad input is caught the same way whatever the converter.
+        ds = read_dicom(src, up_to, beyond)
         meta = ds.file_meta
         outcome = EditOutcome(
-            sop_class_uid=str(meta.MediaStorageSOPClassUID),
             sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
             transfer_syntax=str(meta.TransferSyntaxUID),
             source_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
+            identity=identity_of(ds, beyond),
         )
         root = None
         # The elements as read (before the rules change `ds`), for splicing the changes into
@@ -277,12 +340,10 @@ class Editor:
                                            ("SOPClassUID", 0x00020002, "MediaStorageSOPClassUID")):
             if data_kw in changed and meta_kw not in changed:
                 # xml2dcm keeps group 0002 from the XML: it must name the edited object.
-                value = root.xpath(f"/NativeDicomModel/DicomAttribute[@keyword='{data_kw}']"
-                                   "/Value/text()")
-                meta = root.xpath(f"/NativeDicomModel/DicomAttribute[@tag='{meta_tag:08X}']"
-                                  "/Value")
-                if value and meta:
-                    meta[0].text = str(value[0])
+                value = root.findtext(f"DicomAttribute[@keyword='{data_kw}']/Value")
+                meta = root.find(f"DicomAttribute[@tag='{meta_tag:08X}']/Value")
+                if value and meta is not None:
+                    meta.text = value
         try:
             self.converter.from_xml(root, src, dst)
         except (ValueError, OSError) as exc:

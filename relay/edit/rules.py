@@ -7,25 +7,21 @@
   PatientID nested in OtherPatientIDsSequence).
 - XSLT form: a stylesheet that transforms the whole document (dcm4chee-arc style coercion).
 
-A rule whose source is missing raises MissingSource; the editor applies `on_missing`.
+Each is a relay.config.model.EditRule; relay.config.load builds them from the config's
+tables. A rule whose source is missing raises MissingSource; the editor applies
+`on_missing`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 from lxml import etree
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from relay.dicomxml import PN_COMPONENTS, PN_GROUPS, in_dictionary, safe_parser
-
-if TYPE_CHECKING:
-    from relay.config import Table
-
-ON_MISSING = ("keep", "fail")
+from relay.edit.dicomxml import PN_COMPONENTS, PN_GROUPS, in_dictionary, safe_parser
 
 
 class RuleError(ValueError):
@@ -34,24 +30,6 @@ class RuleError(ValueError):
 
 class MissingSource(LookupError):
     """The attribute or XPath a rule reads from is absent or empty in this object."""
-
-
-class EditRule(Protocol):
-    on_missing: str
-
-    def apply(self, root: etree._Element) -> etree._Element:
-        """Edit the NativeDicomModel document; return its (possibly new) root.
-
-        Raises MissingSource before changing anything, so `on_missing = "keep"` can go on
-        with the document as it was.
-        """
-        ...
-
-    def describe(self) -> str: ...
-
-    def reads(self) -> frozenset[int] | None:
-        """The top-level tags this rule reads or writes, or None: it may look at anything."""
-        ...
 
 
 def _tag_of(name: str) -> int:
@@ -172,7 +150,7 @@ def _xpath_strings(result: object) -> list[str]:
         out = []
         for item in result:
             if isinstance(item, etree._Element):
-                out.append("".join(item.itertext()))
+                out.append("".join(str(text) for text in item.itertext()))
             else:
                 out.append(str(item))
         return out
@@ -198,6 +176,8 @@ class XPathRule:
     value_from_xpath: str | None = None
     value: str | None = None
     on_missing: str = "keep"
+    _target: etree.XPath = field(init=False, repr=False, compare=False)
+    _source: etree.XPath | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Compiled once here, not per file (frozen dataclass: set through object).
@@ -216,15 +196,15 @@ class XPathRule:
         return f"{self.xpath} := {src}"
 
     def apply(self, root: etree._Element) -> etree._Element:
-        if self.value_from_xpath is not None:
-            texts = _xpath_strings(self._source(root))  # type: ignore[attr-defined]
+        if self._source is not None:
+            texts = _xpath_strings(self._source(root))
             if not any(texts):
                 raise MissingSource(f"{self.value_from_xpath} selects nothing")
             # Several nodes (a multi-valued source): keep them as DICOM multi-values.
             new_text = "\\".join(texts)
         else:
             new_text = str(self.value)
-        targets = self._target(root)  # type: ignore[attr-defined]
+        targets = self._target(root)
         if not isinstance(targets, list):
             raise RuleError(f"xpath {self.xpath!r} must select nodes, "
                             f"not a {type(targets).__name__}")
@@ -253,7 +233,8 @@ class XSLTRule:
         except etree.XMLSyntaxError as exc:
             raise RuleError(f"xslt: {str(path)!r} is not well-formed XML: {exc}") from None
         try:
-            self._transform = etree.XSLT(doc, access_control=etree.XSLTAccessControl.DENY_ALL)
+            self._transform = etree.XSLT(
+                doc, access_control=etree.XSLTAccessControl.DENY_ALL)  # type: ignore[attr-defined]
         except etree.XSLTParseError as exc:
             raise RuleError(f"xslt: {str(path)!r} is not a valid stylesheet: {exc}") from None
 
@@ -266,49 +247,10 @@ class XSLTRule:
     def apply(self, root: etree._Element) -> etree._Element:
         params = {k: etree.XSLT.strparam(v) for k, v in self.params.items()}
         try:
-            result = self._transform(root, **params)
+            result = self._transform(root, **params)  # type: ignore[arg-type]
         except etree.XSLTApplyError as exc:
             raise RuleError(f"xslt {self.path}: {exc}") from None
         new_root = result.getroot()
         if new_root is None or new_root.tag != "NativeDicomModel":
             raise RuleError(f"xslt {self.path}: the result is not a NativeDicomModel document")
         return new_root
-
-
-def rule_from_table(t: Table) -> EditRule:
-    """Build one rule from a [[rules]] table (config.Table gives file/key-aware errors)."""
-    forms = [k for k in ("set", "xpath", "xslt") if t.has(k)]
-    if len(forms) != 1:
-        raise RuleError("expected exactly one of the keys set (keyword form), xpath (XPath "
-                        "form) or xslt (XSLT form)")
-    on_missing = t.str("on_missing", "keep", choices=ON_MISSING)
-    form = forms[0]
-    if form == "set":
-        t.check_keys(["set", "copy_from", "value", "delete", "on_missing"])
-        delete = t.bool("delete", False)
-        try:
-            return KeywordRule(
-                target=t.str("set", what="a DICOM keyword such as PatientID"),
-                copy_from=t.str("copy_from") if t.has("copy_from") else None,
-                value=t.str("value") if t.has("value") else None,
-                delete=delete,
-                on_missing=on_missing,
-            )
-        except RuleError as exc:
-            raise RuleError(f"set: {exc}") from None
-    if form == "xpath":
-        t.check_keys(["xpath", "value_from_xpath", "value", "on_missing"])
-        return XPathRule(
-            xpath=t.str("xpath"),
-            value_from_xpath=t.str("value_from_xpath") if t.has("value_from_xpath") else None,
-            value=t.str("value") if t.has("value") else None,
-            on_missing=on_missing,
-        )
-    t.check_keys(["xslt", "params"])
-    path = Path(t.str("xslt", what="a stylesheet file path"))
-    if not path.is_absolute():
-        path = t.file.parent / path
-    params = t.data.get("params", {})
-    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
-        raise t.error("params", "a table of string values", params)
-    return XSLTRule(path, params)

@@ -30,16 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from pydicom.filereader import read_file_meta_info
 
 from relay import __version__
-from relay.toolkits.base import (
+from relay.config.model import Destination
+from relay.send.results import (
     DestinationUnavailable,
     Outcome,
     SendResult,
     ToolFailure,
     Transport,
     classify_status,
+    read_outgoing,
 )
 
 log = logging.getLogger("relay.stow")
@@ -187,14 +188,14 @@ def results_from_response(parts: list[Part], http_status: int, body: Any, messag
                                       Outcome.DELIVERED, code, detail,
                                       http_status=http_status))
         elif uid in failed:
-            code = failed[uid]
-            if code is None:
+            reason = failed[uid]
+            if reason is None:
                 results.append(SendResult(part.path, Outcome.FAILED, None,
                                           f"{said} (failed, no FailureReason given)",
                                           http_status=http_status))
             else:
-                results.append(SendResult(part.path, classify_status(code), code,
-                                          f"{said} (FailureReason 0x{code:04X})",
+                results.append(SendResult(part.path, classify_status(reason), reason,
+                                          f"{said} (FailureReason 0x{reason:04X})",
                                           http_status=http_status))
         elif http_status == 200:
             # 200: "stored all the instances" (PS3.18 10.5.3.1), listed or not.
@@ -218,8 +219,9 @@ def _message(response: requests.Response) -> str:
         return " ".join(text.split())[:300]
     if isinstance(body, dict):
         for key in ("Message", "message", "Details", "error", "detail"):
-            if isinstance(body.get(key), str):
-                return body[key][:300]
+            value = body.get(key)
+            if isinstance(value, str):
+                return value[:300]
     return ""
 
 
@@ -237,7 +239,7 @@ class StowSender:
         self._sessions: dict[tuple[str, int], requests.Session] = {}
         self._lock = threading.Lock()
 
-    def _session(self, destination: Any, slot: int = 0) -> requests.Session:
+    def _session(self, destination: Destination, slot: int = 0) -> requests.Session:
         """The kept-alive session of this destination's worker slot (a session is used by
         one thread at a time)."""
         with self._lock:
@@ -254,7 +256,7 @@ class StowSender:
         return session
 
     @staticmethod
-    def credentials_key(destination: Any) -> str:
+    def credentials_key(destination: Destination) -> str:
         if destination.token_file:
             return f"destination {destination.name}'s token_file ({destination.token_file})"
         if destination.username:
@@ -263,7 +265,7 @@ class StowSender:
         return f"destination {destination.name}: no token_file or username is configured"
 
     @staticmethod
-    def _auth_headers(destination: Any) -> tuple[dict[str, str], tuple[str, str] | None]:
+    def _auth_headers(destination: Destination) -> tuple[dict[str, str], tuple[str, str] | None]:
         """Read at each request: a token renewed on disk is used at once."""
         try:
             if destination.token_file:
@@ -277,17 +279,17 @@ class StowSender:
                               f"credentials: {exc}") from None
         return {}, None
 
-    def send(self, files: list[Path], destination: Any, calling_ae: str, timeout: float,
+    def send(self, files: list[Path], destination: Destination, calling_ae: str, timeout: float,
              keep_open: bool = False) -> Iterator[SendResult]:
         del calling_ae, keep_open  # HTTP has no AE titles; the session stays open anyway
+        ready, unreadable = read_outgoing(files)
+        yield from unreadable
         parts = []
-        for path in files:
+        for item in ready:
             try:
-                meta = read_file_meta_info(path)
-                parts.append(Part(path, str(meta.MediaStorageSOPInstanceUID),
-                                  path.stat().st_size))
-            except Exception as exc:  # noqa: BLE001 - an unreadable file fails alone
-                yield SendResult(path, Outcome.FAILED, None, f"cannot read file meta: {exc}")
+                parts.append(Part(item.path, item.sop_instance_uid, item.path.stat().st_size))
+            except OSError as exc:
+                yield SendResult(item.path, Outcome.FAILED, None, f"cannot read it: {exc}")
         per_request = max(MIN_SPLIT, -(-len(parts) // PARALLEL_REQUESTS))
         groups = request_groups(parts, self.max_request_bytes,
                                 min(MAX_REQUEST_INSTANCES, per_request))
@@ -303,7 +305,7 @@ class StowSender:
             for future in as_completed(futures):
                 yield from future.result()
 
-    def _post(self, parts: list[Part], destination: Any, timeout: float, slot: int
+    def _post(self, parts: list[Part], destination: Destination, timeout: float, slot: int
               ) -> Iterator[SendResult]:
         try:
             headers, auth = self._auth_headers(destination)
@@ -340,14 +342,14 @@ class StowSender:
             return
         yield from (SendResult(p.path, Outcome.RETRY, None, detail) for p in parts)
 
-    def release(self, destination: Any) -> None:
+    def release(self, destination: Destination) -> None:
         with self._lock:
             sessions = [self._sessions.pop(key) for key in list(self._sessions)
                         if key[0] == destination.name]
         for session in sessions:
             session.close()
 
-    def echo(self, destination: Any, calling_ae: str, timeout: float) -> None:
+    def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         """A QIDO-RS query for one study: the server is there and takes our credentials."""
         del calling_ae
         headers, auth = self._auth_headers(destination)
@@ -381,7 +383,7 @@ def _reason(exc: BaseException) -> str:
     return text[:300]
 
 
-def transport_for(destination: Any, engine: Transport, stow: StowSender | None = None
+def transport_for(destination: Destination, engine: Transport, stow: StowSender | None = None
                   ) -> Transport:
     """Who sends to this destination: the engine (DIMSE) or a STOW-RS sender (DICOMweb)."""
     if destination.kind == "dicomweb":

@@ -29,12 +29,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from relay.config import join_host_port
+from relay.config.model import join_host_port
+from relay.events import (
+    Deferred,
+    Delivered,
+    DestinationDown,
+    Failed,
+    Handler,
+    Received,
+    Reloaded,
+    Subscriber,
+    Transcoded,
+    Unrouted,
+)
 from relay.spool import SIDECAR_SUFFIX, Spool, is_ready
 
 log = logging.getLogger("relay.metrics")
 
 PREFIX = "dicom_relay"
+# Counter names (without Prometheus' _total), for what reads them back (`status`).
+RECEIVED = f"{PREFIX}_received_objects"
+DELIVERED = f"{PREFIX}_delivered_objects"
+RETRIED = f"{PREFIX}_retried_objects"
+FAILED = f"{PREFIX}_failed_objects"
+HTTP_STATUS = f"{PREFIX}_http_status_objects"
+# A scrape: sample name -> [(labels, value)].
+Samples = dict[str, list[tuple[dict[str, str], float]]]
 # Receive → delivered, seconds: from a small object on an idle relay (tens of ms) to a study
 # held until complete or a destination down for an hour.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
@@ -113,31 +133,31 @@ def open_connections(port: int, proc: Path = Path("/proc/net")) -> int | None:
     return count if found else None
 
 
-class Metrics:
+class Metrics(Subscriber):
     """The relay's metrics, in a registry of its own (tests run several relays in one
-    process). The pipeline calls the event methods; `serve` exposes them over HTTP."""
+    process). Counted from the event stream; `serve` exposes them over HTTP."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._received = Counter(f"{PREFIX}_received_objects", "Objects received and "
+        self._received = Counter(RECEIVED, "Objects received and "
                                  "processed, by calling AE title", ["calling_ae"], registry=r)
         self._received_bytes = Counter(f"{PREFIX}_received_bytes", "Bytes of the objects "
                                        "received, by calling AE title", ["calling_ae"],
                                        registry=r)
-        self._delivered = Counter(f"{PREFIX}_delivered_objects", "Objects a destination "
+        self._delivered = Counter(DELIVERED, "Objects a destination "
                                   "confirmed (C-STORE success or a warning that means stored)",
                                   ["destination"], registry=r)
-        self._retried = Counter(f"{PREFIX}_retried_objects", "Sends that will be tried again, "
+        self._retried = Counter(RETRIED, "Sends that will be tried again, "
                                 "by destination and reason", ["destination", "reason"],
                                 registry=r)
-        self._failed = Counter(f"{PREFIX}_failed_objects", "Objects quarantined in failed/, by "
+        self._failed = Counter(FAILED, "Objects quarantined in failed/, by "
                                "destination ('' before routing) and reason",
                                ["destination", "reason"], registry=r)
         self._latency = Histogram(f"{PREFIX}_delivery_latency_seconds", "From the object's "
                                   "arrival in the spool to its destination's confirmation",
                                   ["destination"], buckets=LATENCY_BUCKETS, registry=r)
-        self._http = Counter(f"{PREFIX}_http_status_objects", "Objects sent to a DICOMweb "
+        self._http = Counter(HTTP_STATUS, "Objects sent to a DICOMweb "
                              "destination, by the HTTP status of their STOW-RS request",
                              ["destination", "code"], registry=r)
         self._transcoded = Counter(f"{PREFIX}_transcoded_objects", "Objects decompressed for "
@@ -147,7 +167,50 @@ class Metrics:
                                 "by result", ["result"], registry=r)
         self._server: Any = None
 
-    # --- events ----------------------------------------------------------------------------
+    # --- the event stream ------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple[type[Any], Handler]]:
+        return [(Received, self._on_received), (Delivered, self._on_delivered),
+                (Deferred, self._on_deferred), (DestinationDown, self._on_down),
+                (Failed, self._on_failed), (Unrouted, self._on_unrouted),
+                (Transcoded, self._on_transcoded), (Reloaded, self._on_reloaded)]
+
+    def _on_received(self, e: Received) -> None:
+        self.received(e.calling_ae or "", e.size)
+
+    def _on_delivered(self, e: Delivered) -> None:
+        self.delivered(e.destination, e.latency)
+        self._count_http(e.destination, e.http_status)
+
+    def _on_deferred(self, e: Deferred) -> None:
+        self.retried(e.destination, e.reason)
+        self._count_http(e.destination, e.http_status)
+
+    def _on_down(self, e: DestinationDown) -> None:
+        self.retried(e.destination, "local-failure" if e.local_failure else "unavailable",
+                     e.sent)
+        for code in e.http_statuses:
+            self.http_status(e.destination, code)
+
+    def _on_failed(self, e: Failed) -> None:
+        self.failed(e.destination or "", e.reason)
+        self._count_http(e.destination or "", e.http_status)
+
+    def _on_unrouted(self, e: Unrouted) -> None:
+        if e.kept:
+            self.failed("", "unrouted")
+
+    def _on_transcoded(self, e: Transcoded) -> None:
+        self.transcoded(e.destination)
+
+    def _on_reloaded(self, e: Reloaded) -> None:
+        self.reloaded(e.applied)
+
+    def _count_http(self, destination: str, code: int | None) -> None:
+        if code is not None:
+            self.http_status(destination, code)
+
+    # --- the counters ----------------------------------------------------------------------
 
     def received(self, calling_ae: str, size: int) -> None:
         self._received.labels(calling_ae or "").inc()
@@ -245,10 +308,11 @@ class _StateCollector(Collector):
             held.add_metric([dest], count)
         yield held
         if s.receiver_port is not None:
-            count = open_connections(s.receiver_port)
-            if count is not None:
+            connections = open_connections(s.receiver_port)
+            if connections is not None:
                 yield GaugeMetricFamily(f"{PREFIX}_associations_open", "TCP connections open "
-                                        "on the receiver's port (associations)", value=count)
+                                        "on the receiver's port (associations)",
+                                        value=connections)
             yield CounterMetricFamily(f"{PREFIX}_receiver_restarts", "Times the receiver "
                                       "process died and was restarted", value=s.receiver_restarts)
         info = InfoMetricFamily(f"{PREFIX}_build", "Version and engine of the running relay")
@@ -256,8 +320,7 @@ class _StateCollector(Collector):
         yield info
 
 
-def scrape(listen: tuple[str, int], timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str],
-                                                                                      float]]]:
+def scrape(listen: tuple[str, int], timeout: float = 5.0) -> Samples:
     """A running relay's /metrics: sample name → [(labels, value)]. OSError when none
     answers."""
     host, port = listen
@@ -268,8 +331,32 @@ def scrape(listen: tuple[str, int], timeout: float = 5.0) -> dict[str, list[tupl
     url = f"http://{join_host_port(host, port)}/metrics"
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
         text = response.read().decode("utf-8")
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
     return samples
+
+
+def counters(samples: Samples) -> dict[tuple[str, str], float]:
+    """(delivered|retried|failed|received, destination or calling AE) -> count, from a
+    scrape; {} when the relay serves no metrics."""
+    if not samples:
+        return {}
+    counts: dict[tuple[str, str], float] = {}
+    for what, name, label in (("delivered", DELIVERED, "destination"),
+                              ("retried", RETRIED, "destination"),
+                              ("failed", FAILED, "destination"),
+                              ("received", RECEIVED, "calling_ae")):
+        for labels, value in samples.get(f"{name}_total", []):
+            key = (what, labels.get(label, ""))
+            counts[key] = counts.get(key, 0) + value
+    return counts or {("delivered", ""): 0}
+
+
+def http_statuses(samples: Samples) -> dict[str, dict[str, float]]:
+    """DICOMweb destination -> HTTP status -> objects, from a scrape."""
+    found: dict[str, dict[str, float]] = {}
+    for labels, value in samples.get(f"{HTTP_STATUS}_total", []):
+        found.setdefault(labels.get("destination", ""), {})[labels.get("code", "?")] = value
+    return found

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.config import TLSConfig
+from relay.config.model import TLSConfig
 
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:

@@ -12,18 +12,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pydicom.uid import UID
-
-from relay.audit import NO_AUDIT, AuditLog
-from relay.config import Destination, SenderConfig
-from relay.hold import StudyHold, arrival, study_of
-from relay.metrics import Metrics
+from relay.config.model import Destination, SenderConfig
+from relay.events import (
+    BatchSent,
+    Deferred,
+    Delivered,
+    DestinationDown,
+    EventBus,
+    Failed,
+    Held,
+    Identity,
+    Released,
+    Transcoded,
+)
+from relay.send.hold import StudyHold, arrival, study_of
+from relay.send.results import Outcome, SendResult, Transport, local_failures, reason_of
+from relay.send.transcode import CannotDecode, decompress_in_place, is_compressed
 from relay.spool import Failure, Spool
-from relay.toolkits.base import Outcome, SendResult, Transport, local_failures, reason_of
-from relay.transcode import CannotDecode, decompress_in_place, is_compressed
 
 log = logging.getLogger("relay.send")
 
@@ -36,7 +44,7 @@ KEEP_OPEN = 1.0
 
 def backoff_delay(attempt: int, initial: float, cap: float) -> float:
     """Capped exponential backoff: initial, 2×initial, 4×initial, … never above cap."""
-    return min(cap, initial * (2 ** max(0, attempt - 1)))
+    return min(cap, initial * 2.0 ** max(0, attempt - 1))
 
 
 @dataclass
@@ -44,19 +52,18 @@ class SendStats:
     delivered: int = 0
     failed: int = 0
     retried: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
 
 
 class DestinationSender:
-    """Owns out/<dest>/: learns of new files through `enqueue`, of old ones by one scan."""
+    """Owns out/<dest>/: learns of new files through `enqueue`, of old ones by one scan.
+    What happens to each object is an event on `events`."""
 
     def __init__(self, spool: Spool, destination: Destination, transport: Transport,
                  config: SenderConfig, clock: Callable[[], float] = time.monotonic,
-                 audit: AuditLog = NO_AUDIT, wall: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None) -> None:
+                 events: EventBus | None = None, wall: Callable[[], float] = time.time
+                 ) -> None:
         self.spool = spool
-        self.audit = audit
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.events = events if events is not None else EventBus()
         self.destination = destination
         self.transport = transport  # the engine (DIMSE) or the STOW-RS sender (DICOMweb)
         self.config = config
@@ -68,6 +75,9 @@ class DestinationSender:
         # When each object arrived in the spool (wall clock), for the latency metric; a
         # backlog found at start-up counts from when it was queued (its file's time).
         self._received: dict[Path, float] = {}
+        # What each object is, as this destination gets it (known when the processor queued
+        # it; not read again from a backlog found at start-up).
+        self._identity: dict[Path, Identity] = {}
         self.batch_wait = (config.batch_wait if config.batch_wait is not None
                            else transport.batch_wait)
         self._delayed: dict[Path, float] = {}  # path → when it may be sent again
@@ -86,7 +96,8 @@ class DestinationSender:
         self.hold = (StudyHold(destination.hold_until_stable, destination.hold_max)
                      if destination.hold_until_stable > 0 else None)
 
-    def enqueue(self, path: Path, received: float | None = None) -> None:
+    def enqueue(self, path: Path, received: float | None = None,
+                identity: Identity | None = None) -> None:
         held = None
         if self.hold is not None:
             try:
@@ -94,16 +105,23 @@ class DestinationSender:
             except FileNotFoundError:
                 return  # gone meanwhile (sent by an earlier run's queue, or requeued)
         with self._cond:
-            if path not in self._known:
-                self._known.add(path)
-                if received is not None:
-                    self._received[path] = received
-                if held is not None and self.hold is not None:
-                    self.hold.add(path, *held)
-                else:
-                    self._ready.append(path)
-                    self._ready_since[path] = self.clock()
-                self._cond.notify()
+            if path in self._known:
+                return
+            self._known.add(path)
+            if received is not None:
+                self._received[path] = received
+            if identity is not None:
+                self._identity[path] = identity
+            if held is not None and self.hold is not None:
+                self.hold.add(path, *held)
+            else:
+                self._ready.append(path)
+                self._ready_since[path] = self.clock()
+            self._cond.notify()
+        if held is not None:
+            self.events.emit(Held(obj=path.name, destination=self.destination.name,
+                                  kind=self.destination.kind, identity=identity,
+                                  study=held[0]))
 
     def held(self) -> list[tuple[str, int, float]]:
         """(StudyInstanceUID, objects, seconds since its last object) of each held study."""
@@ -138,13 +156,10 @@ class DestinationSender:
                 now = self.clock()
                 if self.hold is not None and now >= self._hold_until:
                     for study in self.hold.release(self.wall()):
-                        log.info("%s: study %s released: %d object(s), quiet for %.0f s",
-                                 self.destination.name, study.uid, len(study.paths),
-                                 self.wall() - study.last)
-                        for path in study.paths:
-                            self.audit.record("released", path.name,
-                                              destination=self.destination.name,
-                                              study=study.uid)
+                        self.events.emit(Released(
+                            destination=self.destination.name, study=study.uid,
+                            objects=tuple(p.name for p in study.paths),
+                            quiet_for=self.wall() - study.last))
                         return study.paths  # the whole study, one association
                 for path, due in list(self._delayed.items()):
                     if due <= now:
@@ -155,7 +170,7 @@ class DestinationSender:
                     if self._ready else now
                 if (self._ready and now >= self._hold_until
                         and (len(self._ready) >= self.config.batch_size or now >= full_at)):
-                    batch = []
+                    batch: list[Path] = []
                     while self._ready and len(batch) < self.config.batch_size:
                         path = self._ready.popleft()
                         self._ready_since.pop(path, None)
@@ -200,8 +215,6 @@ class DestinationSender:
             for result in self.transport.send(batch, self.destination,
                                            self.config.calling_ae_title, self.config.timeout,
                                            keep_open):
-                if result.http_status is not None:
-                    self.metrics.http_status(self.destination.name, result.http_status)
                 if self._wants_transcoding(result):
                     failure = self._transcode(result)
                     if failure is None:
@@ -226,10 +239,10 @@ class DestinationSender:
             with self._cond:
                 self._requeue_front(again)
                 self._cond.notify()
-        delivered = sum(r.outcome is Outcome.DELIVERED for r in results)
-        if delivered:
-            log.info("%s: %d of %d delivered in %.2f s (%d still queued)", self.destination.name,
-                     delivered, len(results), self.clock() - started, self.pending())
+        self.events.emit(BatchSent(destination=self.destination.name,
+                                   delivered=sum(r.outcome is Outcome.DELIVERED for r in results),
+                                   total=len(results), seconds=self.clock() - started,
+                                   pending=self.pending()))
         return results
 
     def _wants_transcoding(self, r: SendResult) -> bool:
@@ -251,18 +264,15 @@ class DestinationSender:
                               f"({r.detail}); cannot write its decompressed copy: {exc}")
         with self._cond:
             self._transcoded.add(r.path)
-        log.info("%s: %s refused in %s: sent decompressed (%s) instead", self.destination.name,
-                 r.path.name, UID(before).name, UID(after).name)
-        self.metrics.transcoded(self.destination.name)
-        self.audit.record("transcoded", r.path.name, destination=self.destination.name,
-                          kind=self.destination.kind, transfer_syntax=before, to=after,
-                          because=r.detail)
+        self.events.emit(Transcoded(obj=r.path.name, destination=self.destination.name,
+                                    kind=self.destination.kind,
+                                    identity=self._identity.get(r.path),
+                                    transfer_syntax=before, to=after, because=r.detail))
         return None
 
     def _settle(self, r: SendResult, reason: str | None = None) -> None:
         """A final answer for one file: delivered (delete it) or refused (quarantine it)."""
-        key = r.status_text
-        self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
+        identity = self._identity.get(r.path)
         if r.outcome is Outcome.DELIVERED:
             received = self._received.get(r.path)
             if received is None:
@@ -272,15 +282,12 @@ class DestinationSender:
                     received = None
             self.spool.delivered(r.path)
             self.stats.delivered += 1
-            self.metrics.delivered(self.destination.name,
-                                   None if received is None else self.wall() - received)
             self._forget(r.path)
-            self.audit.record("delivered", r.path.name, destination=self.destination.name,
-                              kind=self.destination.kind, status=r.status_text,
-                              http_status=r.http_status)
+            self.events.emit(Delivered(
+                obj=r.path.name, destination=self.destination.name, kind=self.destination.kind,
+                identity=identity, status=r.status_text, http_status=r.http_status,
+                latency=None if received is None else self.wall() - received))
         elif r.outcome is Outcome.FAILED:
-            log.error("%s: %s refused permanently (%s %s): quarantined", self.destination.name,
-                      r.path.name, r.status_text, r.detail)
             reason = reason or reason_of(r, "not-sendable")
             try:
                 self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
@@ -288,12 +295,11 @@ class DestinationSender:
             except FileNotFoundError:
                 log.error("%s vanished before it could be quarantined", r.path)
             self.stats.failed += 1
-            self.metrics.failed(self.destination.name, reason)
             self._forget(r.path)
-            self.audit.record("failed", r.path.name, stage="send",
-                              destination=self.destination.name, kind=self.destination.kind,
-                              status=r.status_text, http_status=r.http_status,
-                              reason=reason, detail=r.detail)
+            self.events.emit(Failed(
+                obj=r.path.name, stage="send", reason=reason, detail=r.detail, sensitive=False,
+                destination=self.destination.name, kind=self.destination.kind,
+                status=r.status_text, http_status=r.http_status, identity=identity))
 
     def _schedule_retries(self, results: list[SendResult]) -> None:
         retry = [r for r in results if r.outcome is Outcome.RETRY]
@@ -317,6 +323,8 @@ class DestinationSender:
         any_answer = any(r.status is not None for r in results)
         self.stats.retried += len(retry)
         now = self.clock()
+        down: DestinationDown | None = None
+        deferred: list[Deferred] = []
         with self._cond:
             if not any_answer:
                 # Nothing got through: the destination is down, or our own tool is broken.
@@ -327,34 +335,34 @@ class DestinationSender:
                 # A server that said when to come back (HTTP 503/429 Retry-After) is heard.
                 delay = max([delay, *(r.retry_after for r in retry if r.retry_after)])
                 self._hold_until = now + delay
-                self.metrics.retried(self.destination.name, "local-failure"
-                                     if retry[0].local_failure else "unavailable", len(retry))
-                if retry[0].local_failure:
-                    log.error("%s: %s (not the destination's fault): %d queued, next try in "
-                              "%.1f s", self.destination.name, retry[0].detail,
-                              len(self._known), delay)
-                else:
-                    log.warning("%s unavailable (%s): %d queued, next try in %.1f s",
-                                self.destination.name, retry[0].detail, len(self._known), delay)
+                down = DestinationDown(
+                    destination=self.destination.name, queued=len(self._known),
+                    sent=len(retry), detail=retry[0].detail,
+                    local_failure=retry[0].local_failure, retry_in=delay,
+                    http_statuses=tuple(r.http_status for r in retry if r.http_status))
                 # Keep their order: put them back at the front.
                 self._requeue_front([r.path for r in retry])
             else:
                 self._down_attempts = 0
                 retry = [r for r in retry if not self._unanswered_too_often(r)]
                 for r in retry:
-                    self.metrics.retried(self.destination.name, reason_of(r, "no-response"))
-                    self.audit.record("deferred", r.path.name, destination=self.destination.name,
-                                      kind=self.destination.kind, status=r.status_text,
-                                      http_status=r.http_status, detail=r.detail)
                     attempt = self._attempts.get(r.path, 0) + 1
                     self._attempts[r.path] = attempt
                     delay = backoff_delay(attempt, self.config.retry_initial,
                                           self.config.retry_max)
                     self._delayed[r.path] = now + delay
-                    log.warning("%s: %s not stored (%s %s): retry in %.1f s",
-                                self.destination.name, r.path.name, r.status_text, r.detail,
-                                delay)
+                    deferred.append(self._deferred(r, reason_of(r, "no-response"), delay))
             self._cond.notify()
+        # Told outside the lock: a slow consumer must not hold the queue.
+        if down is not None:
+            self.events.emit(down)
+        self.events.emit_all(deferred)
+
+    def _deferred(self, r: SendResult, reason: str, delay: float) -> Deferred:
+        return Deferred(obj=r.path.name, destination=self.destination.name,
+                        kind=self.destination.kind, identity=self._identity.get(r.path),
+                        reason=reason, status=r.status_text, detail=r.detail, retry_in=delay,
+                        http_status=r.http_status)
 
     def _unanswered_too_often(self, r: SendResult) -> bool:
         """Count a batch in which r got no response while others did; quarantine r once that
@@ -367,10 +375,10 @@ class DestinationSender:
         if count < POISON_STRIKES:
             return False
         self.stats.retried -= 1  # it is not retried after all
-        self._settle(SendResult(
-            r.path, Outcome.FAILED, None,
-            f"no response in {count} consecutive attempts while other objects of the same "
-            f"batches were answered ({r.detail})"), reason="not-sendable")
+        self._settle(replace(
+            r, outcome=Outcome.FAILED,
+            detail=f"no response in {count} consecutive attempts while other objects of the "
+            f"same batches were answered ({r.detail})"), reason="not-sendable")
         return True
 
     def _requeue_front(self, paths: list[Path]) -> None:
@@ -383,18 +391,16 @@ class DestinationSender:
         strikes = self._strikes.get(r.path, 0) + 1
         self._strikes[r.path] = strikes
         if strikes >= POISON_STRIKES:
-            self._settle(SendResult(
-                r.path, Outcome.FAILED, None,
-                f"the association broke {strikes} times while sending "
-                f"it ({r.detail})"), reason="breaks-association")
+            self._settle(replace(
+                r, outcome=Outcome.FAILED,
+                detail=f"the association broke {strikes} times while sending it ({r.detail})"),
+                reason="breaks-association")
             return
-        self.metrics.retried(self.destination.name, "association-broke")
         delay = backoff_delay(strikes, self.config.retry_initial, self.config.retry_max)
-        log.warning("%s: association broke while sending %s (%s): set aside for %.1f s",
-                    self.destination.name, r.path.name, r.detail, delay)
         with self._cond:
             self._delayed[r.path] = self.clock() + delay
             self._cond.notify()
+        self.events.emit(self._deferred(r, "association-broke", delay))
 
     def _forget(self, path: Path) -> None:
         with self._cond:
@@ -406,3 +412,4 @@ class DestinationSender:
             self._strikes.pop(path, None)
             self._unanswered.pop(path, None)
             self._transcoded.discard(path)
+            self._identity.pop(path, None)

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import jinja2
 
-from relay.config import Config, ConfigError
+from relay.config.model import Config, ConfigError
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:@=+,-]+$")
 
 
 def templates_dir() -> Path:
     """templates/ of a checkout, or the copy installed with the package (relay/templates/)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "templates", here / "templates"):
+    package = Path(__file__).resolve().parent.parent  # relay/
+    for candidate in (package.parent / "templates", package / "templates"):
         if (candidate / "systemd").is_dir():
             return candidate
-    raise FileNotFoundError(f"templates not found beside {here}")
+    raise FileNotFoundError(f"templates not found beside {package}")
 
 
 def systemd_quote(arg: str) -> str:

@@ -1,0 +1,78 @@
+"""The relay's services: `run` (everything), or `receive` and `process` apart (the original
+relay_init / relay_process pair)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from relay import __version__
+from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, VerboseOpt, engine_for, example, load
+from relay.config.model import Config
+from relay.pipeline.relay import Relay
+
+log = logging.getLogger("relay")
+
+
+def serve(cfg: Config, *, receive: bool, process: bool) -> None:
+    engine = engine_for(cfg)
+    relay = Relay(cfg, engine, receive=receive, process=process)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping (objects in hand are finished, the rest stay in the spool)",
+                 signal.Signals(signum).name)
+        relay.stop_event.set()
+
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: reloading %s", cfg.source)
+        relay.reload_event.set()  # the main loop reloads: no work inside a signal handler
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
+    try:
+        relay.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        raise typer.Exit(1) from None
+    parts = [p for p, on in (("receive", receive), ("process+send", process)) if on]
+    log.info("dicom-relay %s running (%s) on the %s engine, spool %s", __version__,
+             " + ".join(parts), engine.describe(), cfg.spool.path)
+    relay.wait()
+    relay.stop()
+    log.info("stopped")
+
+
+def run(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -> None:
+    """Receive, rewrite and forward, in the foreground (for systemd or Docker).
+
+    Stops cleanly on SIGTERM or Ctrl-C; whatever is not yet delivered stays in the spool and is
+    sent after the next start. SIGHUP (`systemctl reload dicom-relay`) re-reads the config:
+    rules, destinations, filters and [sender] apply from the next object, without dropping an
+    association; receiver, spool, toolkit, metrics and audit settings need a restart (the log
+    says so); a config that does not validate is refused and the running one stays.
+    """
+    serve(load(config, verbose), receive=True, process=True)
+
+
+def receive(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -> None:
+    """Only receive: a C-STORE SCP writing complete objects into spool/incoming/.
+
+    Pair it with `dicom-relay process` (two services, as the original relay_init/relay_process).
+    """
+    serve(load(config, verbose), receive=True, process=False)
+
+
+def process(config: ConfigOpt = Path(DEFAULT_CONFIG), verbose: VerboseOpt = False) -> None:
+    """Only process: watch spool/incoming/, apply the rules, forward, delete once delivered."""
+    serve(load(config, verbose), receive=False, process=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=example("dicom-relay run --config /etc/dicom-relay/relay.toml"))(run)
+    app.command(epilog=example("dicom-relay receive --config relay.toml"))(receive)
+    app.command(epilog=example("dicom-relay process --config relay.toml"))(process)
