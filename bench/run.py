@@ -57,6 +57,7 @@ from peers import (  # noqa: E402
     RelayProcess,
     dcmtk_env,
     free_port,
+    proc_stats,
     relay_config,
     wait_for_port,
     wait_until,
@@ -156,37 +157,6 @@ def stream_send(files: list[Path], port: int, per_second: float) -> None:
 
 def megabytes(files: list[Path]) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
-
-
-def proc_stats(pid: int) -> tuple[float, float]:
-    """(peak RSS in MB, CPU seconds) of a live process and all its live descendants (the
-    relay's receiver process or storescp, a dcmsend under way), each with the children it
-    has waited for. The RSS is the sum of their peaks: an upper bound."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(fields[1])
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        tree.update(children)
-        frontier = children
-    rss_kb = cpu = 0.0
-    for member in tree:
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        rss_kb += next((int(line.split()[1]) for line in status.splitlines()
-                        if line.startswith("VmHWM")), 0)
-        cpu += sum(int(x) for x in fields[11:15]) / ticks
-    return rss_kb / 1024, cpu
 
 
 def large_set(folder: Path, count: int, mb: int) -> list[Path]:

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 log = logging.getLogger("relay.events")
+# What a sidecar or a log line says instead of a detail that may quote patient values, where
+# [audit].patient_values = false.
+WITHHELD = "(the detail may quote patient values: left out, [audit].patient_values = false)"
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ class Routed(ObjectEvent):
 class Unrouted(ObjectEvent):
     """No destination's filter takes it: kept in failed/unrouted/, or deleted."""
 
-    why: str
+    why: str  # each destination's filter key and the value that refused it
+    why_keys: str  # the same without the values (for [audit].patient_values = false)
     kept: bool
 
 

@@ -214,7 +214,7 @@ def dcmsend_statuses(report: Path) -> dict[str, str]:
 def relay_config(path: Path, *, port: int, spool: Path,
                  destinations: Iterable[tuple[str, str, int] | tuple[str, str, int, str]],
                  engine: str = "embedded", converter: str = "embedded", rules: str = "",
-                 receiver: str = "", extra: str = "") -> Path:
+                 receiver: str = "", extra: str = "", min_free_mb: float = 64) -> Path:
     """A relay config for tests and benchmarks: receiver on 127.0.0.1:port, fast retries.
     destinations: (name, AE title, port[, more TOML for that destination])."""
     dests = "".join(f"""
@@ -233,6 +233,9 @@ port = {port}
 
 [spool]
 path = "{spool}"
+# The default floor (1 GiB, or twice the largest object) would make a test depend on the
+# free space of the machine it runs on; the disk-full test sets its own.
+min_free_mb = {min_free_mb}
 
 [toolkit]
 engine = "{engine}"
@@ -254,12 +257,45 @@ timeout = 10
 EG_RULE = '[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
 
 
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of a live process and all its live descendants (the
+    relay's receiver process or storescp, a dcmsend under way), each with the children it
+    has waited for. The RSS is the sum of their peaks: an upper bound."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        tree.update(children)
+        frontier = children
+    rss_kb = cpu = 0.0
+    for member in tree:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        rss_kb += next((int(line.split()[1]) for line in status.splitlines()
+                        if line.startswith("VmHWM")), 0)
+        cpu += sum(int(x) for x in fields[11:15]) / ticks
+    return rss_kb / 1024, cpu
+
+
 class RelayProcess:
     """`dicom-relay VERB --config FILE` as a subprocess, as systemd would run it."""
 
-    def __init__(self, config_path: Path, workdir: Path, verb: str = "run") -> None:
+    def __init__(self, config_path: Path, workdir: Path, verb: str = "run",
+                 cwd: Path | None = None) -> None:
         self.config_path = config_path
         self.verb = verb
+        self.cwd = cwd  # its working directory (systemd's is /)
         self.log_path = workdir / f"relay-{verb}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -267,7 +303,7 @@ class RelayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", self.verb, "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
         log.close()
         if port is not None:
             wait_for_port(port, proc=self.proc)

@@ -57,8 +57,8 @@ def named(name: str, path: Path | None = None) -> Outgoing:
 def test_storescp_argv_uses_real_options(tmp_path: Path) -> None:
     argv = storescp_argv(HOME / "bin", "DICOMRELAY", "0.0.0.0", 11112, tmp_path / "incoming")  # noqa: S104
     assert argv == [str(HOME / "bin/storescp"), "-b", "DICOMRELAY@0.0.0.0:11112",
-                    "--directory", str(tmp_path / "incoming"), "--accept-unknown",
-                    "--idle-timeout", "60000", "--request-timeout", "30000"]
+                    "--directory", str(tmp_path / "incoming"), "--filepath", "{rnd,uuid}.dcm",
+                    "--accept-unknown", "--idle-timeout", "60000", "--request-timeout", "10000"]
     assert {a for a in argv if a.startswith("-")} <= options_in_help("storescp")
 
 

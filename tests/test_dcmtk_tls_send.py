@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomdata import bundled, copy_with_new_uids, ct_series
-from peers import Link, free_port
+from peers import Link
 from relay.send.results import Outcome
 from relay.toolkits import common as adapters_common
 from relay.toolkits import dcmtk as dcmtk_module
@@ -38,9 +38,11 @@ def test_more_contexts_than_one_association_holds(tmp_path: Path, link: Link,
 
 
 @pytest.mark.parametrize("link", ["dcmtk-tls"], indirect=True)
-def test_peer_text_never_reaches_the_profile(tmp_path: Path, link: Link) -> None:
+def test_peer_text_never_reaches_the_profile(tmp_path: Path, link: Link,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # A SOP Class UID is peer-supplied: one carrying a line break and a profile section would
-    # rewrite storescu's association profile. It is refused; the others are not held up.
+    # rewrite storescu's association profile. It never reaches the profile: pynetdicom sends
+    # that object as it is (over TLS too), and the others go by storescu as ever.
     ct_series(tmp_path, 2)
     files = sorted(tmp_path.glob("*.dcm"))
     with warnings.catch_warnings():
@@ -48,11 +50,21 @@ def test_peer_text_never_reaches_the_profile(tmp_path: Path, link: Link) -> None
         ds = dcmread(files[0])
         ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2\n[[Profiles]]"
         ds.save_as(files[0], enforce_file_format=False)
-    results = {r.path: r for r in link.engine.send(
-        files, link.destination("SCRIPTED", free_port()), "ME", 5)}
-    assert results[files[0]].outcome is Outcome.FAILED
-    assert "is not a UID" in results[files[0]].detail
-    assert results[files[1]].outcome is Outcome.RETRY  # nobody listening: stays queued
+    profiles: list[str] = []
+    write_profile = dcmtk_module.association_profile
+    monkeypatch.setattr(dcmtk_module, "association_profile",
+                        lambda contexts, *a: profiles.append(write_profile(contexts, *a))
+                        or profiles[-1])
+    scp = link.scp()
+    try:
+        results = {r.path: r for r in link.engine.send(
+            files, link.destination("SCRIPTED", scp.port), "ME", 10)}
+    finally:
+        scp.close()
+    assert {p: r.outcome for p, r in results.items()} == dict.fromkeys(files, Outcome.DELIVERED)
+    assert len(scp.received) == 2
+    # storescu sent the other one; its profile holds its one [[Profiles]] section, no more.
+    assert profiles and all(p.count("[[Profiles]]") == 1 for p in profiles)
 
 
 def test_association_profile_proposes_each_pair_once() -> None:

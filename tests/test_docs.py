@@ -14,15 +14,14 @@ DOCS = REPO / "docs"
 MKDOCS = Path(sys.executable).parent / "mkdocs"
 
 
-def _build(docs: Path, site: Path) -> subprocess.CompletedProcess[str]:
-    # From docs/, as README says: the pages and mkdocs.yml share that folder.
-    return subprocess.run([str(MKDOCS), "build", "--strict", "-f", "mkdocs.yml", "-d",
-                           str(site)], cwd=docs, capture_output=True, text=True, timeout=120,
-                          check=False)
+def _build(top: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    """`mkdocs build --strict` in a folder holding mkdocs.yml and docs/."""
+    return subprocess.run([str(MKDOCS), "build", "--strict", "-d", str(site)], cwd=top,
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_the_manual_builds_strictly_in_both_languages(tmp_path: Path) -> None:
-    built = _build(DOCS, tmp_path / "site")
+    built = _build(REPO, tmp_path / "site")
     assert built.returncode == 0, built.stdout + built.stderr
     assert (tmp_path / "site" / "architecture.html").is_file()
     spanish = (tmp_path / "site" / "es" / "routing.html").read_text(encoding="utf-8")
@@ -30,11 +29,11 @@ def test_the_manual_builds_strictly_in_both_languages(tmp_path: Path) -> None:
 
 
 def test_a_broken_anchor_fails_the_build(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    shutil.copytree(DOCS, docs)
-    with open(docs / "rules.md", "a", encoding="utf-8") as page:
+    shutil.copytree(DOCS, tmp_path / "docs")
+    shutil.copy(REPO / "mkdocs.yml", tmp_path)
+    with open(tmp_path / "docs" / "rules.md", "a", encoding="utf-8") as page:
         page.write("\nSee [the engines](how-it-works.md#no-such-section).\n")
-    built = _build(docs, tmp_path / "site")
+    built = _build(tmp_path, tmp_path / "site")
     assert built.returncode != 0
     assert "no-such-section" in built.stdout + built.stderr
 
@@ -49,6 +48,6 @@ def test_the_readmes_link_to_files_that_exist() -> None:
 
 
 def test_every_page_is_in_the_navigation() -> None:
-    config = (DOCS / "mkdocs.yml").read_text(encoding="utf-8")
+    config = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
     pages = {p.name for p in DOCS.glob("*.md") if not p.name.endswith(".es.md")}
     assert pages == set(re.findall(r"(?m):\s*([\w-]+\.md)\s*$", config))

@@ -239,5 +239,8 @@ def test_the_rendered_config_refuses_a_check_the_relays_would_refuse(tmp_path: P
     assert "server relay1 10.0.0.11:11112" in tcp.stdout
     assert "server relay2 [fd00::12]:11113" in tcp.stdout
     assert "tcp-check" not in tcp.stdout and "check inter 2s" in tcp.stdout
+    # Behind the balancer every connection comes from one host: the per-host share must be
+    # the whole (issue 23), and the command says so.
+    assert "set [receiver] max_associations_per_host = 10" in tcp.stderr
     bad = render("--check", "tcp", "--inter", "soon")
     assert bad.returncode == 2 and "--inter: expected a duration" in bad.stderr

@@ -200,9 +200,9 @@ def test_a_bad_metrics_listen_names_the_key(tmp_path: Path, value: str) -> None:
         load_config(cfg)
 
 
-def test_the_grafana_dashboard_queries_metrics_the_relay_exposes() -> None:
+def test_the_grafana_dashboard_queries_metrics_the_relay_exposes(tmp_path: Path) -> None:
     metrics = Metrics()
-    spool = Spool(Path("/nonexistent-spool"), ["central"])
+    spool = Spool(tmp_path, ["central"])
     metrics.watch(lambda: RelayState(spool, ["central"], {"central": 0}, 11112, 0, "x", "y"))
     metrics.received("CT01", 10)
     metrics.delivered("central", 1)
@@ -222,5 +222,6 @@ def test_the_grafana_dashboard_queries_metrics_the_relay_exposes() -> None:
     for needed in ("dicom_relay_queued_objects", "dicom_relay_delivered_objects_total",
                    "dicom_relay_delivery_latency_seconds_bucket",
                    "dicom_relay_failed_objects_total", "dicom_relay_held_studies",
-                   "dicom_relay_associations_open", "dicom_relay_receiver_restarts_total"):
+                   "dicom_relay_associations_open", "dicom_relay_receiver_restarts_total",
+                   "dicom_relay_spool_free_bytes", "dicom_relay_spool_free_floor_bytes"):
         assert needed in used, needed

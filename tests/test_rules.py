@@ -212,3 +212,69 @@ def test_keyword_rules_build_only_the_xml_they_need(tmp_path: Path) -> None:
     assert [str(c) for c in lean.edit(src, a).changes] == [
         str(c) for c in full.edit(src, b).changes]
     assert a.read_bytes() == b.read_bytes()
+
+
+def _xslt_including(tmp_path: Path, href: str) -> Path:
+    folder = tmp_path / "rules"
+    folder.mkdir(exist_ok=True)
+    (folder / "own.xsl").write_text(INCLUDED.replace("TEXT", "OWN"))
+    (tmp_path / "outside.xsl").write_text(INCLUDED.replace("TEXT", "TOPSECRET"))
+    main = folder / "main.xsl"
+    main.write_text(INCLUDING.replace("HREF", href))
+    return main
+
+
+INCLUDED = """<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">
+  <xsl:template name="site">TEXT</xsl:template>
+</xsl:stylesheet>"""
+INCLUDING = """<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">
+  <xsl:include href="HREF"/>
+  <xsl:template match="@*|node()">
+    <xsl:copy><xsl:apply-templates select="@*|node()"/></xsl:copy>
+  </xsl:template>
+  <xsl:template match="DicomAttribute[@keyword='PatientID']/Value">
+    <Value number="1"><xsl:call-template name="site"/></Value>
+  </xsl:template>
+</xsl:stylesheet>"""
+
+
+def test_xslt_includes_only_from_its_own_folder(tmp_path: Path) -> None:
+    root = dataset_to_xml(read_dicom(_study(tmp_path)))
+    assert _value(XSLTRule(_xslt_including(tmp_path, "own.xsl")).apply(root),
+                  "PatientID") == ["OWN"]
+    for href in ("../outside.xsl", str(tmp_path / "outside.xsl"), "file:///etc/passwd",
+                 "http://127.0.0.1:1/x.xsl"):
+        with pytest.raises(RuleError, match="not a valid stylesheet|own folder"):
+            XSLTRule(_xslt_including(tmp_path, href))
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("R" * 70_000, "is too long to be read into the rule"),
+    ("REAL\x0142", "holds control characters or bytes that are not text"),
+    ("REAL\t42", "holds control characters"),
+])
+def test_a_source_value_the_rule_cannot_use_is_on_missings_case(
+        tmp_path: Path, value: str, why: str) -> None:
+    """An EthnicGroup over 64 KB or with control characters was logged as "absent" and
+    PatientID forwarded unchanged. It is on_missing's case still, said as what it is."""
+    ds = dcmread(bundled("CT_small.dcm"))
+    ds.EthnicGroup = value
+    src = tmp_path / "odd.dcm"
+    ds.save_as(src, enforce_file_format=False)
+    keep = Editor([KeywordRule("PatientID", copy_from="EthnicGroup")]).edit(
+        src, tmp_path / "kept.dcm")
+    assert keep.changes == [] and len(keep.missing) == 1
+    assert f"EthnicGroup cannot be used: its value {why}" in keep.missing[0]
+    with pytest.raises(BadInput, match=why) as info:
+        Editor([KeywordRule("PatientID", copy_from="EthnicGroup", on_missing="fail")]).edit(
+            src, tmp_path / "failed.dcm")
+    assert info.value.reason == "missing-source"
+    # The original XPath lines: the same, said in the XPath's words.
+    xpath = Editor([XPathRule(ORIGINAL_TARGET, ORIGINAL_SOURCE)]).edit(src, None)
+    assert xpath.changes == [] and len(xpath.missing) == 1
+    said = {"is too long": "selects nothing (the attribute is there, but its value is too "
+                           "long to be read into the rule",
+            "holds control characters or": "selects nothing (the attribute is there, but its "
+                                           "value holds control characters or bytes",
+            "holds control characters": "the value it selects holds control characters"}
+    assert next(v for k, v in said.items() if why.startswith(k)) in xpath.missing[0]

@@ -15,6 +15,7 @@ from relay.events import EventBus, Requeued
 from relay.ops import metrics
 from relay.ops.audit import AuditLog
 from relay.pipeline.relay import spool_for
+from relay.receive.floor import floor_of
 from relay.send.hold import held_studies
 
 
@@ -37,6 +38,9 @@ def status(
     samples = _running_samples(cfg)
     counters = metrics.counters(samples)
     typer.echo(f"spool {spool.root}: " + ", ".join(f"{k} {v}" for k, v in folders.items()))
+    floor = floor_of(cfg)
+    below = "" if floor.room_for(0) else ": BELOW THE FLOOR, the receiver takes no new object"
+    typer.echo(f"spool disk: {floor.describe()}{below}")
     kinds = {d.name: "DICOMweb" if d.kind == "dicomweb" else "DIMSE" for d in cfg.destinations}
     typer.echo(f"\n{'destination':<20} {'kind':<8} {'queued':>7} {'oldest':>8}"
                + (f" {'delivered':>10} {'retried':>8} {'failed':>7}" if counters else ""))

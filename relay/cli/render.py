@@ -81,6 +81,12 @@ def haproxy(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    rc = cfg.receiver
+    if rc.per_host < rc.max_associations:
+        typer.echo(f"note: {cfg.source}: behind the balancer every connection comes from it, "
+                   f"and one host may hold {rc.per_host} of the {rc.max_associations} "
+                   "associations: set [receiver] max_associations_per_host = "
+                   f"{rc.max_associations} on each relay", err=True)
     if output is None:
         typer.echo(text, nl=False)
         return

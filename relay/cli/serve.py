@@ -4,6 +4,7 @@ relay_init / relay_process pair)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -19,6 +20,9 @@ log = logging.getLogger("relay")
 
 
 def serve(cfg: Config, *, receive: bool, process: bool) -> None:
+    # Every file the relay (and the tools it starts) writes holds patient data: readable by
+    # the relay's user only, whatever umask it was started with.
+    os.umask(0o077)
     engine = engine_for(cfg)
     relay = Relay(cfg, engine, receive=receive, process=process)
 

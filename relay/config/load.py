@@ -52,7 +52,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def _receiver(t: Table) -> ReceiverConfig:
     t.check_keys(["ae_title", "host", "port", "allowed_calling_aets", "allowed_hosts",
-                  "max_associations", "idle_timeout", "request_timeout", "tls"])
+                  "max_associations", "max_associations_per_host", "idle_timeout",
+                  "request_timeout", "max_object_mb", "tls"])
     d = ReceiverConfig()
     hosts = t.str_list("allowed_hosts", what="an IP address or network such as 10.1.0.0/16")
     for host in hosts:
@@ -61,6 +62,11 @@ def _receiver(t: Table) -> ReceiverConfig:
         except ValueError:
             raise t.error("allowed_hosts", "a list of IP addresses or networks such as "
                           "10.1.0.0/16", host) from None
+    max_associations = t.int("max_associations", d.max_associations, lo=1, hi=1000)
+    per_host = t.int("max_associations_per_host", 0, lo=0, hi=1000)
+    if per_host > max_associations:
+        raise t.error("max_associations_per_host", f"at most max_associations "
+                      f"({max_associations})", per_host)
     return ReceiverConfig(
         ae_title=t.str("ae_title", d.ae_title, pattern=AE_RE, what=AE_WHAT).strip(),
         host=t.str("host", d.host, what="an IP address or host name to listen on"),
@@ -69,18 +75,22 @@ def _receiver(t: Table) -> ReceiverConfig:
             a.strip() for a in t.str_list("allowed_calling_aets", pattern=AE_RE, what=AE_WHAT)
         ),
         allowed_hosts=hosts,
-        max_associations=t.int("max_associations", d.max_associations, lo=1, hi=1000),
+        max_associations=max_associations,
+        max_associations_per_host=per_host,
         idle_timeout=t.float("idle_timeout", d.idle_timeout, lo=1, hi=3600),
         request_timeout=t.float("request_timeout", d.request_timeout, lo=1, hi=3600),
+        max_object_mb=t.int("max_object_mb", d.max_object_mb, lo=1, hi=1024 * 1024),
         tls=_tls(t.sub("tls"), server=True) if t.has("tls") else None,
     )
 
 
 def _spool(t: Table) -> SpoolConfig:
-    t.check_keys(["path"])
-    if not t.has("path"):
-        return SpoolConfig()
-    return SpoolConfig(path=t.path("path", what="a folder path"))
+    t.check_keys(["path", "min_free_mb"])
+    d = SpoolConfig()
+    return SpoolConfig(
+        path=t.path("path", what="a folder path") if t.has("path") else d.path,
+        min_free_mb=(t.float("min_free_mb", 0, lo=0.01, hi=1e9) if t.has("min_free_mb")
+                     else None))
 
 
 def _toolkit(t: Table) -> ToolkitConfig:

@@ -125,16 +125,31 @@ class ReceiverConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # IP addresses or networks (CIDR); empty: any
     max_associations: int = 10
+    # Connections one host may hold (0: max_associations - 2, so that a host flooding the
+    # receiver always leaves room for the others; behind a balancer, set it to
+    # max_associations: every connection then comes from the balancer).
+    max_associations_per_host: int = 0
     # A peer silent this long is disconnected (association negotiation gets half of it); a
     # C-STORE whose data stops coming for request_timeout is aborted.
     idle_timeout: float = 60.0
     request_timeout: float = 60.0
+    # One object's data set at most (megabytes), as received and once inflated (a deflated
+    # transfer syntax): larger ones are refused.
+    max_object_mb: int = 2048
     tls: TLSConfig | None = None  # set: TLS only, plain connections are refused
+
+    @property
+    def per_host(self) -> int:
+        """Connections one host may hold."""
+        return self.max_associations_per_host or max(1, self.max_associations - 2)
 
 
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path = Path("/srv/dicom_repo")
+    # Below this much free space (megabytes) the receiver takes no new object; None: the
+    # larger of 1 GiB and twice the largest object seen (relay.receive.floor).
+    min_free_mb: float | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.tag import Tag
 
 from relay.config.model import EditRule
@@ -32,7 +32,7 @@ from relay.edit.dicomxml import (
     peek,
 )
 from relay.edit.rules import MissingSource, RuleError
-from relay.edit.scan import Unsure, find_cut
+from relay.edit.scan import Unsure, data_set_start, file_chunks, find_cut, inflate_excess
 from relay.edit.splice import splice_file
 from relay.events import IDENTITY_KEYWORDS, Identity
 
@@ -43,9 +43,17 @@ log = logging.getLogger("relay.edit")
 DEFER_SIZE = 64 * 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"
+# A data set larger than this (inflated, for a deflated one) is refused (receiver.max_object_mb).
+MAX_OBJECT = 2048 * 1024 * 1024
 # What identifies an object and its study (relay.events.Identity): keyword -> tag.
 IDENTITY_TAGS = {keyword: int(tag_for_keyword(keyword) or 0)
                  for keyword in IDENTITY_KEYWORDS.values()}
+
+
+# Reasons whose detail is the relay's own words, never a value of the object: the others may
+# quote one (a rule's value that cannot be encoded, a library's error about a value).
+PLAIN_REASONS = frozenset({"not-dicom", "truncated", "no-file-meta", "too-large",
+                           "missing-source"})
 
 
 class BadInput(Exception):
@@ -55,6 +63,9 @@ class BadInput(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        # The detail may quote patient values ([audit].patient_values = false keeps it out
+        # of sidecars and log lines).
+        self.sensitive = reason not in PLAIN_REASONS
 
 
 @dataclass
@@ -68,13 +79,17 @@ class EditOutcome:
 
 
 def read_dicom(path: Path, up_to: int | None = None,
-               beyond: dict[int, str] | None = None) -> FileDataset:
+               beyond: dict[int, str] | None = None,
+               max_object: int = MAX_OBJECT) -> FileDataset:
     """Read a DICOM file's header (large values deferred); reject what cannot be relayed.
 
     up_to: decode only the top-level elements up to this tag (what the rules touch); the rest
     of the file is walked without decoding (relay.scan) to check it is all there, and the
-    identifying values found on the way (IDENTITY_TAGS) go into `beyond`, decoded."""
+    identifying values found on the way (IDENTITY_TAGS) go into `beyond`, decoded.
+    max_object: a deflated data set is inflated (pydicom does it in memory) only if it stays
+    under this many bytes and a sane ratio."""
     stopped: list[int] = []
+    _check_deflated(path, max_object)
 
     def stop(tag: int, vr: str | None, length: int) -> bool:
         if up_to is not None and tag > up_to:
@@ -107,6 +122,27 @@ def read_dicom(path: Path, up_to: int | None = None,
             raise BadInput("no-file-meta", f"file meta information lacks {keyword}")
     ds.filename = str(path)  # deferred values are read from here when writing
     return ds
+
+
+def _check_deflated(path: Path, max_object: int) -> None:
+    """A deflated data set that would inflate past the limits is refused before pydicom
+    inflates it (whole, in memory)."""
+    try:
+        start = data_set_start(path)
+        with open(path, "rb") as fp:
+            head = fp.read(start or 4096)
+    except OSError:
+        return  # read_dicom says what is wrong with it
+    if DEFLATED.encode() not in head:
+        return
+    if start is None:
+        with open(path, "rb") as fp:
+            read_preamble(fp, False)
+            _read_file_meta_info(fp)
+            start = fp.tell()
+    why = inflate_excess(file_chunks(path, start), max_object)
+    if why:
+        raise BadInput("too-large", why)
 
 
 def _cut_after(path: Path, ds: FileDataset, start: int, size: int,
@@ -206,7 +242,7 @@ def _ends_with_delimiter(path: Path, size: int) -> bool:
 
 def write_dataset(ds: FileDataset, dst: Path, sync: bool) -> None:
     """Write a whole data set with pydicom (its file meta and transfer syntax as they are)."""
-    with open(dst, "wb") as fp:
+    with os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fp:
         ds.save_as(fp, enforce_file_format=False)
         fp.flush()
         if sync:
@@ -226,9 +262,11 @@ class Editor:
     """Applies the configured rules to files; pure apart from reading and writing them."""
 
     def __init__(self, rules: tuple[EditRule, ...] | list[EditRule],
-                 converter: ToolkitConverter | None = None) -> None:
+                 converter: ToolkitConverter | None = None,
+                 max_object: int = MAX_OBJECT) -> None:
         self.rules = tuple(rules)
         self.converter = converter
+        self.max_object = max_object
         # When every rule names the attributes it touches (the keyword form), the XML needs
         # only those: same result, a fraction of the work.
         reads = [rule.reads() for rule in self.rules]
@@ -248,7 +286,7 @@ class Editor:
         up_to = None if whole else self.up_to
         beyond: dict[int, str] = {}
         # Bad input is caught the same way whatever the converter.
-        ds = read_dicom(src, up_to, beyond)
+        ds = read_dicom(src, up_to, beyond, self.max_object)
         meta = ds.file_meta
         outcome = EditOutcome(
             sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),

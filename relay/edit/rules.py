@@ -14,7 +14,9 @@ tables. A rule whose source is missing raises MissingSource; the editor applies
 
 from __future__ import annotations
 
+import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,23 @@ def _texts(node: etree._Element) -> list[str]:
                               "^".join(gn.findtext(c) or "" for c in PN_COMPONENTS).rstrip("^"))
             out.append("=".join(groups).rstrip("="))
     return out
+
+
+# Control characters a value may not carry (ESC starts ISO 2022 escape sequences: allowed).
+_CONTROL_RE = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+
+
+def unusable(node: etree._Element) -> str | None:
+    """Why a source attribute's value cannot be copied, although it is there: read as bulk
+    data (over 64 KB), carried as bytes (characters XML cannot hold), or holding control
+    characters (tab, newline: a LO, SH or PN value may not)."""
+    if node.find("BulkData") is not None:
+        return "its value is too long to be read into the rule (over 64 KB)"
+    if node.find("InlineBinary") is not None:
+        return "its value holds control characters or bytes that are not text"
+    if any(_CONTROL_RE.search(text) for text in _texts(node)):
+        return "its value holds control characters"
+    return None
 
 
 def _set_values(node: etree._Element, vr: str, values: list[str]) -> None:
@@ -129,6 +148,9 @@ class KeywordRule:
             return root
         if self.copy_from is not None:
             source = _top_level(root, _tag_of(self.copy_from))
+            why = unusable(source) if source is not None else None
+            if why is not None:
+                raise MissingSource(f"{self.copy_from} cannot be used: {why}")
             values = _texts(source) if source is not None else []
             if not any(values):
                 raise MissingSource(f"{self.copy_from} is absent or empty")
@@ -198,8 +220,12 @@ class XPathRule:
     def apply(self, root: etree._Element) -> etree._Element:
         if self._source is not None:
             texts = _xpath_strings(self._source(root))
+            if any(_CONTROL_RE.search(text) for text in texts):
+                raise MissingSource(f"{self.value_from_xpath}: the value it selects holds "
+                                    "control characters")
             if not any(texts):
-                raise MissingSource(f"{self.value_from_xpath} selects nothing")
+                raise MissingSource(f"{self.value_from_xpath} selects nothing"
+                                    + self._why_nothing(root))
             # Several nodes (a multi-valued source): keep them as DICOM multi-values.
             new_text = "\\".join(texts)
         else:
@@ -217,17 +243,55 @@ class XPathRule:
                 raise RuleError(f"xpath {self.xpath!r} must select elements (e.g. .../Value)")
         return root
 
+    def _why_nothing(self, root: etree._Element) -> str:
+        """When the source selects nothing, whether the attribute it names is there but
+        unusable (`//DicomAttribute[...]/Value/text()` finds no Value in bulk data)."""
+        assert self.value_from_xpath is not None
+        expr = self.value_from_xpath
+        for tail in ("/Value/text()", "/Value"):
+            if expr.endswith(tail):
+                try:
+                    found = etree.XPath(expr[:-len(tail)])(root)
+                except etree.XPathError:
+                    return ""
+                reasons = [why for node in (found if isinstance(found, list) else [])
+                           if isinstance(node, etree._Element) and (why := unusable(node))]
+                return f" (the attribute is there, but {reasons[0]})" if reasons else ""
+        return ""
+
+
+class _OwnFolder(etree.Resolver):
+    """Lets a stylesheet read files of its own folder only (itself, and what it includes or
+    imports from there): xsl:include of any other file is refused when it is loaded.
+    (XSLTAccessControl governs document() and output at run time, not includes.)"""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = os.path.realpath(folder)
+
+    def resolve(self, system_url: str, public_id: str,  # type: ignore[override]
+                context: object) -> object:  # (lxml-stubs lack the context argument)
+        path = (urllib.parse.unquote(urllib.parse.urlsplit(system_url).path)
+                if system_url.startswith("file:") else system_url)
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != self.folder or "://" in system_url.removeprefix("file://"):
+            raise OSError(f"{system_url}: only files in the stylesheet's own folder "
+                          f"({self.folder}) may be included or imported")
+        return self.resolve_filename(real, context)  # type: ignore[attr-defined]
+
 
 class XSLTRule:
-    """Transform the document with a stylesheet; extensions, document() and file access off."""
+    """Transform the document with a stylesheet: extensions, document() and file access off;
+    xsl:include and xsl:import from its own folder only."""
 
     on_missing = "keep"
 
     def __init__(self, path: Path, params: dict[str, str] | None = None) -> None:
         self.path = path
         self.params = dict(params or {})
+        parser = safe_parser()
+        parser.resolvers.add(_OwnFolder(path.parent))
         try:
-            doc = etree.parse(str(path), safe_parser())
+            doc = etree.parse(str(path), parser)
         except OSError as exc:
             raise RuleError(f"xslt: cannot read stylesheet {str(path)!r}: {exc}") from None
         except etree.XMLSyntaxError as exc:
@@ -235,7 +299,7 @@ class XSLTRule:
         try:
             self._transform = etree.XSLT(
                 doc, access_control=etree.XSLTAccessControl.DENY_ALL)  # type: ignore[attr-defined]
-        except etree.XSLTParseError as exc:
+        except (etree.XSLTParseError, OSError) as exc:
             raise RuleError(f"xslt: {str(path)!r} is not a valid stylesheet: {exc}") from None
 
     def reads(self) -> None:

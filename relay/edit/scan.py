@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import mmap
 import struct
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,3 +198,49 @@ def _collect(walk: _Walk, buf: bytes, pos: int, end: int, implicit: bool,
     if end == len(buf) and pos >= end and len(found) < len(tags):
         raise Unsure("ran out of the bytes read")  # the rest may be further on
     return found
+
+
+# A deflated data set may inflate to at most this many times its size, once it is over
+# INFLATE_SLACK: real ones inflate 2-20 times (a blank image more); a bomb, a thousand.
+MAX_INFLATE_RATIO = 100
+INFLATE_SLACK = 16 * 1024 * 1024
+
+
+def inflate_excess(chunks: Iterable[bytes | memoryview], max_bytes: int,
+                   max_ratio: int = MAX_INFLATE_RATIO) -> str | None:
+    """Why a deflated data set (raw DEFLATE, PS3.5 A.5) must not be inflated, or None: it
+    would exceed `max_bytes`, or `max_ratio` times its own size. Inflated a block at a
+    time, never kept: memory stays flat whatever the stream declares."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    packed = inflated = 0
+    for chunk in chunks:
+        packed += len(chunk)
+        data = chunk
+        while data:
+            inflated += len(inflater.decompress(data, 1024 * 1024))
+            data = inflater.unconsumed_tail
+            if inflated > max_bytes:
+                return f"its deflated data set inflates to over {max_bytes} bytes"
+            if inflated > INFLATE_SLACK and inflated > max_ratio * packed:
+                return (f"its deflated data set inflates to over {max_ratio} times its size "
+                        f"({packed} bytes so far give {inflated}): a deflate bomb")
+        if inflater.eof:
+            break
+    return None
+
+
+def data_set_start(path: Path) -> int | None:
+    """Where the data set begins after the file meta information (from its group length),
+    or None when the file does not say."""
+    with open(path, "rb") as fp:
+        head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    return 144 + int(struct.unpack_from("<I", head, 140)[0])
+
+
+def file_chunks(path: Path, start: int, size: int = 1024 * 1024) -> Iterator[bytes]:
+    with open(path, "rb") as fp:
+        fp.seek(start)
+        while chunk := fp.read(size):
+            yield chunk

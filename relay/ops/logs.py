@@ -11,6 +11,7 @@ from typing import Any
 from pydicom.uid import UID
 
 from relay.events import (
+    WITHHELD,
     BatchSent,
     Deferred,
     DestinationDown,
@@ -25,44 +26,59 @@ from relay.events import (
 
 log = logging.getLogger("relay.pipeline")
 send_log = logging.getLogger("relay.send")
+SHOWN_LIMIT = 80
+
+
+def shown(text: object, limit: int = SHOWN_LIMIT) -> str:
+    """Peer text (an AE title, a UID, a value) as a log line may show it: as it is when it is
+    short and printable, else escaped and cut (a newline in a UID must not forge a line)."""
+    value = str(text)
+    if value.isprintable() and len(value) <= limit:
+        return value
+    escaped = value.encode("unicode_escape").decode("ascii")
+    return '"' + escaped[:limit] + ("…" if len(escaped) > limit else "") + '"'
 
 
 class LogLines(Subscriber):
+    def __init__(self, patient_values: bool = True) -> None:
+        # False ([audit].patient_values): no value of an object in a log line.
+        self.patient_values = patient_values
+
     def handlers(self) -> list[tuple[type[Any], Handler]]:
         return [(Edited, self._edited), (Failed, self._failed), (Unrouted, self._unrouted),
                 (Released, self._released), (Transcoded, self._transcoded),
                 (BatchSent, self._batch), (Deferred, self._deferred),
                 (DestinationDown, self._down)]
 
-    @staticmethod
-    def _edited(e: Edited) -> None:
+    def _edited(self, e: Edited) -> None:
         if e.destination is not None:
             return  # a destination's own edits: shown by `edit --dry-run`, in the history
         for skipped in e.skipped:
             log.warning("%s: rule not applied, source missing (on_missing = keep): %s",
                         e.obj, skipped)
         for change in e.changes:
-            log.info("%s: %s", e.obj, change)
+            log.info("%s: %s", e.obj, change if self.patient_values
+                     else f"{change.attribute} changed")
 
-    @staticmethod
-    def _failed(e: Failed) -> None:
+    def _failed(self, e: Failed) -> None:
+        detail = e.detail if self.patient_values or not e.sensitive else WITHHELD
         if e.stage == "send":
             send_log.error("%s: %s refused permanently (%s %s): quarantined", e.destination,
-                           e.obj, e.status, e.detail)
+                           e.obj, e.status, detail)
         elif e.destination is not None:
             log.error("%s: %s's own rules failed (%s): quarantined for it in failed/%s/",
-                      e.obj, e.destination, e.detail, e.reason)
+                      e.obj, e.destination, detail, e.reason)
         else:
-            log.error("%s: %s: quarantined in failed/%s/", e.obj, e.detail, e.reason)
+            log.error("%s: %s: quarantined in failed/%s/", e.obj, detail, e.reason)
 
-    @staticmethod
-    def _unrouted(e: Unrouted) -> None:
+    def _unrouted(self, e: Unrouted) -> None:
+        why = e.why if self.patient_values else e.why_keys
         if e.kept:
             log.warning("%s: no destination takes it (%s): kept in failed/unrouted/",
-                        e.obj, e.why)
+                        e.obj, why)
         else:
             log.info("%s: no destination takes it (%s): deleted ([process].unrouted = "
-                     "\"delete\")", e.obj, e.why)
+                     "\"delete\")", e.obj, why)
 
     @staticmethod
     def _released(e: Released) -> None:

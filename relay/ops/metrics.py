@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -42,6 +45,7 @@ from relay.events import (
     Transcoded,
     Unrouted,
 )
+from relay.receive.floor import free_bytes
 from relay.spool import SIDECAR_SUFFIX, Spool, is_ready
 
 log = logging.getLogger("relay.metrics")
@@ -166,6 +170,8 @@ class Metrics(Subscriber):
         self._reloads = Counter(f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP), "
                                 "by result", ["result"], registry=r)
         self._server: Any = None
+        self._calling_aes: set[str] = set()
+        self._labels_lock = threading.Lock()
 
     # --- the event stream ------------------------------------------------------------------
 
@@ -213,8 +219,23 @@ class Metrics(Subscriber):
     # --- the counters ----------------------------------------------------------------------
 
     def received(self, calling_ae: str, size: int) -> None:
-        self._received.labels(calling_ae or "").inc()
-        self._received_bytes.labels(calling_ae or "").inc(size)
+        label = self._calling_ae_label(calling_ae)
+        self._received.labels(label).inc()
+        self._received_bytes.labels(label).inc(size)
+
+    def _calling_ae_label(self, calling_ae: str) -> str:
+        """The calling AE as a label value: every AE title a peer chooses would be a new
+        series (150 AEs gave 600), so past MAX_CALLING_AES they fold into one; AE titles
+        that are not printable text are one label too."""
+        if not calling_ae.isascii() or not calling_ae.isprintable() or "\\" in calling_ae:
+            return INVALID_AE
+        with self._labels_lock:
+            if calling_ae in self._calling_aes:
+                return calling_ae
+            if len(self._calling_aes) >= MAX_CALLING_AES:
+                return OTHER_AES
+            self._calling_aes.add(calling_ae)
+            return calling_ae
 
     def delivered(self, destination: str, latency: float | None) -> None:
         self._delivered.labels(destination).inc()
@@ -244,7 +265,8 @@ class Metrics(Subscriber):
 
     def serve(self, listen: tuple[str, int]) -> None:
         """Serve /metrics on (host, port) in a thread; OSError when the port is taken."""
-        server, _thread = start_http_server(listen[1], listen[0], registry=self.registry)
+        server = BoundedHTTPServer(listen, MetricsHandler.factory(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         log.info("metrics at http://%s/metrics", join_host_port(*listen))
 
@@ -253,6 +275,46 @@ class Metrics(Subscriber):
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+# Calling AE titles that get a label of their own; the others are counted under OTHER_AES.
+MAX_CALLING_AES = 64
+OTHER_AES = "(other)"
+INVALID_AE = "(invalid)"
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """prometheus_client's server has no timeout and a thread per connection: 400 requests
+    left unfinished held 409 threads for 30 s and more, and 1021 of them used up the file
+    descriptors the pipeline needed. Here a request must come within REQUEST_TIMEOUT, and at
+    most MAX_REQUESTS are served at once (the others are closed at once)."""
+
+    daemon_threads = True
+    block_on_close = False
+    MAX_REQUESTS = 8
+    REQUEST_TIMEOUT = 5.0
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        handler.timeout = self.REQUEST_TIMEOUT  # StreamRequestHandler: the socket's timeout
+        self._slots = threading.BoundedSemaphore(self.MAX_REQUESTS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: the scraper tries again
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 @dataclass
@@ -266,6 +328,7 @@ class RelayState:
     receiver_restarts: int
     version: str
     engine: str
+    floor: int = 0  # bytes the receiver keeps free ([spool] min_free_mb, or its default)
 
 
 class _StateCollector(Collector):
@@ -315,6 +378,16 @@ class _StateCollector(Collector):
                                         value=connections)
             yield CounterMetricFamily(f"{PREFIX}_receiver_restarts", "Times the receiver "
                                       "process died and was restarted", value=s.receiver_restarts)
+        try:
+            free = free_bytes(s.spool.root)
+        except OSError:
+            free = None
+        if free is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_spool_free_bytes", "Free space on the spool's "
+                                    "file system", value=free)
+            yield GaugeMetricFamily(f"{PREFIX}_spool_free_floor_bytes", "Below this much free "
+                                    "space the receiver takes no new object "
+                                    "([spool] min_free_mb)", value=s.floor)
         info = InfoMetricFamily(f"{PREFIX}_build", "Version and engine of the running relay")
         info.add_metric([], {"version": s.version, "engine": s.engine})
         yield info

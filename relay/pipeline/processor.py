@@ -19,6 +19,7 @@ from pathlib import Path
 from relay.edit.dicomxml import AttributeChange
 from relay.edit.editor import BadInput, Editor, EditOutcome
 from relay.events import (
+    WITHHELD,
     Change,
     Edited,
     EventBus,
@@ -125,8 +126,10 @@ class Processor:
     the destinations they are routed to."""
 
     def __init__(self, spool: Spool, setup: Setup, events: EventBus | None = None,
-                 committer: Committer | None = None) -> None:
+                 committer: Committer | None = None, patient_values: bool = True) -> None:
         self.spool = spool
+        # False ([audit].patient_values): sidecars say why without quoting patient values.
+        self.patient_values = patient_values
         self.events = events if events is not None else EventBus()
         # None: every object is made durable on its own (fsync of file and folders).
         self.committer = committer
@@ -149,7 +152,8 @@ class Processor:
         except BadInput as exc:
             self._discard_edits(claimed)
             self._quarantine(claimed, Failed(obj=claimed.name, stage="process",
-                                             reason=exc.reason, detail=exc.detail))
+                                             reason=exc.reason, detail=exc.detail,
+                                             sensitive=exc.sensitive))
             return True
         except OSError as exc:
             # Disk trouble is not the object's fault: its edits go, it goes back to
@@ -184,8 +188,16 @@ class Processor:
         for leftover in self.spool.work.glob(f"{claimed.name}.edited*"):
             leftover.unlink(missing_ok=True)
 
+    def _shown(self, detail: str, sensitive: bool) -> str:
+        """A failure's detail as a sidecar may keep it."""
+        if self.patient_values or not sensitive:
+            return detail
+        return WITHHELD
+
     def _quarantine(self, claimed: Path, failed: Failed) -> None:
-        self.spool.fail(claimed, Failure(failed.reason, failed.detail, failed.stage))
+        self.spool.fail(claimed, Failure(failed.reason,
+                                         self._shown(failed.detail, failed.sensitive),
+                                         failed.stage))
         self.events.emit(failed)
 
     def _publish(self, setup: Setup, claimed: Path, edited: Path, result: Plan,
@@ -242,12 +254,16 @@ class Processor:
 
     def _unrouted(self, claimed: Path, edited: Path, routing: Routing, unrouted: str) -> None:
         why = "; ".join(f"{d}: {w}" for d, w in routing.not_to.items()) or "no destinations"
+        why_keys = "; ".join(f"{d}: refused by its filter's {k}"
+                             for d, k in routing.refused_by.items()) or "no destinations"
         edited.unlink(missing_ok=True)
         if unrouted == "delete":
             claimed.unlink()
         else:
-            self.spool.fail(claimed, Failure("unrouted", why, "route"))
-        self.events.emit(Unrouted(obj=claimed.name, why=why, kept=unrouted != "delete"))
+            self.spool.fail(claimed, Failure("unrouted", why if self.patient_values
+                                             else why_keys, "route"))
+        self.events.emit(Unrouted(obj=claimed.name, why=why, why_keys=why_keys,
+                                  kept=unrouted != "delete"))
 
     def _failed_for(self, claimed: Path, destination: str, exc: BadInput) -> None:
         """A destination's own edit failed: that destination gets nothing, the others go on.
@@ -256,8 +272,9 @@ class Processor:
         keep = self.spool.kept_path(claimed)
         keep.unlink(missing_ok=True)
         os.link(claimed, keep)
-        self.spool.fail(keep, Failure(exc.reason, exc.detail, "route", destination))
+        self.spool.fail(keep, Failure(exc.reason, self._shown(exc.detail, exc.sensitive),
+                                      "route", destination))
         self.events.emit(Failed(obj=claimed.name, stage="route", reason=exc.reason,
-                                detail=exc.detail, destination=destination,
-                                audited_detail=False))
+                                detail=exc.detail, sensitive=exc.sensitive,
+                                destination=destination, audited_detail=False))
 

@@ -23,6 +23,7 @@ from relay.ops.logs import LogLines
 from relay.ops.metrics import Metrics, RelayState
 from relay.pipeline.processor import Committer, Processor, Setup
 from relay.pipeline.reload import applicable, restart_only_changes, sender_changes
+from relay.receive.floor import floor_of
 from relay.receive.watch import IncomingWatcher
 from relay.route.router import Router
 from relay.send.sender import DestinationSender
@@ -41,7 +42,7 @@ def rules_and_routes(config: Config, engine: Engine) -> tuple[Editor, Router]:
     """The global rules' editor and the router of a configuration, on this engine's
     converter when it asks for the toolkit's."""
     converter = engine.toolkit_converter() if config.toolkit.converter == "toolkit" else None
-    return (Editor(config.rules, converter),
+    return (Editor(config.rules, converter, config.receiver.max_object_mb * 1024 * 1024),
             Router(config.destinations, converter, called_ae=config.receiver.ae_title))
 
 
@@ -70,7 +71,7 @@ class Relay:
         self.events = EventBus()
         self.metrics = Metrics()
         self.events.subscribe(self.metrics)
-        self.events.subscribe(LogLines())
+        self.events.subscribe(LogLines(config.audit.patient_values))
         self.stow = StowSender()
         self.processor: Processor | None = None
 
@@ -97,7 +98,7 @@ class Relay:
             self.processor = Processor(
                 self.spool, Setup(editor, router, {s.destination.name: s for s in self.senders},
                                   self.config.process.unrouted),
-                self.events, self.committer)
+                self.events, self.committer, self.config.audit.patient_values)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=self.processor: self._work_loop(p), f"edit-{i}")
             # Watch before the receiver starts so the first arrival is not missed.
@@ -149,7 +150,8 @@ class Relay:
             held={s.destination.name: len(s.held()) for s in senders if s.hold is not None},
             receiver_port=self.config.receiver.port if self.do_receive else None,
             receiver_restarts=receiver.restarts() if receiver is not None else 0,
-            version=__version__, engine=self.engine.name)
+            version=__version__, engine=self.engine.name,
+            floor=floor_of(self.config).bytes)
 
     # --- reload (SIGHUP) -------------------------------------------------------------------
 

@@ -24,7 +24,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from relay.receive.floor import FloorKeeper, floor_of
 
 if TYPE_CHECKING:
     from relay.config.model import Config
@@ -42,6 +45,13 @@ LOG_PLAIN_ENV = "DICOM_RELAY_SUPERVISED"
 def _die_with_parent(sig: int = signal.SIGTERM) -> None:  # in the child, before exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, sig)
+
+
+def _receiver_child(sig: int) -> None:  # in a receiver, before exec
+    _die_with_parent(sig)
+    # What it writes (received objects) is readable by the relay's user only, as the
+    # embedded receiver's objects are: a toolkit's own default would be 0644.
+    os.umask(0o077)
 
 
 def run_tool(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None,
@@ -89,7 +99,9 @@ class Supervisor:
                  backoff_initial: float = 1.0, backoff_max: float = 30.0,
                  stop_timeout: float = 5.0, start_timeout: float = 15.0,
                  death_signal: int = signal.SIGTERM, ready_line: str | None = None,
-                 line_level: LineLevel | None = None) -> None:
+                 line_level: LineLevel | None = None,
+                 on_line: Callable[[str], None] | None = None,
+                 freeze_first: bool = False) -> None:
         self.name = name
         self.argv = [str(a) for a in argv]
         self.port = port
@@ -107,10 +119,15 @@ class Supervisor:
         # The level each output line is logged at (default INFO): a tool that prints every
         # PDU at its own DEBUG level keeps that level in our log.
         self.line_level = line_level
+        self.on_line = on_line  # sees every output line (a receiver learns from them)
+        # Stopped by freezing the whole group (SIGSTOP), then killing it (SIGKILL): no
+        # process of it may go on after another one died (see DcmtkReceiver).
+        self.freeze_first = freeze_first
         self._ready = threading.Event()
         self.restarts = 0  # times it died and was started again (a metric)
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
+        self._paused = threading.Event()  # stopped on purpose (the free-space floor)
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
 
@@ -154,7 +171,7 @@ class Supervisor:
         proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self.env, start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, self.death_signal))  # noqa: PLW1509
+            preexec_fn=functools.partial(_receiver_child, self.death_signal))  # noqa: PLW1509
         with self._lock:
             self.proc = proc
         threading.Thread(target=self._pump, args=(proc,), name=f"log-{self.name}",
@@ -170,8 +187,32 @@ class Supervisor:
                     level = self.line_level(line, level)
                 if log.isEnabledFor(level):
                     log.log(level, "%s: %s", self.name, line)
+                if self.on_line is not None:
+                    self.on_line(line)
                 if self.ready_line is not None and self.ready_line in line:
                     self._ready.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self, why: str) -> None:
+        """Stop it, and keep it stopped (its port closed) until resume(): modalities get
+        "connection refused" at once and send later; what it had not answered for, they
+        send again. (Frozen instead, it kept their associations hanging for minutes: a
+        sender's write to a peer that reads nothing times out only in TCP.)"""
+        if self._paused.is_set():
+            return
+        self._paused.set()
+        log.warning("%s stopped: %s; modalities are refused until there is room", self.name,
+                    why)
+        with self._lock:
+            self._kill_group()
+
+    def resume(self) -> None:
+        """Start it again after pause() (the monitor thread does, after the sweep of what
+        the stopped one left)."""
+        self._paused.clear()
 
     def _watch(self) -> None:
         delay = self.backoff_initial
@@ -186,6 +227,12 @@ class Supervisor:
             # the next one starts: end them too. Their modalities got no success and resend.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            if self._paused.is_set():
+                while self._paused.is_set():
+                    if self._stopping.wait(0.2):
+                        return
+                self._spawn_again("started again")
+                continue
             if time.monotonic() - started > 60:
                 delay = self.backoff_initial  # it ran fine for a while: start over
             log.error("%s (pid %d) exited with %s; restarting in %.1f s", self.name, proc.pid,
@@ -193,19 +240,28 @@ class Supervisor:
             if self._stopping.wait(delay):
                 return
             delay = min(self.backoff_max, delay * 2)
-            try:
-                self._spawn()
-            except OSError as exc:
-                log.error("cannot restart %s: %s", self.name, exc)
-                continue
-            self.restarts += 1
-            log.info("%s restarted (pid %s)", self.name, self.pid)
+            if self._spawn_again("restarted"):
+                self.restarts += 1
+
+    def _spawn_again(self, what: str) -> bool:
+        try:
+            self._spawn()
+        except OSError as exc:
+            log.error("cannot start %s again: %s", self.name, exc)
+            return False
+        log.info("%s %s (pid %s)", self.name, what, self.pid)
+        return True
 
     def _kill_group(self) -> None:
         proc = self.proc
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
+        signals = ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0))
+        if self.freeze_first:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGSTOP)
+            signals = ((signal.SIGKILL, 5.0), (signal.SIGKILL, 5.0))
+        for sig, wait in signals:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
             try:
@@ -232,8 +288,12 @@ class SupervisedReceiver:
     ready_line: str | None = None  # see Supervisor
 
     def __init__(self, config: Config, argv: Sequence[str], *, host: str,
-                 env: dict[str, str] | None = None, line_level: LineLevel | None = None
-                 ) -> None:
+                 env: dict[str, str] | None = None, line_level: LineLevel | None = None,
+                 on_line: Callable[[str], None] | None = None,
+                 writes_to: Path | None = None, freeze_first: bool = False) -> None:
+        """writes_to: where the tool puts the objects it completes; the free-space floor is
+        kept by watching it (None: the receiver keeps the floor itself, as the embedded
+        one does)."""
         for key in ("allowed_calling_aets", "allowed_hosts"):
             if getattr(config.receiver, key) and not self.enforces_allow_lists:
                 raise OSError(f"receiver.{key}: {self.toolkit}'s storescp cannot enforce it; "
@@ -241,15 +301,23 @@ class SupervisedReceiver:
         self.supervisor = Supervisor(self.name, argv, port=config.receiver.port, host=host,
                                      env=env, before_start=self.sweep,
                                      death_signal=self.death_signal,
-                                     ready_line=self.ready_line, line_level=line_level)
+                                     ready_line=self.ready_line, line_level=line_level,
+                                     on_line=on_line, freeze_first=freeze_first)
+        self.floor_keeper = (FloorKeeper(floor_of(config), writes_to, self.supervisor.pause,
+                                         self.supervisor.resume)
+                             if writes_to is not None else None)
 
     def sweep(self) -> None:
         """Before each (re)start: deal with what a dead receiver left half-written."""
 
     def start(self) -> None:
         self.supervisor.start()
+        if self.floor_keeper is not None:
+            self.floor_keeper.start()
 
     def stop(self) -> None:
+        if self.floor_keeper is not None:
+            self.floor_keeper.stop()
         self.supervisor.stop()
 
     def restarts(self) -> int:

@@ -63,7 +63,8 @@ from relay.send.results import (
     read_outgoing,
 )
 from relay.toolkits.base import Engine, Receiver
-from relay.toolkits.common import last_lines, tool_timeout
+from relay.toolkits.common import last_lines, plain_uids, tool_timeout
+from relay.toolkits.embedded import EmbeddedEngine
 from relay.toolkits.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores, java_stores
 
 if TYPE_CHECKING:
@@ -165,16 +166,25 @@ def tls_args(stores: JavaStores | None, *, require_peer_certificate: bool = True
     return args
 
 
+# Received objects are renamed, once complete, to a name storescp makes at random (a UUID):
+# by default it names them after the peer's SOP Instance UID, and a UID such as `.hidden`
+# (never seen by the watcher) or `1.2.3.part` (taken for an unfinished file) was
+# acknowledged and never forwarded. Its temporary file is still `<uid>.part`: unfinished.
+FILE_NAME = "{rnd,uuid}.dcm"
+
+
 def storescp_argv(bin_dir: Path, ae_title: str, host: str, port: int,
                   incoming: Path, tls: list[str] | None = None,
                   idle_timeout: float = 60) -> list[str]:
-    # A silent association is aborted after idle_timeout; negotiation gets half of it (as on
-    # the other engines). storescp has no timeout for a C-STORE whose data stops coming
-    # (receiver.request_timeout): README, engines compared.
+    # A silent association is aborted after idle_timeout; the association request must be
+    # complete within half of it, at most 10 s (as on the other engines; storescp's timer is
+    # a deadline: a request sent a byte at a time does not extend it). storescp has no
+    # timeout for a C-STORE whose data stops coming (receiver.request_timeout): README.
+    negotiation = max(1.0, min(10.0, idle_timeout / 2))
     return [str(bin_dir / "storescp"), "-b", f"{ae_title}@{host}:{port}",
-            "--directory", str(incoming), "--accept-unknown",
+            "--directory", str(incoming), "--filepath", FILE_NAME, "--accept-unknown",
             "--idle-timeout", str(int(idle_timeout * 1000)),
-            "--request-timeout", str(int(idle_timeout * 500)), *(tls or [])]
+            "--request-timeout", str(int(negotiation * 1000)), *(tls or [])]
 
 
 def storescu_argv(bin_dir: Path, files: list[Path], destination: Destination,
@@ -302,7 +312,7 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
         argv = storescp_argv(engine.bin_dir, rc.ae_title, rc.host, rc.port, incoming, tls,
                              rc.idle_timeout)
         super().__init__(config, argv, host=rc.host, env=self._confined_env(engine, incoming),
-                         line_level=receiver_level)
+                         line_level=receiver_level, writes_to=spool.incoming)
 
     @staticmethod
     def _confined_env(engine: Dcm4cheEngine, incoming: Path) -> dict[str, str]:
@@ -324,9 +334,11 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
         return env
 
     def sweep(self) -> None:
-        # dcm4che renames <uid>.part when complete: a .part left behind was never finished.
+        # storescp renames <uid>.part to a name of its own (FILE_NAME) when complete: a .part
+        # left behind (whatever the UID made its name, `.x.part` too) was never finished,
+        # and never acknowledged.
         self.spool.quarantine_unfinished(
-            [p for p in self.spool.incoming.glob("*.part") if not p.name.startswith(".")],
+            sorted(self.spool.incoming.glob("*.part")),  # dot files too
             "storescp stopped while writing it; the sender got no success and sends it again")
 
 
@@ -343,6 +355,8 @@ class Dcm4cheEngine(Engine):
                 raise FileNotFoundError(f"dcm4che's {tool} not found in {self.bin_dir} "
                                         "(set [toolkit].dcm4che_home)")
         self.env = tool_env(self.home)
+        # For objects whose UIDs must not reach storescu's file list (plain_uids).
+        self.embedded = EmbeddedEngine()
         self._stores: dict[TLSConfig, JavaStores] = {}
         self._private: Path | None = None
 
@@ -376,8 +390,15 @@ class Dcm4cheEngine(Engine):
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
         # One tool process per call: nothing to keep open between calls.
-        ready, unreadable = read_outgoing(files)
+        outgoing, unreadable = read_outgoing(files)
         yield from unreadable
+        # storescu writes each file's UIDs into a list of its own, one line each, tab-
+        # separated: a UID holding a newline and tabs made it send a file of the relay's
+        # working directory to the PACS. Such objects go by pynetdicom.
+        ready = [item for item in outgoing if plain_uids(item)]
+        odd = [item.path for item in outgoing if not plain_uids(item)]
+        if odd:
+            yield from self.embedded.send(odd, destination, calling_ae, timeout)
         if not ready:
             return
         argv = storescu_argv(self.bin_dir, [item.path for item in ready], destination,

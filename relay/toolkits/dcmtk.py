@@ -6,9 +6,13 @@ Facts it is built on (measured here, see design.md):
   executables are taken from `toolkit.dcmtk_bin`, never found by bare name.
 - storescp writes each object in place under its final name, and IN_CLOSE_WRITE also fires
   when it dies mid-write. So it writes into spool/receiving/ and, once an object is complete,
-  `--exec-on-reception` with `--exec-sync` leaves a marker `<name>.done` beside it before the
-  C-STORE response goes out; the receiver's hand-over thread then moves the object into
-  incoming/. An object without its marker was never acknowledged.
+  `--exec-on-reception` with `--exec-sync` leaves a marker `<name>.done` beside it; the
+  receiver's hand-over thread then moves the object into incoming/. The mark comes AFTER the
+  C-STORE response (storescp.cc runs the command once DIMSE_storeProvider has answered;
+  measured: a storescp killed at the right instant had acknowledged an object it had not
+  marked). storescp answers only once the object is written whole, so an object without its
+  mark after storescp died is handed over when whole (it may have been acknowledged: a
+  duplicate at worst) and quarantined only when cut short (never acknowledged).
   The marker is written by a shell builtin (`: > file`): the command runs through /bin/sh
   (DCMTK's mechanism), and one more process per object (`mv`) had capped the receiver at
   ~320 objects/s where storescp alone takes ~1,000/s (measured: the marker ~490/s).
@@ -32,10 +36,12 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -44,8 +50,10 @@ from inotify_simple import INotify, flags
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
+from relay.edit.editor import BadInput, read_dicom
 from relay.edit.scan import leading_values
 from relay.receive.supervisor import SupervisedReceiver, run_tool
+from relay.receive.warden import Warden
 from relay.send.results import (
     Context,
     DestinationUnavailable,
@@ -59,10 +67,12 @@ from relay.send.results import (
 from relay.toolkits.base import Engine, Receiver
 from relay.toolkits.common import (
     context_groups,
+    is_uid,
     last_lines,
     mark_in_flight,
     tool_timeout,
 )
+from relay.toolkits.embedded import EmbeddedEngine
 
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination, TLSConfig
@@ -111,15 +121,37 @@ def tls_args(tls: TLSConfig | None) -> list[str]:
     return args
 
 
-DONE_MARKER = ".done"  # receiving/<name>.done: storescp finished <name> (before answering)
+DONE_MARKER = ".done"  # receiving/<name>.done: storescp finished and answered <name>
+
+
+# storescp's log lines, each with the pid of the process (a child per association) and its
+# level: the receiver learns from them which children have negotiated (relay.receive.warden).
+LOG_CONFIG = """log4cplus.rootLogger = INFO, console
+log4cplus.appender.console = log4cplus::ConsoleAppender
+log4cplus.appender.console.layout = log4cplus::PatternLayout
+log4cplus.appender.console.layout.ConversionPattern = %i %p: %m%n
+"""
+_LOG_LINE_RE = re.compile(r"^(\d+) (TRACE|DEBUG|INFO|WARN|ERROR|FATAL): ")
+_NEGOTIATED_RE = re.compile(r"^(\d+) INFO: Association Received")
+_LOG_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.DEBUG,
+               "WARN": logging.WARNING, "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
+
+
+def storescp_level(line: str, previous: int) -> int:
+    """The level of one storescp line in our log: its own, but its INFO (each association
+    and object) at DEBUG, as storescp without --verbose was; a line without a header
+    continues the one before."""
+    found = _LOG_LINE_RE.match(line)
+    return previous if found is None else _LOG_LEVELS[found.group(2)]
 
 
 def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
                   tls: TLSConfig | None = None, idle_timeout: float = 60,
-                  request_timeout: float = 60) -> list[str]:
+                  request_timeout: float = 60, log_config: Path | None = None) -> list[str]:
     mark = f": > {shlex.quote(str(receiving))}/#f{DONE_MARKER}"
     return [
         str(storescp), *tls_args(tls),
+        *(["--log-config", str(log_config)] if log_config is not None else []),
         "--aetitle", ae_title,
         "--accept-all",          # every transfer syntax DCMTK knows: compressed stay compressed
         "--promiscuous",         # storage SOP classes DCMTK does not know yet, too
@@ -130,7 +162,7 @@ def storescp_argv(storescp: Path, ae_title: str, port: int, receiving: Path,
         "--output-directory", str(receiving),
         "--unique-filenames",    # DCMTK-made names: no peer text, no overwrite on resend
         "--exec-on-reception", mark,
-        "--exec-sync",           # marked before the C-STORE response is sent
+        "--exec-sync",           # marked before the next request is read
         "--socket-timeout", str(max(1, int(idle_timeout))),
         "--acse-timeout", str(max(1, int(idle_timeout / 2))),
         "--dimse-timeout", str(max(1, int(request_timeout))),
@@ -266,20 +298,12 @@ def _sendable(path: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
-# What an association profile may name: a UID is digits and dots (PS3.5 9.1). Anything else
-# (peer-supplied text) must never reach the profile file, where it could add lines.
-_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-
-
 def _presentation(path: Path) -> Context | str:
     """(SOP Class UID, transfer syntax UID) the file goes as, or why it cannot be sent."""
     found = _read_uids(path)
     if isinstance(found, str):
         return found
     sop_class, _, syntax = found
-    for what, uid in (("SOP Class UID", sop_class), ("transfer syntax UID", syntax)):
-        if not _UID_RE.fullmatch(uid) or len(uid) > 64:
-            return f"its {what} {uid[:80]!r} is not a UID"
     return sop_class, syntax
 
 
@@ -378,15 +402,37 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
             log.warning("DCMTK's storescp cannot bind to one address: it listens on all, "
                         "not only %s", rc.host)
         self.spool = spool
+        self._private = Path(tempfile.mkdtemp(prefix="dicom-relay-dcmtk-"))
+        weakref.finalize(self, shutil.rmtree, self._private, True)
+        log_config = self._private / "storescp-log.cfg"
+        log_config.write_text(LOG_CONFIG)
         argv = storescp_argv(find_tool(engine.bin_dir, "storescp"), rc.ae_title, rc.port,
-                             spool.receiving, rc.tls, rc.idle_timeout, rc.request_timeout)
+                             spool.receiving, rc.tls, rc.idle_timeout, rc.request_timeout,
+                             log_config)
         self._stop = threading.Event()
         self._handover: threading.Thread | None = None
         self._inotify: INotify | None = None
-        super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env())  # noqa: S104
+        super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env(),  # noqa: S104
+                         line_level=storescp_level, on_line=self._on_line,
+                         writes_to=spool.receiving,
+                         # storescp marks an object done through a shell it runs before it
+                         # answers: a SIGTERM that killed that shell first let the answer go
+                         # out with no mark (acknowledged, then taken for unfinished). Frozen,
+                         # then killed, nothing of it goes on once a part of it is gone.
+                         freeze_first=True)
+        # storescp forks a process per association and limits none: the warden does.
+        self.warden = Warden(lambda: self.supervisor.pid,
+                             negotiation=max(1.0, min(10.0, rc.idle_timeout / 2)),
+                             per_host=rc.per_host, total=rc.max_associations)
+
+    def _on_line(self, line: str) -> None:
+        found = _NEGOTIATED_RE.match(line)
+        if found:
+            self.warden.negotiated(int(found.group(1)))
 
     def start(self) -> None:
         self.spool.receiving.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.spool.incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Watch before the first sweep and start: no marker can slip between the two.
         self._inotify = INotify()
         self._inotify.add_watch(str(self.spool.receiving), flags.CLOSE_WRITE)
@@ -395,8 +441,10 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
                                           daemon=True)
         self._handover.start()
         super().start()
+        self.warden.start()
 
     def stop(self) -> None:
+        self.warden.stop()
         super().stop()
         self._stop.set()
         if self._handover is not None:
@@ -431,14 +479,37 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
                 self._hand_over(marker)
 
     def sweep(self) -> None:
-        """Before each (re)start: objects storescp finished go on; the rest was never
-        acknowledged (cut short, or finished without its marker) and is quarantined."""
+        """Before each (re)start: objects storescp finished go on; of the others, those
+        whole go on too (storescp may have answered for one before it died, without the mark
+        that comes after the answer), those cut short were never acknowledged and are
+        quarantined."""
         self._hand_over_marked()
+        if not self.spool.receiving.is_dir():
+            return
+        unmarked = [p for p in self.spool.receiving.iterdir()
+                    if not p.name.endswith(DONE_MARKER)]
+        cut = []
+        for path in unmarked:
+            if _whole(path):
+                log.warning("%s: storescp stopped after writing it whole, maybe after answering "
+                            "for it: handed over (a duplicate at worst)", path.name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, self.spool.incoming / path.name)
+            else:
+                cut.append(path)
         self.spool.quarantine_unfinished(
-            [p for p in self.spool.receiving.iterdir() if not p.name.endswith(DONE_MARKER)]
-            if self.spool.receiving.is_dir() else [],
-            "storescp stopped while writing it (or before answering); the sender got no "
-            "success and sends it again")
+            cut, "storescp stopped while writing it; the sender got no success and sends it "
+            "again")
+
+
+def _whole(path: Path) -> bool:
+    """Whether a file storescp left holds a whole object (its elements all there; an
+    empty or unreadable file is taken for one cut short)."""
+    try:
+        read_dicom(path)
+    except (BadInput, OSError):
+        return False
+    return True
 
 
 class DcmtkEngine(Engine):
@@ -452,6 +523,8 @@ class DcmtkEngine(Engine):
         self.dcmsend = find_tool(self.bin_dir, "dcmsend")
         self.echoscu = find_tool(self.bin_dir, "echoscu")
         self.storescu = find_tool(self.bin_dir, "storescu")  # for TLS destinations
+        # For objects whose UIDs must not reach storescu's association profile.
+        self.embedded = EmbeddedEngine()
 
     def describe(self) -> str:
         return f"dcmtk ({self.bin_dir})"
@@ -520,12 +593,19 @@ class DcmtkEngine(Engine):
                   timeout: float) -> Iterator[SendResult]:
         """storescu over TLS, as many associations as 128 presentation contexts need."""
         ready: list[tuple[Path, Context]] = []
+        odd: list[Path] = []
         for path in files:
             found = _presentation(path)
             if isinstance(found, str):
                 yield SendResult(path, Outcome.FAILED, None, f"storescu cannot send it: {found}")
-            else:
+            elif all(is_uid(uid) for uid in found):
                 ready.append((path, found))
+            else:
+                # Peer text that is not a UID never reaches the profile file (where it could
+                # add lines): pynetdicom sends such an object as it is.
+                odd.append(path)
+        if odd:
+            yield from self.embedded.send(odd, destination, calling_ae, timeout)
         for group, contexts in context_groups(ready, lambda item: item[1]):
             yield from self._storescu([path for path, _ in group], contexts, destination,
                                       calling_ae, timeout)

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -34,6 +36,10 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification
 
+from relay.edit.scan import inflate_excess
+from relay.ops.logs import shown
+from relay.receive.floor import floor_of
+from relay.receive.guard import MAX_SMALL_PDU, Guard, Limits, install, uninstall
 from relay.receive.supervisor import LOG_PLAIN_ENV, SupervisedReceiver
 from relay.send.results import (
     Context,
@@ -61,6 +67,19 @@ log = logging.getLogger("relay.embedded")
 # Send files from disk in PDU-sized chunks without decoding them (memory stays flat, the
 # original encoding goes out untouched).
 _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _any_uid(value: str) -> tuple[bool, str]:
+    """pynetdicom's validator of UI values, replaced: it refused (aborting the association)
+    a C-STORE whose SOP Instance UID is not a UID, coming in or going out. Such an object is
+    stored and forwarded as it came: the relay never makes a name, a path, a list entry or
+    an unescaped log line of a UID (relay.spool.safe_name, toolkits.common.plain_uids,
+    ops.logs.shown), and the PACS judges the UID."""
+    del value
+    return True, ""
+
+
+_config.VALIDATORS["UI"] = _any_uid
 
 READY_LINE = "embedded receiver listening"  # logged once it is; its supervisor waits for it
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -132,6 +151,10 @@ class EmbeddedReceiver(Receiver):
         self.server: Any = None
         self.networks = [ipaddress.ip_network(h, strict=False)
                          for h in config.receiver.allowed_hosts]
+        self.max_object = config.receiver.max_object_mb * 1024 * 1024
+        self.guard: Guard | None = None
+        self.floor = floor_of(config)
+        self._refusing = False
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -159,20 +182,44 @@ class EmbeddedReceiver(Receiver):
             assert data_set is not None
         except Exception as exc:  # noqa: BLE001 - any encoding problem: refuse, don't store
             log.error("C-STORE from %s: cannot encode the received object (%s): refused",
-                      event.assoc.requestor.ae_title, exc)
+                      shown(event.assoc.requestor.ae_title), exc)
             return STATUS_CANNOT_UNDERSTAND
+        if str(event.context.transfer_syntax) == DeflatedExplicitVRLittleEndian:
+            with data_set.getbuffer() as body:
+                why = inflate_excess([body], self.max_object)
+            if why:
+                log.error("C-STORE from %s: %s refused: %s", shown(event.assoc.requestor.ae_title),
+                          shown(str(request.AffectedSOPInstanceUID)), why)
+                return STATUS_CANNOT_UNDERSTAND
         try:
             # The data set exactly as sent (never decoded), written from pynetdicom's receive
             # buffer itself: encoded_dataset() would copy it, twice with the file meta; a
             # 24 MB object then cost ~100 MB of RSS.
             with data_set.getbuffer() as body:
+                size = len(head) + len(body)
+                self.floor.seen(size)
+                if not self._room_for(size):
+                    return STATUS_OUT_OF_RESOURCES
                 self.spool.write_incoming(name, head, body)
         except OSError as exc:
             log.error("C-STORE from %s: cannot store %s (%s): answered Out of Resources",
-                      event.assoc.requestor.ae_title, name, exc.strerror or exc)
+                      shown(event.assoc.requestor.ae_title), name, exc.strerror or exc)
             return STATUS_OUT_OF_RESOURCES
-        log.debug("received %s from %s", name, event.assoc.requestor.ae_title)
+        log.debug("received %s from %s", name, shown(event.assoc.requestor.ae_title))
         return 0x0000
+
+    def _room_for(self, size: int) -> bool:
+        """Whether storing `size` bytes leaves the free-space floor: below it the receiver
+        answers Out of Resources (the modality sends later), before the disk is full."""
+        room = self.floor.room_for(size)
+        if room != (not self._refusing):
+            self._refusing = not room
+            if room:
+                log.warning("room again (%s): objects are taken again", self.floor.describe())
+            else:
+                log.warning("below the free-space floor (%s): objects are answered Out of "
+                            "Resources (0xA700) until there is room", self.floor.describe())
+        return room
 
     @staticmethod
     def on_dimse_recv(event: evt.Event) -> None:
@@ -191,19 +238,46 @@ class EmbeddedReceiver(Receiver):
         claimed = str(command.get("AffectedSOPClassUID", ""))
         if negotiated is None or claimed == negotiated:
             return
-        log.warning("C-STORE from %s: SOP Class UID %r of %s is not the presentation "
+        log.warning("C-STORE from %s: SOP Class UID %s of %s is not the presentation "
                     "context's (%s): received under the context's class",
-                    event.assoc.requestor.ae_title, claimed,
-                    command.get("AffectedSOPInstanceUID", "?"), negotiated)
+                    shown(event.assoc.requestor.ae_title), shown(claimed),
+                    shown(str(command.get("AffectedSOPInstanceUID", "?"))), negotiated)
         command.AffectedSOPClassUID = negotiated
 
     def on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event)
         # pynetdicom's idle timer runs only between PDUs: a peer that stops in the middle of
         # one would hold its thread (and a clean shutdown) for ever. A socket timeout ends it.
-        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        assoc_socket = getattr(event.assoc.dul, "socket", None)
+        sock = getattr(assoc_socket, "socket", None)
+        if (isinstance(sock, ssl.SSLSocket) and assoc_socket is not None
+                and not self._handshake(sock, event)):
+            assoc_socket.close()
+            return
         if sock is not None:
             sock.settimeout(self.config.idle_timeout)
+        if self.guard is not None and assoc_socket is not None:
+            # What it may send before it is authorised (relay.receive.guard).
+            self.guard.opened(assoc_socket)
+
+    def _handshake(self, sock: ssl.SSLSocket, event: evt.Event) -> bool:
+        """The TLS handshake, in this connection's own thread and within the negotiation
+        deadline (pynetdicom did it in the thread that accepts every connection: one peer
+        that never completed it kept everyone else waiting)."""
+        assert self.guard is not None
+        sock.settimeout(self.guard.limits.negotiation)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            log.warning("connection from %s closed: TLS handshake failed (%s)",
+                        event.address[0], exc)
+            return False
+        return True
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        assoc_socket = getattr(event.assoc.dul, "socket", None)
+        if self.guard is not None and assoc_socket is not None:
+            self.guard.closed(assoc_socket)
 
     def on_requested(self, event: evt.Event) -> None:
         """A-ASSOCIATE-RQ: refuse a peer outside `allowed_hosts`, else negotiate."""
@@ -215,7 +289,7 @@ class EmbeddedReceiver(Receiver):
                 ip = None
             if ip is None or not any(ip in net for net in self.networks):
                 log.warning("association from %s (%s) refused: not in receiver.allowed_hosts",
-                            address, event.assoc.requestor.ae_title)
+                            address, shown(event.assoc.requestor.ae_title))
                 # Rejected permanently, by the service user, no reason given.
                 event.assoc.acse.send_reject(0x01, 0x01, 0x01)
                 return
@@ -238,7 +312,17 @@ class EmbeddedReceiver(Receiver):
             sorted(self.spool.incoming.glob(f".*{PARTIAL_SUFFIX}")),
             "the relay stopped while receiving it; the sender got no success and sends again")
         ae = self._make_ae()
+        rc = self.config
+        self.guard = Guard(Limits(
+            max_pdu=ae.maximum_pdu_size or MAX_SMALL_PDU, negotiation=ae.acse_timeout,
+            request_timeout=rc.request_timeout, idle_timeout=rc.idle_timeout,
+            max_object=self.max_object,
+            # A host's share, when it is less than the whole: the whole is pynetdicom's
+            # max_associations, whose refusal is an A-ASSOCIATE-RJ (transient: try later).
+            per_host=rc.per_host if rc.per_host < rc.max_associations else 0))
+        install(self.guard)
         handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_conn_open),
+                    (evt.EVT_CONN_CLOSE, self.on_conn_close),
                     (evt.EVT_REQUESTED, self.on_requested),
                     (evt.EVT_DIMSE_RECV, self.on_dimse_recv)]
         address = (self.config.host, self.config.port)
@@ -246,6 +330,7 @@ class EmbeddedReceiver(Receiver):
         try:
             self.server = ae.start_server(address, block=False, evt_handlers=handlers,
                                           ssl_context=ssl_context)
+            self._guard_connections(self.server, self.guard)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise OSError(exc.errno, f"port {self.config.port} on {self.config.host} is "
@@ -255,6 +340,33 @@ class EmbeddedReceiver(Receiver):
         log.info("%s as %s on %s:%d%s", READY_LINE, self.config.ae_title, *address,
                  " (TLS only)" if ssl_context else "")
 
+    @staticmethod
+    def _guard_connections(server: Any, guard: Guard) -> None:
+        """Each host's share of the receiver is checked as its connection is accepted, before
+        pynetdicom makes an association of it (socketserver's verify_request): a refused
+        connection never holds one of max_associations, even for a moment."""
+        verify, shutdown = server.verify_request, server.shutdown_request
+
+        def get_request() -> tuple[Any, Any]:
+            client, address = server.socket.accept()
+            if server.ssl_context:
+                # Handshake later, in the connection's own thread (on_conn_open).
+                client = server.ssl_context.wrap_socket(client, server_side=True,
+                                                        do_handshake_on_connect=False)
+            return client, address
+
+        def verify_request(request: Any, client_address: Any) -> bool:
+            host = str(client_address[0]) if isinstance(client_address, tuple) else "?"
+            return bool(guard.admit(request, host) and verify(request, client_address))
+
+        def shutdown_request(request: Any) -> None:
+            guard.dropped(request)
+            shutdown(request)
+
+        server.get_request = get_request
+        server.verify_request = verify_request
+        server.shutdown_request = shutdown_request
+
     def stop(self) -> None:
         if self.server is not None:
             # Peers still connected would keep shutdown() waiting for their threads: abort
@@ -263,6 +375,7 @@ class EmbeddedReceiver(Receiver):
                 assoc.abort()
             self.server.shutdown()
             self.server = None
+        uninstall()
 
 
 class EmbeddedReceiverProcess(SupervisedReceiver, Receiver):

@@ -134,3 +134,42 @@ def test_sender_speaks_tls_to_a_tls_destination(tmp_path: Path, pki: Pki, dcmtk:
         assert len(sidecars) == 1 and "0xA900" in sidecars[0].read_text()
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_peer_that_never_starts_its_handshake_blocks_no_one(
+        tmp_path: Path, pki: Pki, dcmtk: Path, engine: str) -> None:
+    """pynetdicom made the TLS handshake in the thread that accepts every connection: one
+    connection that never sent its ClientHello kept every modality waiting (up to
+    idle_timeout). The embedded receiver now makes it in the connection's own thread."""
+    import socket
+    import threading
+
+    sink = ScriptedSCP()
+    port = free_port()
+    cfg = _relay_config(tmp_path, port, sink.port, engine, pki, receiver_tls=True,
+                        dest_tls=False)
+    relay = RelayProcess(cfg, tmp_path).start(port)
+    silent = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+    try:
+        uids = ct_series(tmp_path / "ct", 2)
+        ctx = client_context(TLSConfig(ca=pki.ca, certificate=pki.client_cert,
+                                       private_key=pki.client_key))
+        statuses: list[int] = []
+        modality = threading.Thread(target=lambda: statuses.extend(_modality_store(
+            port, sorted((tmp_path / "ct").iterdir()), ctx)), daemon=True)
+        modality.start()
+        modality.join(timeout=40)
+        assert not modality.is_alive(), "the modality was kept waiting"
+        silent.setblocking(False)
+        try:
+            still_open = silent.recv(1) != b""
+        except BlockingIOError:
+            still_open = True
+        assert statuses == [0, 0]
+        assert still_open, "the modality stored while the silent peer still held its connection"
+        wait_until(lambda: set(sink.counts()) == set(uids), 30, what="the study at the sink")
+    finally:
+        silent.close()
+        relay.stop()
+        sink.close()
