@@ -2,13 +2,41 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import DCM4CHE_HOME, DCMTK_BIN, ORTHANC, Link, Orthanc, with_dcm4che  # noqa: E402
+from peers import (  # noqa: E402
+    DCM4CHE_HOME,
+    DCMTK_BIN,
+    ORTHANC,
+    REQUIRE_ALL,
+    Link,
+    Orthanc,
+    with_dcm4che,
+)
+
+# Under REQUIRE_ALL=1 (CI) a test that would skip for something missing (a toolkit, podman,
+# HAProxy, systemd-analyze, root) fails instead, since tests/run installs all of it and a
+# skip would hide a broken set-up. Elsewhere (a user's machine) it skips, saying why.
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped:
+        longrepr = report.longrepr
+        why = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} would be skipped ({why}), and REQUIRE_ALL=1 "
+                           "(CI) demands that everything runs: install what it needs "
+                           "(tests/run does).")
 
 
 def _require(tool: str) -> None:

@@ -88,7 +88,11 @@ def test_every_bundled_file_survives_the_relay(tmp_path: Path, dcmtk: Path, engi
     by_uid: dict[str, list[Path]] = {}
     for uid, kept in sink.kept:
         by_uid.setdefault(uid, []).append(kept)
-    problems = {}
+    # Several bundled files share one UID (MR_small in five encodings): each original must be
+    # matched to an arrival of its own, relayed faithfully (one arrival cannot stand for two
+    # originals; a bipartite matching, each arrival used once).
+    faithful: dict[str, list[Path]] = {}  # original's name → the arrivals that match it
+    problems: dict[str, list[list[str]]] = {}
     for path in originals:
         if path.name in truncated:
             continue
@@ -96,19 +100,38 @@ def test_every_bundled_file_survives_the_relay(tmp_path: Path, dcmtk: Path, engi
         # The embedded sender names an object by its file meta's UID, dcmsend by the data
         # set's; a few bundled files disagree with themselves.
         uids = {str(ds.file_meta.MediaStorageSOPInstanceUID), str(ds.get("SOPInstanceUID"))}
-        # Several bundled files share one UID (MR_small in five encodings): one of the
-        # objects that arrived under it must be this file, relayed faithfully.
         candidates = [got for uid in uids for got in by_uid.get(uid, [])]
         errors = [_differences(path, got, engine) for got in candidates]
-        if not errors or all(errors):
-            problems[path.name] = errors or ["did not arrive"]
+        faithful[path.name] = [got for got, e in zip(candidates, errors, strict=True) if not e]
+        if not faithful[path.name]:
+            problems[path.name] = errors or [["did not arrive"]]
     assert problems == {}, {name: min(errors, key=len) for name, errors in problems.items()}
+    unmatched = _unmatched(faithful)
+    assert unmatched == [], f"no arrival of their own: {unmatched}"
     assert len(originals) - len(truncated) >= 150
     print(f"\nfidelity ({engine}): {len(originals) - len(truncated)} of {len(originals)} "
           f"files relayed faithfully, {len(expected)} quarantined with their reason")
 
 
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", BIG_ENDIAN}
+
+
+def _unmatched(faithful: dict[str, list[Path]]) -> list[str]:
+    """The originals left without an arrival of their own when each arrival may stand for
+    one original only (maximum bipartite matching, Kuhn's augmenting paths)."""
+    owner: dict[Path, str] = {}
+
+    def assign(name: str, seen: set[Path]) -> bool:
+        for got in faithful[name]:
+            if got in seen:
+                continue
+            seen.add(got)
+            if got not in owner or assign(owner[got], seen):
+                owner[got] = name
+                return True
+        return False
+
+    return sorted(name for name in faithful if not assign(name, set()))
 
 
 def _as_little_endian(data: bytes, bits: int) -> bytes:

@@ -1,15 +1,18 @@
 """SIGHUP reloads the config of a running relay, on every engine, with real peers: a
 pynetdicom modality that holds one association open across the reload, DCMTK's dcmsend,
-Orthancs as destinations. In the middle of that association a destination and a filter are
-added and the rule changes: nothing is lost, the association goes on, the objects after the
-reload follow the new setup. A config that does not validate is refused; receiver settings
-wait for a restart; a destination removed keeps its queue in the spool."""
+Orthancs as destinations. In the middle of that association, with objects in hand (queued for
+a destination that is down, another modality's being received), a destination is changed,
+one is added with a filter and the rule changes: nothing is lost, the association goes on,
+the objects after the reload follow the new setup. A config that does not validate is
+refused; receiver settings wait for a restart; a destination removed keeps its queue in the
+spool."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from peers import (
     Orthanc,
     RelayProcess,
     dcmsend,
+    dcmsend_statuses,
     free_port,
     relay_config,
     spool_files,
@@ -36,11 +40,12 @@ RULE_V2 = '[[rules]]\nset = "PatientID"\nvalue = "RELOADED"\n'
 
 
 def _config(path: Path, port: int, spool: Path, engine: str, dests: list[Orthanc],
-            rules: str, extra_dest: str = "", receiver: str = "") -> Path:
+            rules: str, extra_dest: str = "", receiver: str = "", main_dest: str = "") -> Path:
     return relay_config(path, port=port, spool=spool, engine=engine, rules=rules,
                         receiver=receiver,
                         destinations=[(p.aet.lower(), p.aet, p.dicom_port,
-                                       extra_dest if i else "") for i, p in enumerate(dests)])
+                                       extra_dest if i else main_dest)
+                                      for i, p in enumerate(dests)])
 
 
 def _hup(relay: RelayProcess) -> None:
@@ -51,7 +56,9 @@ def _hup(relay: RelayProcess) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_reload_mid_stream_changes_route_and_rule_and_loses_nothing(
         tmp_path: Path, dcmtk: Path, engine: str) -> None:
-    main = Orthanc(tmp_path / "main", aet="MAIN").start()
+    # MAIN is down at first: the reload meets objects in hand (queued for MAIN, in its
+    # sender's retry, and a second modality's objects being received and edited).
+    main = Orthanc(tmp_path / "main", aet="MAIN")
     extra = Orthanc(tmp_path / "extra", aet="EXTRA").start()
     port = free_port()
     spool = tmp_path / "spool"
@@ -59,38 +66,61 @@ def test_reload_mid_stream_changes_route_and_rule_and_loses_nothing(
     _config(cfg, port, spool, engine, [main], RULE_V1)
     relay = RelayProcess(cfg, tmp_path).start(port)
     before = ct_series(tmp_path / "before", 20, ethnic_group="EG-OLD")
+    during = ct_series(tmp_path / "during", 20, ethnic_group="EG-OLD")
     after = ct_series(tmp_path / "after", 20, ethnic_group="EG-OLD")
     # The modality: one association, held open across the reload (pynetdicom, scripted).
     ae = AE(ae_title="CT01")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMRELAY")
+    other: dict[str, subprocess.CompletedProcess[str]] = {}
+    report = tmp_path / "during-report.txt"
     try:
         assert assoc.is_established
         for path in sorted((tmp_path / "before").iterdir()):
             assert assoc.send_c_store(path).Status == 0
-        wait_until(lambda: main.count() == 20, 60, what="the first 20 at MAIN")
-        # v2: a second destination that takes only CT from CT01, and another rule.
+        wait_until(lambda: len(spool_files(spool, "out/main")) == 20, 60,
+                   what="the first 20 queued for MAIN (down)")
+        # v2: MAIN's table changes (its sender is replaced, with 20 objects in hand), a second
+        # destination takes only CT from CT01, and another rule.
         _config(cfg, port, spool, engine, [main, extra], RULE_V2,
+                main_dest='transcode = "on-refusal"',
                 extra_dest='[destinations.filter]\nModality = "CT"\ncalling_ae = "CT01"\n')
+        # A second modality sends while the reload happens.
+        modality = threading.Thread(target=lambda: other.update(sent=dcmsend(
+            sorted((tmp_path / "during").iterdir()), port, "DICOMRELAY", report=report)))
+        modality.start()
+        wait_until(lambda: len(spool_files(spool, "out/main")) > 20
+                   or len(spool_files(spool, "incoming")) + len(spool_files(spool, "work")) > 0,
+                   60, interval=0.01, what="the second modality's objects arriving")
         _hup(relay)
         wait_until(lambda: "reload: " in relay.output() and " applied" in relay.output(), 30,
                    what="the reload applied")
         assert assoc.is_established, "the modality's association went on"
+        modality.join(timeout=120)
+        statuses = dcmsend_statuses(report)
+        assert len(statuses) == 20 and all(s.startswith("0x0000") for s in statuses.values())
+        main.start()
         for path in sorted((tmp_path / "after").iterdir()):
             assert assoc.send_c_store(path).Status == 0
         assoc.release()
-        wait_until(lambda: main.count() == 40 and extra.count() == 20, 60,
-                   what="40 at MAIN, the 20 sent after the reload at EXTRA")
+        wait_until(lambda: main.count() == 60 and extra.count() == 20, 90,
+                   what="60 at MAIN, the 20 sent on CT01's association after the reload "
+                        "at EXTRA")
         tags = main.tags_by_sop_uid()
-        assert set(tags) == set(before) | set(after)
+        assert set(tags) == set(before) | set(during) | set(after)
         assert {tags[uid]["PatientID"] for uid in before} == {"EG-OLD"}
+        # Received across the reload: either setup's rule, never none.
+        assert {tags[uid]["PatientID"] for uid in during} <= {"EG-OLD", "RELOADED"}
         assert {tags[uid]["PatientID"] for uid in after} == {"RELOADED"}
         extra_tags = extra.tags_by_sop_uid()
         assert set(extra_tags) == set(after)
         assert {t["PatientID"] for t in extra_tags.values()} == {"RELOADED"}
         wait_until(lambda: not spool_files(spool, "out") and not spool_files(spool, "incoming"),
                    30, what="spool drained")
-        assert "reload: destination extra added" in relay.output()
+        assert spool_files(spool, "failed") == []
+        out = relay.output()
+        assert "reload: destination extra added" in out
+        assert "reload: destination main changed" in out
     finally:
         if assoc.is_established:
             assoc.abort()

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,22 @@ def _queued(spool: Spool, folder: Path, count: int) -> dict[str, Path]:
     return out
 
 
-def _sender(spool: Spool, url: str, **dest: Any) -> DestinationSender:
+def _sender(spool: Spool, url: str, clock: Callable[[], float] = time.monotonic,
+            **dest: Any) -> DestinationSender:
     destination = Destination("archive", "", "127.0.0.1", 0, url=url, **dest)
     return DestinationSender(spool, destination, StowSender(),
                              SenderConfig(retry_initial=0.1, retry_max=5.0, timeout=5),
-                             events=logged_events())
+                             events=logged_events(), clock=clock)
+
+
+class FakeClock:
+    """The sender's monotonic clock, moved by the test (no sleeping, no wall-clock assert)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -287,17 +299,28 @@ def test_busy_server_is_retried_after_what_it_said(tmp_path: Path, spool: Spool,
                (429, None, {"Retry-After": "1"}),
                (200, None, {})]
     server = ScriptedStow(lambda n, uids: answers[n] if n < len(answers) else answers[-1])
-    sender = _sender(spool, server.url)
+    clock = FakeClock()
+    sender = _sender(spool, server.url, clock=clock)
     sender.load_backlog()
+
+    def due() -> list[Path]:  # what the sender would send now, without waiting
+        return sender._next_batch(idle_limit=0)
+
     try:
         with caplog.at_level("WARNING", logger="relay.send"):
-            first = sender.send_batch(sender._next_batch())
+            clock.now += sender.batch_wait
+            first = sender.send_batch(due())
             assert all(r.outcome is Outcome.RETRY and r.retry_after == 2.0 for r in first)
-            assert sender._hold_until - time.monotonic() > 1.5, "Retry-After: 2 honoured"
-            started = time.monotonic()
-            sender.send_batch(sender._next_batch())  # waits for the hold
-            assert time.monotonic() - started >= 1.5
-            sender.send_batch(sender._next_batch())
+            assert len(server.received) == 1
+            clock.now += 1.99
+            assert due() == [], "Retry-After: 2 honoured (the backoff alone is 0.1 s)"
+            clock.now += 0.01
+            second = sender.send_batch(due())
+            assert [r.retry_after for r in second] == [1.0] * 3
+            clock.now += 0.99
+            assert due() == [], "Retry-After: 1 honoured"
+            clock.now += 0.01
+            sender.send_batch(due())
     finally:
         server.close()
     assert not any(p.exists() for p in queued.values()), "delivered on the third request"

@@ -125,6 +125,8 @@ def test_refused_syntaxes_arrive_decompressed_with_the_same_pixels(
         pacs.close()
     try:
         stored = pacs.stored()
+        assert set(stored) == {uids[name] for name in decodable}
+        assert set(archive.tags_by_sop_uid()) == set(uids.values())
         for name, path in decodable.items():
             got = _read(stored[uids[name]])
             original = _read(path)
@@ -157,6 +159,7 @@ def test_without_transcoding_refused_syntaxes_are_quarantined(
     # OpenCV library in the toolkit): they are quarantined once they broke 3 associations.
     expected = {"jpeg-baseline", "jpeg-lossless", "jpeg2000", "undecodable"} \
         if engine == "dcm4che" else set(files)
+    uids = {name: str(_read(path).SOPInstanceUID) for name, path in files.items()}
     try:
         assert dcmsend(list(files.values()), port, "DICOMRELAY").returncode == 0
         wait_until(lambda: len([p for p in spool_files(spool, "failed")
@@ -166,10 +169,10 @@ def test_without_transcoding_refused_syntaxes_are_quarantined(
     finally:
         assert relay.stop() == 0
         pacs.close()
-    failed = {p.name.split("--", 1)[1]: p.parent.name for p in spool_files(spool, "failed")
+    failed = {str(_read(p).SOPInstanceUID): p.parent.name for p in spool_files(spool, "failed")
               if p.suffix != ".json"}
-    assert len(failed) == len(expected)
-    assert len(pacs.stored()) == len(files) - len(expected)
+    assert set(failed) == {uids[name] for name in expected}
+    assert set(pacs.stored()) == {uids[name] for name in files if name not in expected}
     assert "transcoded" not in (spool / "audit.jsonl").read_text()
     assert set(failed.values()) <= {"not-sendable", "breaks-association"}, failed
 

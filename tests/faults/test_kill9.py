@@ -99,6 +99,10 @@ def test_kill_9_twenty_times_loses_nothing(tmp_path: Path, dcmtk: Path, engine: 
         assert {p.parent.name for p in failed} <= {"incomplete-receive"}
         counts = sink.counts()
         assert set(counts) == set(uids)
+        # Every copy that reached the sink, duplicates included, went through the rule: no
+        # recovery path (a restart's sweep, a half-sent batch) forwards an unedited original.
+        unedited = [(uid, pid) for uid, pid in sink.every_patient_id if pid != "KILLED"]
+        assert not unedited, f"{len(unedited)} arrivals without the rule: {unedited[:3]}"
         duplicates = sum(n - 1 for n in counts.values())
         # The figure for the README's Guarantees (shown with `tests/run -s -k kill_9`).
         print(f"\nkill -9 x{kills} during {INSTANCES} instances ({engine}): "

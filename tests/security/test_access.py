@@ -16,7 +16,7 @@ from peers import (
     dcmsend,
     free_port,
     relay_config,
-    spool_files,
+    spool_objects,
     wait_until,
 )
 
@@ -39,18 +39,27 @@ def sink():  # noqa: ANN201
 
 def test_only_allowed_calling_ae_titles(tmp_path: Path, sink: ScriptedSCP, dcmtk: Path) -> None:
     port = free_port()
+    spool = tmp_path / "spool"
     cfg = _config(tmp_path, port, sink, receiver='allowed_calling_aets = ["CT01"]')
     relay = RelayProcess(cfg, tmp_path).start(port)
     try:
-        ct_series(tmp_path / "ct", 2)
-        files = sorted((tmp_path / "ct").iterdir())
-        refused = dcmsend(files, port, "DICOMRELAY", calling_aet="INTRUDER")
+        intruder = ct_series(tmp_path / "intruder", 2)
+        allowed = ct_series(tmp_path / "ct", 2)
+        refused = dcmsend(sorted((tmp_path / "intruder").iterdir()), port, "DICOMRELAY",
+                          calling_aet="INTRUDER")
         assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
-        assert spool_files(tmp_path / "spool", "incoming") == []
-        assert dcmsend(files, port, "DICOMRELAY", calling_aet="CT01").returncode == 0
-        wait_until(lambda: len(sink.counts()) == 2, 30, what="the allowed modality's study")
+        assert dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY",
+                       calling_aet="CT01").returncode == 0
+        wait_until(lambda: set(sink.counts()) == set(allowed), 30,
+                   what="the allowed modality's study")
+        wait_until(lambda: spool_objects(spool) == [], 30, what="the spool drained")
     finally:
         relay.stop()
+    # The intruder's objects were never stored: not in any folder of the spool (after the
+    # allowed study went all the way through), not at the destination, not in the audit log.
+    assert set(sink.counts()) == set(allowed) and spool_objects(spool) == []
+    audit = spool / "audit.jsonl"
+    assert not any(uid in audit.read_text() for uid in intruder)
 
 
 @pytest.mark.parametrize(("allowed", "accepted"), [("10.0.0.0/8", False),
@@ -59,19 +68,23 @@ def test_only_allowed_hosts(tmp_path: Path, sink: ScriptedSCP, dcmtk: Path, allo
                             accepted: bool) -> None:
     # Traffic only ever goes to 127.0.0.1: the allow-list decides about that address.
     port = free_port()
+    spool = tmp_path / "spool"
     cfg = _config(tmp_path, port, sink, receiver=f'allowed_hosts = ["{allowed}"]')
     relay = RelayProcess(cfg, tmp_path).start(port)
     try:
-        ct_series(tmp_path / "ct", 1)
+        uids = ct_series(tmp_path / "ct", 1)
         result = dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY")
         assert (result.returncode == 0) is accepted
         if accepted:
-            wait_until(lambda: len(sink.counts()) == 1, 30, what="stored")
+            wait_until(lambda: set(sink.counts()) == set(uids), 30, what="stored")
         else:
             assert "not in receiver.allowed_hosts" in relay.output()
-            assert spool_files(tmp_path / "spool", "incoming") == []
     finally:
         relay.stop()
+    if not accepted:  # nowhere, once the relay has stopped (it finishes what it holds)
+        assert spool_objects(spool) == [] and sink.counts() == {}
+        audit = spool / "audit.jsonl"
+        assert not audit.exists() or uids[0] not in audit.read_text()
 
 
 @pytest.mark.parametrize("key", ["allowed_hosts = [\"127.0.0.1\"]",

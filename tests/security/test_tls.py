@@ -21,6 +21,7 @@ from peers import (
     free_port,
     relay_config,
     spool_files,
+    spool_objects,
     wait_until,
 )
 from relay.config.model import TLSConfig
@@ -70,26 +71,33 @@ def test_receiver_takes_tls_only(tmp_path: Path, pki: Pki, dcmtk: Path, engine: 
     port = free_port()
     cfg = _relay_config(tmp_path, port, sink.port, engine, pki, receiver_tls=True,
                         dest_tls=False)
+    spool = tmp_path / "spool"
     relay = RelayProcess(cfg, tmp_path).start(port)
     try:
+        plain = ct_series(tmp_path / "plain", 3)
+        rogues = ct_series(tmp_path / "rogue", 3)
         uids = ct_series(tmp_path / "ct", 3)
-        files = sorted((tmp_path / "ct").iterdir())
-        # Plain DICOM: refused, nothing stored.
-        assert dcmsend(files, port, "DICOMRELAY").returncode != 0
+        # Plain DICOM: refused.
+        assert dcmsend(sorted((tmp_path / "plain").iterdir()), port,
+                       "DICOMRELAY").returncode != 0
         # TLS with a certificate from another CA: refused.
         rogue = client_context(TLSConfig(ca=pki.ca, certificate=pki.rogue_cert,
                                          private_key=pki.rogue_key))
-        assert _modality_store(port, files, rogue) == []
-        assert spool_files(tmp_path / "spool", "incoming") == []
-        assert sink.counts() == {}
+        assert _modality_store(port, sorted((tmp_path / "rogue").iterdir()), rogue) == []
         # TLS with our CA's client certificate: stored and relayed.
         good = client_context(TLSConfig(ca=pki.ca, certificate=pki.client_cert,
                                         private_key=pki.client_key))
-        assert _modality_store(port, files, good) == [0, 0, 0]
+        assert _modality_store(port, sorted((tmp_path / "ct").iterdir()), good) == [0, 0, 0]
         wait_until(lambda: set(sink.counts()) == set(uids), 30, what="relayed")
+        wait_until(lambda: spool_objects(spool) == [], 30, what="the spool drained")
     finally:
         relay.stop()
         sink.close()
+    # Nothing of what was refused was stored: not in any folder of the spool (after the good
+    # objects went all the way through), not at the destination, not in the audit log.
+    assert set(sink.counts()) == set(uids) and spool_objects(spool) == []
+    audit = (spool / "audit.jsonl").read_text()
+    assert not any(uid in audit for uid in [*plain, *rogues])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
