@@ -248,6 +248,18 @@ class Requeued(ObjectEvent):
 
     reason: str  # the failed/ folder it came from
     to: str  # incoming (processed again) or out/<destination>
+    actor: str | None = None  # the console user or API token that asked (None: the CLI)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Action(Event):
+    """Someone acted through the console or the API (pause, resume, release, delete,
+    reload, resend): on record with their name."""
+
+    actor: str
+    action: str
+    target: str
+    detail: str = ""
 
 
 # --- the relay itself -----------------------------------------------------------------------

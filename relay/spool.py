@@ -126,6 +126,31 @@ class Spool:
     def outbox(self, destination: str) -> Path:
         return self.out / destination
 
+    # --- pausing a destination (the console, the API) ---------------------------------------
+
+    @property
+    def paused_folder(self) -> Path:
+        return self.root / "paused"
+
+    def set_paused(self, destination: str, paused: bool) -> None:
+        """Keep (or drop) a mark that survives a restart: its queue fills, nothing is sent."""
+        mark = self.paused_folder / destination
+        if paused:
+            self.paused_folder.mkdir(mode=0o700, exist_ok=True)
+            mark.touch(mode=0o600)
+            _fsync_dir(self.paused_folder)
+        else:
+            mark.unlink(missing_ok=True)
+
+    def is_paused(self, destination: str) -> bool:
+        return (self.paused_folder / destination).exists()
+
+    def paused(self) -> set[str]:
+        try:
+            return {p.name for p in self.paused_folder.iterdir()}
+        except FileNotFoundError:
+            return set()
+
     # --- receiving -------------------------------------------------------------------------
 
     def partial_path(self, name: str) -> Path:

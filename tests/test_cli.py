@@ -13,7 +13,8 @@ from peers import EG_RULE, ENGINES, Orthanc, free_port, relay_config
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry",
-         "systemd", "haproxy"]
+         "systemd", "haproxy", "history import", "user add", "user remove", "user list",
+         "token add"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -32,7 +33,7 @@ def config(tmp_path: Path, dest_port: int, rules: str = "", aet: str = "ORTHANC"
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_every_verb_has_help_with_an_example(verb: str) -> None:
-    result = cli(verb, "--help")
+    result = cli(*verb.split(), "--help")
     assert result.returncode == 0, result.stderr
     assert "Example:" in result.stdout and f"dicom-relay {verb}" in result.stdout
 

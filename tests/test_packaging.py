@@ -19,7 +19,8 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry",
-         "systemd", "haproxy"]
+         "systemd", "haproxy", "history import", "user add", "user remove", "user list",
+         "token add"]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_every_module_imports_from_the_install(installed: Path) -> None:
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_every_verb_has_help_in_the_install(installed: Path, verb: str) -> None:
-    done = subprocess.run([str(installed / "bin" / "dicom-relay"), verb, "--help"],
+    done = subprocess.run([str(installed / "bin" / "dicom-relay"), *verb.split(), "--help"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "Example:" in done.stdout and f"dicom-relay {verb}" in done.stdout

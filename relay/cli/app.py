@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from relay import __version__
-from relay.cli import queues, render, serve, tools
+from relay.cli import access, history, queues, render, serve, tools
 
 app = typer.Typer(
     name="dicom-relay",
@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-for group in (serve, tools, queues, render):
+for group in (serve, tools, queues, history, access, render):
     group.register(app)
 
 

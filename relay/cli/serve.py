@@ -14,6 +14,7 @@ import typer
 from relay import __version__
 from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, VerboseOpt, engine_for, example, load
 from relay.config.model import Config
+from relay.console.server import ConsoleServer
 from relay.pipeline.relay import Relay
 
 log = logging.getLogger("relay")
@@ -43,10 +44,21 @@ def serve(cfg: Config, *, receive: bool, process: bool) -> None:
     except (OSError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
         raise typer.Exit(1) from None
+    console = None
+    if process and cfg.console.listen is not None:
+        console = ConsoleServer(relay)
+        try:
+            console.start()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            relay.stop()
+            raise typer.Exit(1) from None
     parts = [p for p, on in (("receive", receive), ("process+send", process)) if on]
     log.info("dicom-relay %s running (%s) on the %s engine, spool %s", __version__,
              " + ".join(parts), engine.describe(), cfg.spool.path)
     relay.wait()
+    if console is not None:
+        console.stop()
     relay.stop()
     log.info("stopped")
 

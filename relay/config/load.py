@@ -25,9 +25,11 @@ from relay.config.model import (
     AuditConfig,
     Config,
     ConfigError,
+    ConsoleConfig,
     Destination,
     DestinationRule,
     EditRule,
+    HistoryConfig,
     MetricsConfig,
     ProcessConfig,
     ReceiverConfig,
@@ -134,6 +136,48 @@ def _audit(t: Table) -> AuditConfig:
     return AuditConfig(path=t.path("path") if t.has("path") else None,
                        enabled=t.bool("enabled", True),
                        patient_values=t.bool("patient_values", True))
+
+
+def _history(t: Table) -> HistoryConfig:
+    t.check_keys(["enabled", "url", "relay_name", "keep_days"])
+    d = HistoryConfig()
+    url = None
+    if t.has("url"):
+        url = t.str("url", what='a database URL ("postgresql://user:password@host/db" or '
+                    '"sqlite:////path/history.sqlite")')
+        if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://",
+                               "sqlite:///")):
+            raise t.error("url", 'a postgresql:// or sqlite:/// URL', url)
+    return HistoryConfig(
+        enabled=t.bool("enabled", d.enabled), url=url,
+        relay_name=t.str("relay_name", "", pattern=re.compile(r"^[^\x00-\x1f]{0,64}$"),
+                         what="a name of at most 64 printable characters"),
+        keep_days=t.float("keep_days", d.keep_days, lo=0, hi=36500))
+
+
+def _console(t: Table) -> ConsoleConfig:
+    t.check_keys(["listen", "users_file", "tls"])
+    listen = None
+    if t.has("listen"):
+        text = t.str("listen", what='"host:port", e.g. "127.0.0.1:8080"')
+        try:
+            listen = split_host_port(text)
+        except ValueError:
+            raise t.error("listen", '"host:port" (e.g. "127.0.0.1:8080", "0.0.0.0:8443")',
+                          text) from None
+    tls = None
+    if t.has("tls"):
+        sub = t.sub("tls")
+        sub.check_keys(["cert", "key"])
+        cert = _existing_file(sub, "cert", "an existing PEM certificate file")
+        key = _existing_file(sub, "key", "an existing PEM private key file")
+        if cert is None or key is None:
+            raise sub.error("cert" if cert is None else "key",
+                            "both cert and key (the console's TLS)", show_got=False)
+        tls = TLSConfig(certificate=cert, private_key=key, require_peer_certificate=False)
+    return ConsoleConfig(listen=listen,
+                         users_file=t.path("users_file") if t.has("users_file") else None,
+                         tls=tls)
 
 
 def _metrics(t: Table) -> MetricsConfig:
@@ -355,7 +399,7 @@ def load_config(path: str | Path) -> Config:
     file = Path(path)
     top = Table(file, "", _read_toml(file))
     top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "audit", "metrics",
-                    "destinations", "rules", "log_level"])
+                    "history", "console", "destinations", "rules", "log_level"])
     receiver = _receiver(top.sub("receiver"))
     process = _process(top.sub("process"))
     destinations = tuple(_destination(t) for t in top.array_of_tables("destinations"))
@@ -375,6 +419,8 @@ def load_config(path: str | Path) -> Config:
         process=process,
         audit=_audit(top.sub("audit")),
         metrics=_metrics(top.sub("metrics")),
+        history=_history(top.sub("history")),
+        console=_console(top.sub("console")),
         destinations=destinations,
         rules=rules,
         log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),

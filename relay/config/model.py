@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -196,6 +197,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = True
+    # None: SQLite at <spool>/history.sqlite. "postgresql://user@host/db": one history
+    # shared by several relays.
+    url: str | None = None
+    relay_name: str = ""  # "": the host name
+    keep_days: float = 90.0  # 0: never pruned
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    # (host, port) of the console and the API, served by `run` and `process`; None: off.
+    listen: tuple[str, int] | None = None
+    users_file: Path | None = None  # None: users.json beside the config file
+    tls: TLSConfig | None = None  # [console.tls] cert, key
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -244,6 +263,8 @@ class Config:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     destinations: tuple[Destination, ...] = ()
     rules: tuple[EditRule, ...] = ()  # the global rules, in order
     log_level: str = "INFO"
@@ -253,6 +274,18 @@ class Config:
         if not self.audit.enabled:
             return None
         return self.audit.path or self.spool.path / "audit.jsonl"
+
+    @property
+    def history_url(self) -> str:
+        return self.history.url or f"sqlite:///{self.spool.path / 'history.sqlite'}"
+
+    @property
+    def users_file(self) -> Path:
+        return self.console.users_file or self.source.parent / "users.json"
+
+    @property
+    def relay_name(self) -> str:
+        return self.history.relay_name or socket.gethostname()
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:

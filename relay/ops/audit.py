@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.events import (
+    Action,
     Change,
     Deferred,
     Delivered,
@@ -84,7 +85,7 @@ class AuditLog(Subscriber):
                 (Unrouted, self._unrouted), (Failed, self._failed),
                 (Released, self._released), (Transcoded, self._transcoded),
                 (Delivered, self._delivered), (Deferred, self._deferred),
-                (Requeued, self._requeued)]
+                (Requeued, self._requeued), (Action, self._action)]
 
     def _received(self, e: Received) -> None:
         self.record("received", e.obj, when=e.time, calling_ae=e.calling_ae, size=e.size,
@@ -133,7 +134,11 @@ class AuditLog(Subscriber):
                     status=e.status, http_status=e.http_status, detail=e.detail)
 
     def _requeued(self, e: Requeued) -> None:
-        self.record("requeued", e.obj, when=e.time, reason=e.reason, to=e.to)
+        self.record("requeued", e.obj, when=e.time, reason=e.reason, to=e.to, user=e.actor)
+
+    def _action(self, e: Action) -> None:
+        self.record("action", e.target, when=e.time, action=e.action, user=e.actor,
+                    detail=e.detail or None)
 
 
 NO_AUDIT = AuditLog(None)

@@ -18,6 +18,8 @@ from relay.config.load import load_config
 from relay.config.model import Config, ConfigError, Destination
 from relay.edit.editor import Editor
 from relay.events import EventBus, Reloaded
+from relay.history.store import HistoryStore
+from relay.history.writer import HistoryWriter
 from relay.ops.audit import AuditLog
 from relay.ops.logs import LogLines
 from relay.ops.metrics import Metrics, RelayState
@@ -46,6 +48,15 @@ def rules_and_routes(config: Config, engine: Engine) -> tuple[Editor, Router]:
             Router(config.destinations, converter, called_ae=config.receiver.ae_title))
 
 
+def history_writer(config: Config) -> HistoryWriter:
+    """The history's writer for a configuration (its database is reached on first write:
+    one that is down at start-up stops nothing)."""
+    return HistoryWriter(HistoryStore(config.history_url, config.relay_name),
+                         config.spool.path / "history-backlog.jsonl",
+                         patient_values=config.audit.patient_values,
+                         keep_days=config.history.keep_days)
+
+
 class Relay:
     """The running relay: any of receive, process (edit + send), or both (`run`)."""
 
@@ -58,6 +69,9 @@ class Relay:
         self.spool = spool_for(config)
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()  # set by SIGHUP; wait() reloads
+        self._reload_lock = threading.Lock()  # SIGHUP and the API may ask at once
+        # What the last reload did (the API answers it): applied, why refused, what changed.
+        self.last_reload: dict[str, object] = {}
         self.receiver: Receiver | None = None
         self.senders: list[DestinationSender] = []
         self._sender_threads: dict[str, threading.Thread] = {}
@@ -74,6 +88,7 @@ class Relay:
         self.events.subscribe(LogLines(config.audit.patient_values))
         self.stow = StowSender()
         self.processor: Processor | None = None
+        self.history: HistoryWriter | None = None
 
     def start(self) -> None:
         self.spool.create()
@@ -87,6 +102,10 @@ class Relay:
                          recovered)
             self.events.subscribe(AuditLog(self.config.audit_path,
                                            patient_values=self.config.audit.patient_values))
+            if self.config.history.enabled:
+                self.history = history_writer(self.config)
+                self.history.start()
+                self.events.subscribe(self.history)
             self.senders = [self._sender(d, self.config) for d in self.config.destinations]
             for sender in self.senders:
                 self._start_sender(sender)
@@ -160,6 +179,10 @@ class Relay:
         next object on: rules, destinations, filters, holds, [sender], [process].unrouted,
         log_level. What needs a restart is reported and kept as it was; a config that does
         not validate is refused and the running one stays. False when refused."""
+        with self._reload_lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         try:
             new = load_config(self.config.source)
             if self.do_process and not new.destinations:
@@ -167,8 +190,10 @@ class Relay:
                                   "to forward to")
         except ConfigError as exc:
             return self._refused(str(exc))
-        for line in restart_only_changes(self.config, new):
+        restart = restart_only_changes(self.config, new)
+        for line in restart:
             log.warning("%s", line)
+        changes = sender_changes(self.config, new)
         new = applicable(self.config, new)
         if self.do_process:
             try:
@@ -179,12 +204,20 @@ class Relay:
         if new.log_level != self.config.log_level:
             logging.getLogger().setLevel(new.log_level)
         self.config = new
+        self.last_reload = {
+            "applied": True, "config": str(new.source),
+            "destinations_added": [d.name for d in changes.start
+                                   if d.name not in changes.replaced],
+            "destinations_changed": list(changes.replaced),
+            "destinations_removed": list(changes.removed),
+            "needs_restart": [line.removeprefix("reload: ") for line in restart]}
         self.events.emit(Reloaded(applied=True, detail=str(new.source)))
         log.info("reload: %s applied", new.source)
         return True
 
     def _refused(self, why: str) -> bool:
         log.error("reload refused, the running configuration stays: %s", why)
+        self.last_reload = {"applied": False, "refused": why}
         self.events.emit(Reloaded(applied=False, detail=why))
         return False
 
@@ -265,6 +298,8 @@ class Relay:
             self._commit_thread.join(timeout=60)
         if self.watcher is not None:
             self.watcher.close()
+        if self.history is not None:
+            self.history.stop()
         self.metrics.close()
 
     def wait(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from relay.config.model import Config, Destination
 
 # Settings a running relay cannot change: a reload reports them and keeps the old ones.
-RESTART_ONLY = ("receiver", "spool", "toolkit", "metrics", "audit")
+RESTART_ONLY = ("receiver", "spool", "toolkit", "metrics", "audit", "history", "console")
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

@@ -51,6 +51,7 @@ class StudyHold:
         self.hold = hold
         self.hold_max = hold_max
         self.studies: dict[str, HeldStudy] = {}
+        self.forced: set[str] = set()  # released by hand: due at once
 
     def add(self, path: Path, study: str, arrived: float) -> None:
         held = self.studies.get(study)
@@ -62,15 +63,27 @@ class StudyHold:
         held.last = max(held.last, arrived)
 
     def next_due(self) -> float | None:
-        return min((s.due(self.hold, self.hold_max) for s in self.studies.values()),
-                   default=None)
+        return min((self._due(s) for s in self.studies.values()), default=None)
+
+    def _due(self, study: HeldStudy) -> float:
+        return -1.0 if study.uid in self.forced else study.due(self.hold, self.hold_max)
+
+    def release_now(self, study: str) -> int:
+        """Send this study at the next chance, complete or not (the console's "release");
+        the number of its objects held (0: not held here)."""
+        held = self.studies.get(study)
+        if held is None:
+            return 0
+        self.forced.add(study)
+        return len(held.paths)
 
     def release(self, now: float) -> Iterator[HeldStudy]:
         """The studies due at `now`, oldest first, each taken out of the hold."""
-        due = sorted((s for s in self.studies.values() if s.due(self.hold, self.hold_max) <= now),
+        due = sorted((s for s in self.studies.values() if self._due(s) <= now),
                      key=lambda s: s.first)
         for study in due:
             del self.studies[study.uid]
+            self.forced.discard(study.uid)
             study.paths.sort(key=lambda p: p.name)
             yield study
 

@@ -95,6 +95,24 @@ class DestinationSender:
         self.wall = wall
         self.hold = (StudyHold(destination.hold_until_stable, destination.hold_max)
                      if destination.hold_until_stable > 0 else None)
+        # Paused (the console, the API): the queue fills, nothing is sent. A mark in the
+        # spool, so that a restart keeps it.
+        self.paused = spool.is_paused(destination.name)
+
+    def set_paused(self, paused: bool) -> None:
+        self.spool.set_paused(self.destination.name, paused)
+        with self._cond:
+            self.paused = paused
+            self._cond.notify_all()
+
+    def release_now(self, study: str) -> int:
+        """Send a held study at once (objects held; 0: none of that study here)."""
+        if self.hold is None:
+            return 0
+        with self._cond:
+            count = self.hold.release_now(study)
+            self._cond.notify_all()
+        return count
 
     def enqueue(self, path: Path, received: float | None = None,
                 identity: Identity | None = None) -> None:
@@ -131,6 +149,13 @@ class DestinationSender:
         with self._cond:
             return [(s.uid, len(s.paths), now - s.last) for s in self.hold.studies.values()]
 
+    def held_paths(self, study: str) -> list[Path]:
+        if self.hold is None:
+            return []
+        with self._cond:
+            held = self.hold.studies.get(study)
+            return list(held.paths) if held is not None else []
+
     def load_backlog(self) -> int:
         """Queue what is already in out/<dest>/ (a restart, or files put there by hand)."""
         backlog = self.spool.queued(self.destination.name)
@@ -154,6 +179,12 @@ class DestinationSender:
         with self._cond:
             while not self._stop.is_set():
                 now = self.clock()
+                if self.paused:
+                    if give_up is not None and now >= give_up:
+                        return []
+                    self._cond.wait(timeout=1.0 if give_up is None
+                                    else max(0.01, min(1.0, give_up - now)))
+                    continue
                 if self.hold is not None and now >= self._hold_until:
                     for study in self.hold.release(self.wall()):
                         self.events.emit(Released(
