@@ -14,9 +14,11 @@ from peers import (  # noqa: E402
     DCM4CHE_HOME,
     DCMTK_BIN,
     ORTHANC,
+    PG_BIN,
     REQUIRE_ALL,
     Link,
     Orthanc,
+    PostgreSQL,
     with_dcm4che,
 )
 
@@ -53,6 +55,14 @@ def orthanc(tmp_path: Path):
     pacs = Orthanc(tmp_path / "orthanc").start()
     yield pacs
     pacs.close()
+
+
+@pytest.fixture
+def postgresql() -> Generator[PostgreSQL, None, None]:
+    _require(str(PG_BIN / "initdb"))
+    db = PostgreSQL().start()
+    yield db
+    db.close()
 
 
 @pytest.fixture

@@ -106,9 +106,11 @@ def dcmtk_env() -> dict[str, str]:
 class Orthanc:
     """An Orthanc started with a temporary config: DICOM and REST on loopback only."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False) -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False,
+                 accepted_syntaxes: list[str] | None = None) -> None:
         """dicomweb: with the DICOMweb plugin (Debian's orthanc-dicomweb) at
-        self.dicomweb_url."""
+        self.dicomweb_url. accepted_syntaxes: the transfer syntaxes it takes (Orthanc's
+        AcceptedTransferSyntaxes; None: all it knows)."""
         self.workdir = workdir
         self.aet = aet
         self.dicom_port = free_port()
@@ -134,6 +136,7 @@ class Orthanc:
             "StorageCompression": False,
             "ConcurrentJobs": 1,
             "SaveJobs": False,
+            **({"AcceptedTransferSyntaxes": accepted_syntaxes} if accepted_syntaxes else {}),
         }))
         self.log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
         self.dicomweb_url = f"http://127.0.0.1:{self.http_port}/dicom-web"
@@ -144,6 +147,14 @@ class Orthanc:
         wait_for_port(self.http_port, proc=self.proc)
         wait_for_port(self.dicom_port, proc=self.proc)
         return self
+
+    def accept(self, syntaxes: list[str] | None) -> None:
+        """Change the transfer syntaxes it takes (None: all), from its next start."""
+        config = json.loads(self.config_path.read_text())
+        config.pop("AcceptedTransferSyntaxes", None)
+        if syntaxes:
+            config["AcceptedTransferSyntaxes"] = syntaxes
+        self.config_path.write_text(json.dumps(config))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -606,3 +617,42 @@ def stow_response(stored: Iterable[str] = (), failed: dict[str, int] | None = No
             ref(uid, {"00081197": {"vr": "US", "Value": [code]}})
             for uid, code in failed.items()]}
     return body
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian 12's postgresql
+
+
+class PostgreSQL:
+    """A PostgreSQL cluster of its own in a temporary folder, on 127.0.0.1 (Debian's
+    postgresql; initdb refuses root, so as root it runs as the postgres user). stop() and
+    start() again keep the data: a database that goes down in the middle of a study."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.port = free_port()
+        # Not under pytest's tmp_path: root's folders there are closed to the postgres user.
+        self.folder = Path(tempfile.mkdtemp(prefix="dicom-relay-pg-"))
+        self.data = self.folder / "data"
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.folder, "postgres", "postgres")
+        subprocess.run([*self.as_user, str(PG_BIN / "initdb"), "-D", str(self.data), "-U",
+                        "relay", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                       check=True, capture_output=True, timeout=120)
+        self.url = f"postgresql://relay@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> PostgreSQL:
+        subprocess.run([*self.as_user, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w",
+                        "-l", str(self.folder / "server.log"), "-o",
+                        f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off", "start"], check=True, capture_output=True, timeout=60)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run([*self.as_user, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w",
+                        "-m", mode, "stop"], check=False, capture_output=True, timeout=60)
+
+    def close(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.console.control import Control, NotFound
 from relay.console.users import Principal, Users
@@ -50,6 +51,9 @@ def api_router(control: Control, users: Callable[[], Users],
             return call()
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
+        except SQLAlchemyError as exc:
+            raise HTTPException(503, "the history database does not answer: "
+                                + str(exc).splitlines()[0][:300]) from None
 
     @router.get("/queues", summary="Each destination's queue")
     def queues(who: Principal = viewer) -> dict[str, Any]:

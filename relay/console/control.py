@@ -7,17 +7,35 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.edit.editor import BadInput
 from relay.events import Action, Requeued
 from relay.history.store import HistoryStore, StudyRow
+from relay.ops.metrics import listening, open_connections, spool_figures
+from relay.pipeline.processor import plan
 from relay.pipeline.relay import Relay
+from relay.receive.floor import floor_of, free_bytes
 from relay.spool import SIDECAR_SUFFIX
 
 MASK = "•••"
+# Config keys whose values are secrets (or name a file holding one: shown all the same,
+# the file is not). A URL's password is hidden too.
+_SECRET_KEY = re.compile(r'^(\s*(?:password|secret|token|key_password|passphrase)\s*=\s*)(.+)$',
+                         re.IGNORECASE | re.MULTILINE)
+_URL_PASSWORD = re.compile(r"(://[^:/@\s\"']+:)([^@\s\"']+)(@)")
+
+
+def hide_secrets(text: str) -> str:
+    text = _SECRET_KEY.sub(lambda m: m.group(1) + '"(hidden)"', text)
+    return _URL_PASSWORD.sub(lambda m: m.group(1) + "(hidden)" + m.group(3), text)
 
 
 class NotFound(LookupError):
@@ -132,6 +150,13 @@ class Control:
             for e in self._store().timeline(uid)]
         return study
 
+    def objects_of(self, uid: str) -> list[dict[str, Any]]:
+        return self._store().objects_of(uid)
+
+    def login(self, name: str, address: str) -> None:
+        self.relay.events.emit(Action(actor=name, action="login", target="console",
+                                      detail=f"from {address}"))
+
     def _store(self) -> HistoryStore:
         if self.store is None:
             raise NotFound("the history is off ([history] enabled = false)")
@@ -195,6 +220,147 @@ class Control:
                                       detail=", ".join(f"{d}: {n} object(s)"
                                                        for d, n in released.items())))
         return Outcome("released", {"study_instance_uid": uid, "objects": released})
+
+    def retry_many(self, idents: list[str], actor: str) -> int:
+        done = 0
+        for ident in idents:
+            try:
+                self.retry(ident, actor)
+            except (NotFound, FileNotFoundError):
+                continue  # gone meanwhile (retried or deleted by someone else)
+            done += 1
+        return done
+
+    def ids_of_reason(self, reason: str) -> list[str]:
+        return [item["id"] for item in self.failed() if item["reason"] == reason]
+
+    def delete_failed(self, idents: list[str], actor: str) -> int:
+        """Delete quarantined objects (and their sidecars) for good: on record with the
+        count and the objects' names."""
+        gone = []
+        for ident in idents:
+            try:
+                path = failed_path(self.spool.failed, ident)
+            except NotFound:
+                continue
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+            gone.append(f"{path.parent.name}/{path.name}")
+        if gone:
+            self.relay.events.emit(Action(actor=actor, action="delete", target="failed/",
+                                          detail=f"{len(gone)} object(s): "
+                                          + ", ".join(gone[:50])
+                                          + (" …" if len(gone) > 50 else "")))
+        return len(gone)
+
+    def echo(self, name: str, actor: str) -> tuple[bool, str]:
+        """C-ECHO (or a QIDO-RS query for DICOMweb) to a destination, as `dicom-relay echo`."""
+        sender = self._senders().get(name)
+        if sender is None:
+            raise NotFound(f"no destination {name!r}")
+        cfg = self.relay.config
+        try:
+            sender.transport.echo(sender.destination, cfg.sender.calling_ae_title,
+                                  min(cfg.sender.timeout, 15.0))
+        except Exception as exc:  # noqa: BLE001 - any failure is the answer
+            return False, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return True, f"{sender.destination.describe()} answered"
+
+    def overview(self) -> dict[str, Any]:
+        cfg = self.relay.config
+        now = time.time()
+        queues, folders, quarantined = spool_figures(self.spool,
+                                                     [d.name for d in cfg.destinations], now)
+        depth = {q.destination: q for q in queues}
+        paused = self.spool.paused()
+        delivered: dict[str, int] = {}
+        chart: list[tuple[float, int]] = []
+        history_error = None
+        if self.store is not None:
+            try:
+                delivered = self.store.delivered_per_destination(now - 3600)
+                chart = self.store.throughput(now - 6 * 3600, 600)
+            except SQLAlchemyError as exc:
+                history_error = str(exc).splitlines()[0][:200]
+        destinations = []
+        for sender in self.relay.senders:
+            dest = sender.destination
+            q = depth.get(dest.name)
+            last_error = None
+            if self.store is not None and history_error is None:
+                try:
+                    last_error = self.store.last_error(dest.name)
+                except SQLAlchemyError:
+                    last_error = None
+            destinations.append({
+                "name": dest.name, "kind": dest.kind, "where": dest.describe(),
+                "state": ("paused" if dest.name in paused else "down" if sender.down
+                          else "up"),
+                "depth": q.objects if q else 0,
+                "oldest_age_seconds": q.oldest_age if q else 0.0,
+                "delivered_last_hour": delivered.get(dest.name, 0),
+                "held_studies": len(sender.held()),
+                "last_error": last_error})
+        floor = floor_of(cfg)
+        free = free_bytes(cfg.spool.path)
+        port = cfg.receiver.port
+        return {
+            # Listening on its port, whichever process receives (a child, storescp, or a
+            # `receive` beside this `process`).
+            "receiver_up": listening(port),
+            "receiver_port": port,
+            "associations": open_connections(port),
+            "free_bytes": free, "floor_bytes": floor.bytes,
+            "low_space": free < 2 * floor.bytes,
+            "destinations": destinations, "folders": folders, "quarantined": quarantined,
+            "chart": chart, "history_error": history_error, "now": now,
+            "engine": self.relay.engine.describe(), "relay": cfg.relay_name}
+
+    def tester(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        """The dry run of the running rules and routes on uploaded files: per file, the
+        changes, the destinations (and why not the others), each destination's own
+        changes. Nothing is stored: the files live in a temporary folder for the call."""
+        setup = self.relay.processor.setup if self.relay.processor is not None else None
+        if setup is None:
+            raise NotFound("this process does not edit (a `receive` process)")
+        results = []
+        for name, data in files:
+            with tempfile.TemporaryDirectory(prefix="dicom-relay-tester-") as tmp:
+                source = Path(tmp) / "original.dcm"
+                source.write_bytes(data)
+                edited = Path(tmp) / "edited.dcm"
+                entry: dict[str, Any] = {"file": name, "changes": [], "missing": [],
+                                         "to": [], "not_to": {}, "error": None}
+                try:
+                    plan_ = plan(setup.editor, setup.router, source, edited,
+                                 lambda _n, _i: None, sync=False)
+                except BadInput as exc:
+                    entry["error"] = f"{exc.reason}: {exc.detail}"
+                    results.append(entry)
+                    continue
+                entry["changes"] = [str(c) for c in plan_.outcome.changes]
+                entry["missing"] = list(plan_.outcome.missing)
+                if plan_.routing is None:
+                    entry["error"] = plan_.route_error
+                else:
+                    entry["to"] = [
+                        {"name": d,
+                         "changes": [str(c) for c in plan_.copies.changes.get(d, [])],
+                         "failed": (f"{plan_.copies.failed[d].reason}: "
+                                    f"{plan_.copies.failed[d].detail}"
+                                    if d in plan_.copies.failed else None)}
+                        for d in plan_.routing.to]
+                    entry["not_to"] = dict(plan_.routing.not_to)
+                results.append(entry)
+        return results
+
+    def config_text(self) -> str:
+        """The running config file with its secrets hidden (passwords, tokens, keys)."""
+        try:
+            text = Path(self.relay.config.source).read_text(encoding="utf-8")
+        except OSError as exc:
+            return f"(cannot read {self.relay.config.source}: {exc.strerror})"
+        return hide_secrets(text)
 
     def reload(self, actor: str) -> tuple[bool, dict[str, Any]]:
         applied = self.relay.reload()

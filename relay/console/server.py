@@ -3,17 +3,25 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relay import __version__
 from relay.console.api import api_router
 from relay.console.control import Control
+from relay.console.pages import LoginRequired, pages_router
+from relay.console.sessions import LoginLimiter, Sessions
 from relay.console.users import Users, UsersFileError
 from relay.history.store import HistoryStore
 from relay.pipeline.relay import Relay
@@ -46,10 +54,42 @@ class UsersFile:
             return self._users
 
 
-def make_app(control: Control, users: UsersFile) -> FastAPI:
+def make_app(control: Control, users: UsersFile, *, secure_cookies: bool = False,
+             sessions: Sessions | None = None, limiter: LoginLimiter | None = None) -> FastAPI:
     app = FastAPI(title="dicom-relay", version=__version__,
                   openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
     app.include_router(api_router(control, users))
+    app.include_router(pages_router(control, users, sessions or Sessions(),
+                                    limiter or LoginLimiter(), secure_cookies))
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(f"/login?next={quote(exc.next_url, safe='')}",
+                                status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # The API answers JSON; a page answers a page.
+        if request.url.path.startswith("/api/"):
+            return await http_exception_handler(request, exc)
+        return HTMLResponse(
+            "<!doctype html><meta charset='utf-8'><title>dicom-relay</title>"
+            f"<h1>{exc.status_code}</h1><p id='message'>{html.escape(str(exc.detail))}</p>"
+            "<p><a href='/'>dicom-relay</a></p>", status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        # Pages hold patient data: never cached, never framed, no scripts but our own.
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+        return response
+
     return app
 
 
@@ -63,8 +103,8 @@ class ConsoleServer:
             store = HistoryStore(cfg.history_url, cfg.relay_name)
         self.control = Control(relay, store)
         self.users = UsersFile(cfg.users_file)
-        self.app = make_app(self.control, self.users)
         tls = cfg.console.tls
+        self.app = make_app(self.control, self.users, secure_cookies=tls is not None)
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host=self.host, port=self.port, log_level="warning",
             access_log=False, timeout_keep_alive=5, limit_concurrency=64,

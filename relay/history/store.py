@@ -27,6 +27,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -101,6 +102,10 @@ class HistoryStore:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Relays sharing one database start together: one upgrades, the others
+                # wait for it, then find nothing to do.
+                conn.execute(text("SELECT pg_advisory_xact_lock(4242424242)"))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
         after = self.revision_or_none()

@@ -55,8 +55,11 @@ class HistoryWriter(Subscriber):
     def handlers(self) -> list[tuple[type[Any], Handler]]:
         return [(Event, self.take)]
 
+    def ops(self, event: Event) -> list[Op]:
+        return ops_of(event, self.patient_values)
+
     def take(self, event: Event) -> None:
-        ops = ops_of(event, self.patient_values)
+        ops = self.ops(event)
         if not ops:
             return
         with self._cond:

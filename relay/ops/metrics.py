@@ -120,6 +120,19 @@ def _count(folder: Path) -> tuple[int, float]:
 def open_connections(port: int, proc: Path = Path("/proc/net")) -> int | None:
     """Established TCP connections to a local port (each is an association, or about to be
     one), whichever process holds them: the receiver may be storescp. None off Linux."""
+    return tcp_sockets(port, "01", proc)
+
+
+def listening(port: int, proc: Path = Path("/proc/net")) -> bool | None:
+    """Whether some process listens on a local TCP port (the receiver, whichever process
+    it is); None off Linux."""
+    count = tcp_sockets(port, "0A", proc)
+    return None if count is None else count > 0
+
+
+def tcp_sockets(port: int, state: str, proc: Path = Path("/proc/net")) -> int | None:
+    """TCP sockets of a local port in a state (/proc/net/tcp's st: 01 established,
+    0A listening)."""
     found = False
     count = 0
     for name in ("tcp", "tcp6"):
@@ -130,8 +143,8 @@ def open_connections(port: int, proc: Path = Path("/proc/net")) -> int | None:
         found = True
         for line in lines:
             fields = line.split()
-            # sl local_address rem_address st …; addresses are HEXIP:HEXPORT, 01 = ESTABLISHED
-            if len(fields) > 3 and fields[3] == "01" and \
+            # sl local_address rem_address st …; addresses are HEXIP:HEXPORT
+            if len(fields) > 3 and fields[3] == state and \
                     int(fields[1].rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count if found else None

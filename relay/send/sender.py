@@ -149,6 +149,11 @@ class DestinationSender:
         with self._cond:
             return [(s.uid, len(s.paths), now - s.last) for s in self.hold.studies.values()]
 
+    @property
+    def down(self) -> bool:
+        """Nothing got through at the last try: the whole queue waits (backing off)."""
+        return self._hold_until > self.clock()
+
     def held_paths(self, study: str) -> list[Path]:
         if self.hold is None:
             return []
