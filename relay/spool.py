@@ -126,6 +126,35 @@ class Spool:
     def outbox(self, destination: str) -> Path:
         return self.out / destination
 
+    # --- objects processed again for one destination ----------------------------------------
+
+    @property
+    def only_folder(self) -> Path:
+        return self.root / "only"
+
+    def set_only(self, name: str, destination: str) -> None:
+        """The object `name`, processed again, goes to `destination` only (several calls:
+        to each of them). A mark in the spool: a restart keeps it."""
+        self.only_folder.mkdir(mode=0o700, exist_ok=True)
+        mark = self.only_folder / name
+        wanted = self.only_for(name) or set()
+        wanted.add(destination)
+        tmp = self.only_folder / f".{name}{PARTIAL_SUFFIX}"
+        tmp.write_text("\n".join(sorted(wanted)) + "\n", encoding="utf-8")
+        os.replace(tmp, mark)
+        _fsync_dir(self.only_folder)
+
+    def only_for(self, name: str) -> set[str] | None:
+        """The destinations an object processed again is kept to (None: every one)."""
+        try:
+            text = (self.only_folder / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return {line for line in text.splitlines() if line}
+
+    def clear_only(self, name: str) -> None:
+        (self.only_folder / name).unlink(missing_ok=True)
+
     # --- pausing a destination (the console, the API) ---------------------------------------
 
     @property
@@ -355,6 +384,9 @@ class Spool:
         else:
             if isinstance(dest, str):
                 name = name.removeprefix(f"{dest}--")
+                # Its own rules failed for that destination only: processed again, it goes
+                # there only (the others had their copies).
+                self.set_only(name, dest)
             target = self.incoming / name
         os.rename(path, target)
         path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)

@@ -267,6 +267,26 @@ on_missing = "fail"
     info = json.loads(kept.with_name(kept.name + ".json").read_text())
     assert info["stage"] == "route" and info["destination"] == "strict"
     assert spool.requeue(kept, info) == spool.incoming / "ct.dcm"
+    # Processed again, it goes to the destination it failed at only: "ok" had its copy.
+    assert spool.only_for("ct.dcm") == {"strict"}
+    processor.process(spool.incoming / "ct.dcm")
+    assert [p.name for p in senders["ok"].queued] == ["ct.dcm"]  # no second copy
+    [again] = [p for p in spool.failed.rglob("*") if p.is_file() and p.suffix == ".dcm"]
+    assert again.name == "strict--ct.dcm"  # its rule still fails: aside again
+    assert spool.only_for("ct.dcm") is None
+    assert not [p for p in spool.work.iterdir()]  # no copy left behind
+
+
+def test_only_to_keeps_a_routing_to_some_destinations() -> None:
+    from relay.route.filters import Routing, only_to
+
+    routing = only_to(Routing(("a", "b", "c"), {"d": "Modality 'MR' is not CT"},
+                              {"d": "modality"}), ["b"])
+    assert routing.to == ("b",)
+    assert routing.not_to == {"d": "Modality 'MR' is not CT",
+                              "a": "retried for b only (the others had it)",
+                              "c": "retried for b only (the others had it)"}
+    assert routing.refused_by == {"d": "modality", "a": "retry", "c": "retry"}
 
 
 def test_a_destinations_copy_is_byte_identical_outside_its_own_rules(tmp_path: Path) -> None:

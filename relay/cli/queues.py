@@ -53,6 +53,8 @@ def status(
                                                 ("failed", 7)))
         if not q.configured:
             line += "  (no longer in the config: kept in the spool, never deleted)"
+        if spool.is_paused(q.destination):
+            line += "  PAUSED (nothing is sent until it is resumed: console, API)"
         typer.echo(line)
     for name, codes in sorted(metrics.http_statuses(samples).items()):
         typer.echo(f"{name}: HTTP statuses since the relay started: "

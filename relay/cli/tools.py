@@ -3,6 +3,7 @@ rules and routes with `edit`, `check` a configuration."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import sys
@@ -22,7 +23,8 @@ from relay.cli.common import (
     expand,
     load,
 )
-from relay.config.model import Config, ConfigError, Destination
+from relay.config.model import Config, ConfigError, Destination, join_host_port
+from relay.console.users import Users, UsersFileError
 from relay.edit.editor import BadInput
 from relay.pipeline.processor import Plan, plan
 from relay.pipeline.relay import rules_and_routes
@@ -259,11 +261,44 @@ def check(
         typer.echo(f"spool {spool_root}: NOT WRITABLE (nearest existing folder: {existing})")
         raise typer.Exit(1)
     typer.echo(f"spool {spool_root}: writable")
+    for line in console_lines(cfg):
+        typer.echo(line)
     if not cfg.destinations:
         typer.echo("no [[destinations]]: `run` and `process` will refuse to start")
         raise typer.Exit(1)
     if not no_echo and not _echo_all(cfg):
         raise typer.Exit(1)
+
+
+def console_lines(cfg: Config) -> list[str]:
+    """What `check` says of the console: where, with which users, and a warning when it is
+    reachable from other hosts without TLS (passwords and patient data in clear)."""
+    if cfg.console.listen is None:
+        return ["console: off ([console] listen not set)"]
+    host, port = cfg.console.listen
+    scheme = "https" if cfg.console.tls is not None else "http"
+    lines = [f"console: {scheme}://{join_host_port(host, port)}/ (users: {cfg.users_file})"]
+    try:
+        users = Users(cfg.users_file).names()
+    except UsersFileError as exc:
+        users = []
+        lines.append(f"WARNING: {exc}")
+    if not users:
+        lines.append("WARNING: no console user or API token yet: add one with "
+                     "`dicom-relay user add NAME --role admin`")
+    if cfg.console.tls is None and not is_loopback(host):
+        lines.append(f"WARNING: [console] listen = {join_host_port(host, port)} is reachable "
+                     "from other hosts without TLS: passwords, tokens and patient data cross "
+                     "the network in clear. Set [console.tls] cert and key, or listen on "
+                     "127.0.0.1 behind a TLS proxy.")
+    return lines
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def register(app: typer.Typer) -> None:

@@ -383,6 +383,13 @@ class _StateCollector(Collector):
         for dest, count in s.held.items():
             held.add_metric([dest], count)
         yield held
+        paused = s.spool.paused()
+        pause = GaugeMetricFamily(f"{PREFIX}_destination_paused", "1: sending to the "
+                                  "destination is paused (the console, the API); its queue "
+                                  "fills", labels=["destination"])
+        for dest in s.destinations:
+            pause.add_metric([dest], 1 if dest in paused else 0)
+        yield pause
         if s.receiver_port is not None:
             connections = open_connections(s.receiver_port)
             if connections is not None:

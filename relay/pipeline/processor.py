@@ -30,7 +30,7 @@ from relay.events import (
     Routed,
     Unrouted,
 )
-from relay.route.filters import Routing
+from relay.route.filters import Routing, only_to
 from relay.route.router import Copies, Place, Router
 from relay.send.sender import DestinationSender
 from relay.spool import Failure, Spool
@@ -210,6 +210,16 @@ class Processor:
         emit(Edited(obj=name, changes=_changes(outcome.changes),
                     skipped=tuple(outcome.missing)))
         routing = result.routing
+        only = self.spool.only_for(name)
+        if routing is not None and only is not None:
+            routing = only_to(routing, only)
+            # Its copies were made for every destination its filters took: the others'
+            # are dropped (they had theirs), and so is a failure of theirs.
+            kept = {d: f for d, f in result.copies.files.items() if d in only}
+            for dropped in set(result.copies.files.values()) - set(kept.values()) - {edited}:
+                dropped.unlink(missing_ok=True)
+            result.copies.files = kept
+            result.copies.failed = {d: e for d, e in result.copies.failed.items() if d in only}
         if routing is None:
             edited.unlink(missing_ok=True)
             self._quarantine(claimed, Failed(obj=name, stage="route", reason="unreadable",
@@ -219,6 +229,7 @@ class Processor:
                     refused_by=routing.refused_by))
         if not routing.to:
             self._unrouted(claimed, edited, routing, setup.unrouted)
+            self.spool.clear_only(name)
             return
         copies = result.copies
         for destination, exc in copies.failed.items():
@@ -226,12 +237,14 @@ class Processor:
         if not copies.files:  # every destination's own edit failed: nothing left to send
             edited.unlink(missing_ok=True)
             claimed.unlink()
+            self.spool.clear_only(name)
             return
         queued = self.spool.publish(claimed, copies.files, durable=self.committer is None)
         if self.committer is not None:
             self.committer.add(claimed, (edited, *set(copies.files.values())))
         else:
             edited.unlink(missing_ok=True)  # when every destination had its own edit
+        self.spool.clear_only(name)
         sent = outcome.identity.changed(_top_level(outcome.changes))
         for destination, path_out in zip(copies.files, queued, strict=True):
             own = copies.changes.get(destination)

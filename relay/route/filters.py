@@ -131,6 +131,20 @@ class Routing:
     refused_by: Mapping[str, str]
 
 
+def only_to(routing: Routing, destinations: Iterable[str]) -> Routing:
+    """A routing kept to some destinations (an object retried for the destination it failed
+    at: the others already have it); the rest are "not to", saying why."""
+    keep = set(destinations)
+    why = "retried for " + ", ".join(sorted(keep)) + " only (the others had it)"
+    not_to = dict(routing.not_to)
+    refused_by = dict(routing.refused_by)
+    for name in routing.to:
+        if name not in keep:
+            not_to[name] = why
+            refused_by[name] = "retry"
+    return Routing(tuple(d for d in routing.to if d in keep), not_to, refused_by)
+
+
 def route(values: Mapping[str, str], filters: Iterable[tuple[str, Filter | None]]) -> Routing:
     """Where an object whose values are these goes, destination by destination."""
     to, not_to, keys = [], {}, {}

@@ -61,13 +61,15 @@ class Site:
         self.held = ScriptedSCP(ae_title="HELD")
         self.port = free_port()
         self.console_port = free_port()
+        self.metrics_port = free_port()
         self.spool = tmp / "spool"
         self.config = relay_config(
             tmp / "relay.toml", port=self.port, spool=self.spool,
             destinations=[("main", "MAIN", self.main.port),
                           ("held", "HELD", self.held.port, "hold_until_stable = 600")],
             rules=EG_RULE,
-            extra=f'[console]\nlisten = "127.0.0.1:{self.console_port}"\n')
+            extra=f'[console]\nlisten = "127.0.0.1:{self.console_port}"\n'
+                  f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n')
         self.viewer = Api(self.console_port, token(self.config, "ana", "viewer"))
         self.operator = Api(self.console_port, token(self.config, "oscar", "operator"))
         self.admin = Api(self.console_port, token(self.config, "adela", "admin"))
@@ -194,6 +196,13 @@ def test_pause_keeps_the_queue_and_resume_sends_it(site: Site) -> None:
     sent_while_paused = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert not sent_while_paused & set(site.main.received)
     assert (site.spool / "paused" / "main").exists()  # survives a restart
+    scraped = requests.get(f"http://127.0.0.1:{site.metrics_port}/metrics", timeout=30).text
+    assert 'dicom_relay_destination_paused{destination="main"} 1.0' in scraped
+    assert 'dicom_relay_destination_paused{destination="held"} 0.0' in scraped
+    status = subprocess.run([sys.executable, "-m", "relay", "status", "--config",
+                             str(site.config)], capture_output=True, text=True, check=True)
+    main_line = next(line for line in status.stdout.splitlines() if line.startswith("main "))
+    assert "PAUSED" in main_line
     resumed = site.operator.post("/destinations/main/resume")
     assert resumed.status_code == 200 and resumed.json()["paused"] is False
     wait_until(lambda: sent_while_paused <= set(site.main.received), 30,
