@@ -10,6 +10,7 @@ under a temporary name, fsynced, then renamed in.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -104,8 +105,13 @@ class Spool:
     """Folders and the transitions between them. Safe to use from several threads/processes:
     a claim is an atomic rename, so exactly one worker wins each file."""
 
-    def __init__(self, root: Path, destinations: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, destinations: list[str] | tuple[str, ...] = (), *,
+                 keep_delivered: bool = False) -> None:
         self.root = Path(root)
+        # [spool] keep_delivered_hours > 0: a delivered copy moves to delivered/<dest>/
+        # (resent from the console, pruned by age) instead of being deleted.
+        self.keep_delivered = keep_delivered
+        self.kept = self.root / "delivered"
         self.incoming = self.root / "incoming"
         # For toolkits that write objects in place under their final name (DCMTK storescp):
         # they write here and move complete objects into incoming/.
@@ -320,8 +326,45 @@ class Spool:
         return _oldest_first(p for p in _files(self.outbox(destination)) if is_ready(p))
 
     def delivered(self, path: Path) -> None:
-        """The destination answered C-STORE success: this copy may go."""
-        path.unlink(missing_ok=True)
+        """The destination answered C-STORE success: this copy may go (or, kept for a
+        resend, out of the queue into delivered/<dest>/)."""
+        if not self.keep_delivered:
+            path.unlink(missing_ok=True)
+            return
+        folder = self.kept / path.parent.name
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to keep
+            os.replace(path, folder / path.name)
+
+    def kept_copy(self, destination: str, name: str) -> Path | None:
+        """A delivered copy kept for a resend, if it still is."""
+        path = self.kept / destination / name
+        return path if path.is_file() else None
+
+    def resend(self, destination: str, name: str) -> Path:
+        """A kept delivered copy back into its destination's queue."""
+        target = self.outbox(destination) / name
+        os.replace(self.kept / destination / name, target)
+        return target
+
+    def prune_delivered(self, older_than: float) -> int:
+        """Delivered copies kept since before `older_than` go. Their inode's change time
+        says when they moved here (a file's modification time is its arrival, and its
+        other names in other queues must keep it)."""
+        gone = 0
+        if not self.kept.is_dir():
+            return 0
+        for folder in self.kept.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in _files(folder):
+                try:
+                    if path.stat().st_ctime < older_than:
+                        path.unlink()
+                        gone += 1
+                except FileNotFoundError:
+                    continue
+        return gone
 
     # --- failing ---------------------------------------------------------------------------
 

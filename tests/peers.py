@@ -175,6 +175,14 @@ class Orthanc:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
+    def delete_all(self) -> None:
+        """Forget every instance (a PACS that lost a study)."""
+        for iid in self.instance_ids():
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.http_port}/instances/{iid}", method="DELETE")
+            with urllib.request.urlopen(request, timeout=30):
+                pass
+
     def instance_ids(self) -> list[str]:
         return list(self.rest("/instances"))
 
@@ -243,7 +251,8 @@ def dcmsend_statuses(report: Path) -> dict[str, str]:
 def relay_config(path: Path, *, port: int, spool: Path,
                  destinations: Iterable[tuple[str, str, int] | tuple[str, str, int, str]],
                  engine: str = "embedded", converter: str = "embedded", rules: str = "",
-                 receiver: str = "", extra: str = "", min_free_mb: float = 64) -> Path:
+                 receiver: str = "", extra: str = "", min_free_mb: float = 64,
+                 spool_extra: str = "") -> Path:
     """A relay config for tests and benchmarks: receiver on 127.0.0.1:port, fast retries.
     destinations: (name, AE title, port[, more TOML for that destination])."""
     dests = "".join(f"""
@@ -265,6 +274,7 @@ path = "{spool}"
 # The default floor (1 GiB, or twice the largest object) would make a test depend on the
 # free space of the machine it runs on; the disk-full test sets its own.
 min_free_mb = {min_free_mb}
+{spool_extra}
 
 [toolkit]
 engine = "{engine}"

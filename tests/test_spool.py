@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -173,3 +174,26 @@ def test_a_crash_before_commit_repeats_the_edit(spool: Spool) -> None:
     assert spool.recover() == 1
     assert [p.name for p in spool.ready_incoming()] == [claimed.name]
     assert not edited.exists()
+
+
+def test_delivered_copies_are_kept_for_a_resend_then_pruned(tmp_path: Path) -> None:
+    import time
+
+    spool = Spool(tmp_path / "spool", ["pacs", "archive"], keep_delivered=True).create()
+    for dest in ("pacs", "archive"):
+        (spool.outbox(dest) / "a.dcm").write_bytes(b"DICM")
+    os.utime(spool.outbox("archive") / "a.dcm", (1000, 1000))  # received long ago
+    spool.delivered(spool.outbox("archive") / "a.dcm")
+    assert spool.kept_copy("archive", "a.dcm") is not None
+    assert spool.queued("archive") == [] and spool.queued("pacs") != []
+    # Kept since it was delivered (now), not since it arrived.
+    assert spool.prune_delivered(time.time() - 3600) == 0
+    assert spool.resend("archive", "a.dcm") == spool.outbox("archive") / "a.dcm"
+    assert spool.kept_copy("archive", "a.dcm") is None
+    spool.delivered(spool.outbox("archive") / "a.dcm")
+    assert spool.prune_delivered(time.time() + 1) == 1
+    assert spool.kept_copy("archive", "a.dcm") is None
+    plain = Spool(tmp_path / "plain", ["pacs"]).create()
+    (plain.outbox("pacs") / "b.dcm").write_bytes(b"DICM")
+    plain.delivered(plain.outbox("pacs") / "b.dcm")
+    assert not (plain.root / "delivered").exists()  # the default: deleted at once

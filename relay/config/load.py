@@ -87,12 +87,13 @@ def _receiver(t: Table) -> ReceiverConfig:
 
 
 def _spool(t: Table) -> SpoolConfig:
-    t.check_keys(["path", "min_free_mb"])
+    t.check_keys(["path", "min_free_mb", "keep_delivered_hours"])
     d = SpoolConfig()
     return SpoolConfig(
         path=t.path("path", what="a folder path") if t.has("path") else d.path,
         min_free_mb=(t.float("min_free_mb", 0, lo=0.01, hi=1e9) if t.has("min_free_mb")
-                     else None))
+                     else None),
+        keep_delivered_hours=t.float("keep_delivered_hours", 0, lo=0, hi=24 * 365))
 
 
 def _toolkit(t: Table) -> ToolkitConfig:

@@ -151,6 +151,9 @@ class SpoolConfig:
     # Below this much free space (megabytes) the receiver takes no new object; None: the
     # larger of 1 GiB and twice the largest object seen (relay.receive.floor).
     min_free_mb: float | None = None
+    # Delivered copies kept this long in delivered/<dest>/ so that a study can be sent
+    # again from the console (0: deleted at once, as always).
+    keep_delivered_hours: float = 0.0
 
 
 @dataclass(frozen=True)

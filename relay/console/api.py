@@ -95,6 +95,13 @@ def api_router(control: Control, users: Callable[[], Users],
         done = found(lambda: control.release(uid, who.name))
         return {"done": done.done, **done.details}
 
+    @router.post("/studies/{uid}/resend/{destination}",
+                 summary="Send a study's kept delivered copies again ([spool] "
+                 "keep_delivered_hours)")
+    def resend(uid: str, destination: str, who: Principal = operator) -> dict[str, Any]:
+        done = found(lambda: control.resend(uid, destination, who.name))
+        return {"done": done.done, **done.details}
+
     @router.post("/reload", summary="Re-read the config file, as SIGHUP")
     def reload(who: Principal = admin) -> Any:
         applied, report = control.reload(who.name)

@@ -221,6 +221,38 @@ class Control:
                                                        for d, n in released.items())))
         return Outcome("released", {"study_instance_uid": uid, "objects": released})
 
+    def kept_copies(self, uid: str) -> dict[str, list[str]]:
+        """Destination -> the names of a study's delivered copies still kept for a resend
+        ([spool] keep_delivered_hours)."""
+        if not self.spool.keep_delivered or self.store is None:
+            return {}
+        names = self.store.objects_named(uid)
+        kept: dict[str, list[str]] = {}
+        for sender in self.relay.senders:
+            dest = sender.destination.name
+            found = [n for n in sorted(names) if self.spool.kept_copy(dest, n) is not None]
+            if found:
+                kept[dest] = found
+        return kept
+
+    def resend(self, uid: str, destination: str, actor: str) -> Outcome:
+        """Send a study's delivered copies to a destination again."""
+        sender = self._senders().get(destination)
+        if sender is None:
+            raise NotFound(f"no destination {destination!r}")
+        names = self.kept_copies(uid).get(destination, [])
+        if not names:
+            raise NotFound(f"no delivered copy of study {uid!r} kept for {destination} "
+                           "([spool] keep_delivered_hours)")
+        for name in names:
+            target = self.spool.resend(destination, name)
+            self.relay.events.emit(Requeued(obj=name, reason="delivered",
+                                            to=f"out/{destination}", actor=actor))
+            sender.enqueue(target)
+        return Outcome(f"{len(names)} object(s) queued again for {destination}",
+                       {"study_instance_uid": uid, "destination": destination,
+                        "objects": len(names)})
+
     def retry_many(self, idents: list[str], actor: str) -> int:
         done = 0
         for ident in idents:

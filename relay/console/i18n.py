@@ -61,6 +61,7 @@ SPANISH = {
     "failed": "fallidos",
     "Study": "Estudio",
     "Release now": "Liberar ahora",
+    "Send again ({count})": "Enviar de nuevo ({count})",
     "Timeline": "Cronología",
     "Time": "Hora",
     "Step": "Paso",

@@ -236,7 +236,17 @@ def pages_router(control: Control, users: Callable[[], Users], sessions: Session
         for o in objs:
             series.setdefault(o["series_instance_uid"] or "?", []).append(o)
         return render(request, "study.html", session, title="Study", nav="/studies",
-                      refresh=10, s=s, series=series)
+                      refresh=10, s=s, series=series, kept=control.kept_copies(uid))
+
+    @router.post("/studies/{uid}/resend/{destination}")
+    async def resend(request: Request, uid: str, destination: str) -> Response:
+        session = need(request, "operator")
+        await form_with_csrf(request, session)
+        try:
+            message = control.resend(uid, destination, session.principal.name).done
+        except NotFound as exc:
+            message = str(exc)
+        return back(f"/studies/{quote(uid)}", session, message)
 
     @router.get("/failed")
     def failed(request: Request) -> Response:

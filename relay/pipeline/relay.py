@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 from relay import __version__
@@ -37,7 +38,8 @@ log = logging.getLogger("relay.pipeline")
 
 
 def spool_for(config: Config) -> Spool:
-    return Spool(config.spool.path, [d.name for d in config.destinations])
+    return Spool(config.spool.path, [d.name for d in config.destinations],
+                 keep_delivered=config.spool.keep_delivered_hours > 0)
 
 
 def rules_and_routes(config: Config, engine: Engine) -> tuple[Editor, Router]:
@@ -120,6 +122,8 @@ class Relay:
                 self.events, self.committer, self.config.audit.patient_values)
             for i in range(self.config.process.workers):
                 self._thread(lambda p=self.processor: self._work_loop(p), f"edit-{i}")
+            if self.config.spool.keep_delivered_hours > 0:
+                self._thread(self._prune_delivered_loop, "keep-delivered")
             # Watch before the receiver starts so the first arrival is not missed.
             self.watcher = IncomingWatcher(self.spool)
             self._thread(self._watch_loop, "watch")
@@ -257,6 +261,21 @@ class Relay:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
         thread.start()
         self.threads.append(thread)
+
+    def _prune_delivered_loop(self) -> None:
+        """Delivered copies kept for a resend go once older than keep_delivered_hours."""
+        while True:
+            keep = self.config.spool.keep_delivered_hours * 3600
+            try:
+                gone = self.spool.prune_delivered(time.time() - keep)
+            except OSError as exc:
+                log.warning("delivered/: cannot prune (%s)", exc.strerror or exc)
+                gone = 0
+            if gone:
+                log.info("delivered/: %d copy(ies) kept over %g h removed", gone,
+                         self.config.spool.keep_delivered_hours)
+            if self.stop_event.wait(min(600.0, max(1.0, keep / 10))):
+                return
 
     def _watch_loop(self) -> None:
         assert self.watcher is not None

@@ -59,7 +59,8 @@ class Site:
             destinations=[("pacs", "PACS", self.pacs.dicom_port),
                           ("archive", "ARCHIVE", self.archive.dicom_port,
                            "hold_until_stable = 600")],
-            extra=f'[console]\nlisten = "127.0.0.1:{self.console}"\n')
+            extra=f'[console]\nlisten = "127.0.0.1:{self.console}"\n',
+            spool_extra="keep_delivered_hours = 1")
         for name, (role, password) in PASSWORDS.items():
             subprocess.run([sys.executable, "-m", "relay", "user", "add", name, "--role", role,
                             "--password-stdin", "--config", str(self.config)],
@@ -214,6 +215,15 @@ def test_a_held_study_is_released_early(site: Site, web: Any) -> None:
     reloaded_until(web, lambda: cell(web, "#sd-archive .delivered") == "6", 30,
                    "6 delivered to the archive on the study page")
     shot(web, "06-study-released")
+
+
+def test_a_delivered_study_is_sent_again(site: Site, web: Any) -> None:
+    site.pacs.delete_all()  # the PACS lost it
+    assert site.pacs.count() == 0
+    click(web, "id", "resend-pacs")
+    assert "6 object(s) queued again for pacs" in web.page_source
+    wait_until(lambda: site.pacs.count() == 6, 60, what="the study at the PACS again")
+    shot(web, "06b-study-sent-again")
 
 
 def test_a_failed_object_retried_from_the_page_reaches_orthanc(site: Site, web: Any) -> None:
