@@ -647,8 +647,13 @@ class PostgreSQL:
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
             shutil.chown(self.folder, "postgres", "postgres")
+        # A language's collation where the machine has one, as a hospital's server would:
+        # the C locale would hide what a collation does to the name search.
+        have = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout.split()
+        locale = "en_US.UTF-8" if "en_US.utf8" in have else "C.UTF-8"
         subprocess.run([*self.as_user, str(PG_BIN / "initdb"), "-D", str(self.data), "-U",
-                        "relay", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                        "relay", "--auth=trust", "-E", "UTF8", "--locale", locale,
+                        "--no-sync"],
                        check=True, capture_output=True, timeout=120)
         self.url = f"postgresql://relay@127.0.0.1:{self.port}/postgres"
 

@@ -33,3 +33,13 @@ def test_bench_smoke_runs_every_scenario(dcmtk: Path) -> None:
     assert {line.split(" | ")[1] for line in rows} == {"small", "large", "backlog", "stream"}
     assert all("| 1.00 |" in line for line in result.stdout.splitlines()
                if line.startswith("| direct: dcmsend -> storescp"))
+
+
+def test_the_history_bench_smoke_runs(dcmtk: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "history.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| history on / off, 20 small objects" in result.stdout
+    for engine in ("SQLite", "PostgreSQL"):
+        assert f"| search, 500 studies, {engine}: PatientID |" in result.stdout, engine
+    assert "| overview page, 500 studies in the history |" in result.stdout

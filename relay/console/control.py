@@ -120,17 +120,21 @@ class Control:
         return items
 
     def _identify(self, items: list[dict[str, Any]]) -> None:
-        """SOP and study UIDs of quarantined objects, from the history (as received)."""
+        """SOP and study UIDs of quarantined objects, from the history (as received): for
+        the most recent 500 (one query each)."""
         if self.store is None:
             return
-        for item in items:
+        for item in items[:500]:
             if item["sop_instance_uid"]:
                 continue
             name = item["object"]
             dest = item["destination"]
             if isinstance(dest, str):
                 name = name.removeprefix(f"{dest}--")
-            known = self.store.object(name)
+            try:
+                known = self.store.object(name)
+            except SQLAlchemyError:
+                return  # the history does not answer: the list without its UIDs
             if known is not None:
                 item["sop_instance_uid"] = known["sop_instance_uid"]
                 item["study_instance_uid"] = known["study_instance_uid"]

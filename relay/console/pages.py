@@ -24,6 +24,7 @@ from relay.console.users import Users
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 LOGIN_CSRF = "relay_login_csrf"
 MAX_UPLOAD = 64 * 1024 * 1024  # the rule tester: files beyond this are not read
+MAX_FILES = 20  # the rule tester: files per try
 
 
 class LoginRequired(Exception):
@@ -335,7 +336,7 @@ def pages_router(control: Control, users: Callable[[], Users], sessions: Session
         session = need(request)
         form = await form_with_csrf(request, session)
         files = []
-        for upload in form.getlist("files"):
+        for upload in form.getlist("files")[:MAX_FILES]:
             if isinstance(upload, str):
                 continue
             data = await upload.read(MAX_UPLOAD + 1)

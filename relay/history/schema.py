@@ -43,6 +43,8 @@ events = Table(
     Index("ix_events_obj", "relay", "obj"),
     Index("ix_events_time", "time"),
     Index("ix_events_destination_time", "destination", "time"),
+    Index("ix_events_destination_step_time", "destination", "step", "time"),  # 0002
+    Index("ix_events_step_time", "step", "time"),  # 0002
 )
 
 objects = Table(

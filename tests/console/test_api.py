@@ -203,6 +203,8 @@ def test_pause_keeps_the_queue_and_resume_sends_it(site: Site) -> None:
                              str(site.config)], capture_output=True, text=True, check=True)
     main_line = next(line for line in status.stdout.splitlines() if line.startswith("main "))
     assert "PAUSED" in main_line
+    assert site.viewer.post("/destinations/main/resume").status_code == 403
+    assert site.operator.post("/destinations/nowhere/resume").status_code == 404
     resumed = site.operator.post("/destinations/main/resume")
     assert resumed.status_code == 200 and resumed.json()["paused"] is False
     wait_until(lambda: sent_while_paused <= set(site.main.received), 30,
@@ -214,6 +216,9 @@ def test_pause_keeps_the_queue_and_resume_sends_it(site: Site) -> None:
 def test_a_held_study_is_released_on_request(site: Site) -> None:
     assert site.viewer.post(f"/studies/{site.study_uid}/release").status_code == 403
     assert site.operator.post("/studies/1.2.3.404/release").status_code == 404
+    # Delivered copies are not kept here ([spool] keep_delivered_hours = 0): nothing to resend.
+    assert site.viewer.post(f"/studies/{site.study_uid}/resend/main").status_code == 403
+    assert site.operator.post(f"/studies/{site.study_uid}/resend/main").status_code == 404
     done = site.operator.post(f"/studies/{site.study_uid}/release")
     assert done.status_code == 200, done.text
     assert done.json()["objects"] == {"held": 5}

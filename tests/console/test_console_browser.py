@@ -342,3 +342,18 @@ def test_a_viewer_cannot_retry(site: Site, web: Any) -> None:
     assert "needs the role operator" in web.find_element(*by("id", "message")).text
     web.get(site.base + "/failed")
     assert len(web.find_elements(*by("css", "input.pick"))) == 1  # still there
+
+
+def test_an_admin_deletes_after_a_page_that_names_the_count(site: Site, web: Any) -> None:
+    click(web, "id", "logout")
+    log_in(web, site, "maria")
+    web.get(site.base + "/failed")
+    click(web, "css", "button.delete-all")
+    assert web.find_element(*by("css", "h1")).text == "Delete 1 object(s) for good?"
+    shot(web, "15-delete-confirmation")
+    assert len(list((site.spool / "failed").rglob("*.dcm"))) == 1  # nothing gone yet
+    click(web, "id", "confirm")
+    assert "1 object(s) deleted" in web.page_source
+    assert not list((site.spool / "failed").rglob("*.dcm"))
+    audit = (site.spool / "audit.jsonl").read_text()
+    assert '"action": "delete", "user": "maria"' in audit

@@ -50,6 +50,16 @@ def _login(session: requests.Session, base: str, password: str, **kw: object
                         timeout=30, allow_redirects=False, **kw)  # type: ignore[arg-type]
 
 
+def test_the_config_page_hides_secrets() -> None:
+    from relay.console.control import hide_secrets
+
+    text = ('[history]\nurl = "postgresql://relay:s3cr3t@db/relay"\n'
+            '[[destinations]]\npassword = "hunter2"\nToken = \'abc\'\nname = "pacs"\n')
+    shown = hide_secrets(text)
+    assert "s3cr3t" not in shown and "hunter2" not in shown and "abc" not in shown
+    assert "postgresql://relay:(hidden)@db/relay" in shown and 'name = "pacs"' in shown
+
+
 def test_the_limiter_counts_per_address_and_per_name() -> None:
     now = [1000.0]
     limiter = LoginLimiter(clock=lambda: now[0])

@@ -111,9 +111,32 @@ def test_prune_forgets_what_is_older_than_keep_days(tmp_path: Path) -> None:
                      .values(time=cut + 10))
     assert store.prune(cut) > 0
     assert [s.study_instance_uid for s in store.search("")] == ["1.2.10"]
-    assert store.revision() == "0001"
+    assert store.revision() == "0002"
     store.upgrade()  # in place, twice: nothing to do
+    assert store.revision() == "0002"
+
+
+def test_an_older_schema_is_upgraded_in_place_with_its_history(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from relay.history.store import MIGRATIONS
+
+    store = HistoryStore(sqlite_url(tmp_path / "h.sqlite"), "r1")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as conn:  # a history written by the first release
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    writer = HistoryWriter(store, tmp_path / "b")
+    store.apply([op for e in _object_events(3) for op in writer.ops(e)])
     assert store.revision() == "0001"
+    store.upgrade()  # what a start does
+    assert store.revision() == "0002"
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("events")}
+    assert {"ix_events_destination_step_time", "ix_events_step_time"} <= indexes
+    assert store.search("P1")[0].destinations["pacs"]["delivered"] == 3
 
 
 def _relay(tmp: Path, name: str, scp: ScriptedSCP, extra: str) -> tuple[RelayProcess, int, Path]:
@@ -157,6 +180,10 @@ def test_two_relays_share_one_history_and_survive_it_going_down(
 
         for name in ("r1", "r2"):  # each console shows both relays' studies
             wait_until(lambda n=name: both_delivered(n), 30, what=f"both studies on {name}")
+        # A name's beginning, any case, under the cluster's collation.
+        for q in ("dos", "DOS^a", "Dos^Ana"):
+            assert [s["study_instance_uid"] for s in
+                    api["r1"].get("/studies", q=q).json()["studies"]] == [uid2], q
         timeline = api["r1"].get(f"/studies/{uid2}").json()["events"]
         assert {e["relay"] for e in timeline} == {"r2"}
 
