@@ -94,22 +94,29 @@ def mixed_study(folder: Path, names: list[str] | None = None) -> dict[str, dict[
     return out
 
 
-def ct_series(folder: Path, count: int, ethnic_group: str = "EG-CT") -> list[str]:
-    """`count` copies of CT_small, each with new UIDs (one series)."""
+def ct_series(folder: Path, count: int, ethnic_group: str = "EG-CT", *,
+              first_number: int = 1, **values: str) -> list[str]:
+    """`count` copies of CT_small, each with new UIDs (one series of a new study), numbered
+    from `first_number` (InstanceNumber and file name ct<number - 1>.dcm); `values`: other
+    attributes by keyword (PatientID="X", …)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = dcmread(bundled("CT_small.dcm"))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.EthnicGroup = ethnic_group
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
     folder.mkdir(parents=True, exist_ok=True)
     uids = []
-    for i in range(count):
+    for i in range(first_number - 1, first_number - 1 + count):
         uid = generate_uid()
         ds.SOPInstanceUID = uid
         ds.file_meta.MediaStorageSOPInstanceUID = uid
         ds.InstanceNumber = i + 1
-        ds.save_as(folder / f"ct{i:05d}.dcm", enforce_file_format=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(folder / f"ct{i:05d}.dcm", enforce_file_format=False)
         uids.append(uid)
     return uids
 
