@@ -405,14 +405,20 @@ class Spool:
             for path in folder.iterdir():
                 if path.name.endswith(SIDECAR_SUFFIX) or not is_ready(path):
                     continue
-                sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
-                try:
-                    info = json.loads(sidecar.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    info = {"reason": folder.name, "detail": "(sidecar missing or unreadable)"}
-                items.append((path, info))
+                items.append((path, self.failure(path)))
         items.sort(key=lambda it: _mtime(it[0]), reverse=True)
         yield from items
+
+    def failure(self, path: Path) -> dict[str, object]:
+        """A quarantined object's sidecar (why it is there)."""
+        sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+        try:
+            info = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = None
+        if not isinstance(info, dict):
+            info = {"reason": path.parent.name, "detail": "(sidecar missing or unreadable)"}
+        return info
 
     def requeue(self, path: Path, info: dict[str, object]) -> Path:
         """Put a quarantined object back: to its destination's queue if it failed sending

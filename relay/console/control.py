@@ -185,8 +185,7 @@ class Control:
         """Requeue one quarantined object: for the destination it failed at (send stage),
         or processed again (it failed before or while routing)."""
         path = failed_path(self.spool.failed, ident)
-        info = dict(next((i for p, i in self.spool.failures() if p == path), {}))
-        target = self.spool.requeue(path, info)
+        target = self.spool.requeue(path, self.spool.failure(path))
         to = str(target.parent.relative_to(self.spool.root))
         self.relay.events.emit(Requeued(obj=target.name, reason=path.parent.name, to=to,
                                         actor=actor))
