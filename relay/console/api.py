@@ -95,6 +95,12 @@ def api_router(control: Control, users: Callable[[], Users],
         done = found(lambda: control.release(uid, who.name))
         return {"done": done.done, **done.details}
 
+    @router.post("/studies/{uid}/retry",
+                 summary="Requeue a study's quarantined objects, each for its destination")
+    def retry_study(uid: str, who: Principal = operator) -> dict[str, Any]:
+        done = found(lambda: control.retry_study(uid, who.name))
+        return {"done": done.done, **done.details}
+
     @router.post("/studies/{uid}/resend/{destination}",
                  summary="Send a study's kept delivered copies again ([spool] "
                  "keep_delivered_hours)")

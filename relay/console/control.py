@@ -266,6 +266,15 @@ class Control:
             done += 1
         return done
 
+    def retry_study(self, uid: str, actor: str) -> Outcome:
+        """Requeue a study's quarantined objects, each for the destination it failed at."""
+        ids = [item["id"] for item in self.failed() if item["study_instance_uid"] == uid]
+        if not ids:
+            raise NotFound(f"no quarantined object of study {uid!r}")
+        count = self.retry_many(ids, actor)
+        return Outcome(f"{count} object(s) requeued", {"study_instance_uid": uid,
+                                                      "objects": count})
+
     def ids_of_reason(self, reason: str) -> list[str]:
         return [item["id"] for item in self.failed() if item["reason"] == reason]
 

@@ -61,6 +61,7 @@ SPANISH = {
     "failed": "fallidos",
     "Study": "Estudio",
     "Release now": "Liberar ahora",
+    "Retry its failed objects": "Reintentar sus objetos fallidos",
     "Send again ({count})": "Enviar de nuevo ({count})",
     "Timeline": "Cronología",
     "Time": "Hora",

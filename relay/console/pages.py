@@ -239,6 +239,16 @@ def pages_router(control: Control, users: Callable[[], Users], sessions: Session
         return render(request, "study.html", session, title="Study", nav="/studies",
                       refresh=10, s=s, series=series, kept=control.kept_copies(uid))
 
+    @router.post("/studies/{uid}/retry")
+    async def retry_study(request: Request, uid: str) -> Response:
+        session = need(request, "operator")
+        await form_with_csrf(request, session)
+        try:
+            message = control.retry_study(uid, session.principal.name).done
+        except NotFound as exc:
+            message = str(exc)
+        return back(f"/studies/{quote(uid)}", session, message)
+
     @router.post("/studies/{uid}/resend/{destination}")
     async def resend(request: Request, uid: str, destination: str) -> Response:
         session = need(request, "operator")

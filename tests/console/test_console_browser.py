@@ -227,13 +227,13 @@ def test_a_delivered_study_is_sent_again(site: Site, web: Any) -> None:
 
 
 def test_a_failed_object_retried_from_the_page_reaches_orthanc(site: Site, web: Any) -> None:
-    jpegs = [site.tmp / "jpeg" / f"{i}.dcm" for i in range(2)]
+    jpegs = [site.tmp / "jpeg" / f"{i}.dcm" for i in range(3)]
     uids = [copy_with_new_uids(bundled("SC_rgb_jpeg_dcmtk.dcm"), p, ethnic_group=f"JP{i}")
             for i, p in enumerate(jpegs)]
     assert dcmsend(jpegs, site.port, "DICOMRELAY").returncode == 0
     web.get(site.base + "/failed")
-    reloaded_until(web, lambda: len(web.find_elements(*by("css", "input.pick"))) == 2, 60,
-                   "2 JPEG objects the PACS refused, on the Failed page")
+    reloaded_until(web, lambda: len(web.find_elements(*by("css", "input.pick"))) == 3, 60,
+                   "3 JPEG objects the PACS refused, on the Failed page")
     shot(web, "07-failed")
     site.pacs.stop()  # the PACS administrator lets it take JPEG
     site.pacs.accept(None)
@@ -246,8 +246,18 @@ def test_a_failed_object_retried_from_the_page_reaches_orthanc(site: Site, web: 
     wait_until(lambda: uids[0] in site.pacs.tags_by_sop_uid(), 60,
                what="the retried object at Orthanc")
     assert uids[1] not in site.pacs.tags_by_sop_uid()
-    assert len(web.find_elements(*by("css", "input.pick"))) == 1
+    assert len(web.find_elements(*by("css", "input.pick"))) == 2
     shot(web, "08-failed-after-retry")
+    # The second from its study's page (the link in its row).
+    study_uid = str(dcmread(jpegs[1], stop_before_pixels=True).StudyInstanceUID)
+    click(web, "css", f'table.failed-group a[href="/studies/{study_uid}"]')
+    click(web, "id", "retry-study")
+    assert "1 object(s) requeued" in web.page_source
+    wait_until(lambda: uids[1] in site.pacs.tags_by_sop_uid(), 60,
+               what="the object retried from its study's page at Orthanc")
+    shot(web, "08b-study-retried")
+    web.get(site.base + "/failed")
+    assert len(web.find_elements(*by("css", "input.pick"))) == 1
 
 
 def test_pause_and_resume(site: Site, web: Any) -> None:
