@@ -87,20 +87,17 @@ class Control:
     # --- reading -----------------------------------------------------------------------------
 
     def queues(self) -> list[dict[str, Any]]:
-        now = time.time()
-        rows = []
+        """Each destination's queue, read from the spool as /metrics reads it."""
+        figures, _, _ = spool_figures(self.spool,
+                                      [s.destination.name for s in self.relay.senders])
+        queued = {q.destination: q for q in figures}
         paused = self.spool.paused()
+        rows = []
         for sender in self.relay.senders:
             dest = sender.destination
-            queued = self.spool.queued(dest.name)
-            oldest = 0.0
-            if queued:
-                try:
-                    oldest = max(0.0, now - queued[0].stat().st_mtime)
-                except FileNotFoundError:
-                    oldest = 0.0
-            rows.append({"name": dest.name, "kind": dest.kind, "depth": len(queued),
-                         "oldest_age_seconds": round(oldest, 1),
+            q = queued[dest.name]
+            rows.append({"name": dest.name, "kind": dest.kind, "depth": q.objects,
+                         "oldest_age_seconds": round(q.oldest_age, 1),
                          "paused": dest.name in paused, "held_studies": len(sender.held())})
         return rows
 
@@ -276,7 +273,9 @@ class Control:
                                                       "objects": count})
 
     def ids_of_reason(self, reason: str) -> list[str]:
-        return [item["id"] for item in self.failed() if item["reason"] == reason]
+        # From the spool alone: the history's UIDs (failed()) are not needed to pick them.
+        return [failed_id(self.spool.failed, path) for path, _ in self.spool.failures()
+                if path.parent.name == reason]
 
     def delete_failed(self, idents: list[str], actor: str) -> int:
         """Delete quarantined objects (and their sidecars) for good: on record with the
