@@ -124,3 +124,75 @@ def test_tls_settings_are_checked(tmp_path: Path) -> None:
               f'private_key = "{pem}"\n')
     cfg = _load(tmp_path, MINIMAL.replace("port = 104", f'port = 104\ntls = {{ ca = "{pem}" }}'))
     assert cfg.destinations[0].tls is not None and cfg.destinations[0].tls.ca == pem
+
+
+def test_query_and_modalities(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, MINIMAL + """
+[receiver]
+ae_title = "RELAY"
+allowed_calling_aets = ["WS1", "WS2", "CT01"]
+
+[query]
+destination = "central"
+retrieve = "move"
+allowed_calling_aets = ["WS1"]
+
+[[modalities]]
+ae_title = "WS1"
+host = "10.0.1.20"
+port = 104
+""")
+    assert cfg.query is not None
+    assert (cfg.query.port, cfg.query.retrieve, cfg.query.move_ae_title) == (11113, "move",
+                                                                             "RELAY")
+    assert cfg.query.allowed_calling_aets == ("WS1",)
+    modality = cfg.modality("WS1 ")
+    assert modality is not None and modality.describe() == "WS1@10.0.1.20:104"
+    assert cfg.modality("WS2") is None
+    assert _load(tmp_path, MINIMAL).query is None
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ('[query]\ndestination = "nowhere"',
+     r"query\.destination: expected the name of a \[\[destinations\]\] entry \(central\)"),
+    ('[query]\ndestination = "central"\nport = 11112',
+     r"query\.port: expected a port other than \[receiver\]\.port \(11112\)"),
+    ('[query]\ndestination = "central"\nretrieve = "fetch"',
+     r"query\.retrieve: expected one of 'get', 'move'"),
+    ('[receiver]\nallowed_calling_aets = ["A"]\n[query]\ndestination = "central"\n'
+     'allowed_calling_aets = ["B"]',
+     r"query\.allowed_calling_aets: expected AE titles that \[receiver\]"),
+    ('[[modalities]]\nae_title = "WS1"\nhost = "h"',
+     r"\[\[modalities\]\]\[0\]\.port: expected an integer 1-65535"),
+    ('[[modalities]]\nae_title = "WS1"\nhost = "h"\nport = 1\n'
+     '[[modalities]]\nae_title = "WS1"\nhost = "h"\nport = 2',
+     r"\[\[modalities\]\]\[1\]\.ae_title: expected an AE title no other"),
+])
+def test_query_errors_name_the_key(tmp_path: Path, snippet: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        _load(tmp_path, MINIMAL + "\n" + snippet + "\n")
+
+
+def test_query_destination_must_be_dimse(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"query\.destination: expected a DIMSE destination"):
+        _load(tmp_path, """
+[[destinations]]
+name = "web"
+url = "http://127.0.0.1:8042/dicom-web"
+
+[query]
+destination = "web"
+""")
+
+
+def test_query_and_modalities_changes_need_a_restart(tmp_path: Path) -> None:
+    from relay.pipeline.reload import applicable, restart_only_changes
+
+    old = _load(tmp_path, MINIMAL)
+    new = _load(tmp_path, MINIMAL + '[query]\ndestination = "central"\n[[modalities]]\n'
+                'ae_title = "WS1"\nhost = "h"\nport = 1\n')
+    assert restart_only_changes(old, new) == [
+        "reload: [query] changed: it needs a restart; kept as it was until then",
+        "reload: [[modalities]] changed: it needs a restart; kept as it was until then"]
+    kept = applicable(old, new)
+    assert kept.query is None and kept.modalities == ()

@@ -20,6 +20,7 @@ from relay.config.model import (
     CONVERTERS,
     ENGINES,
     ON_MISSING,
+    RETRIEVE,
     TRANSCODE,
     UNROUTED,
     AuditConfig,
@@ -31,7 +32,9 @@ from relay.config.model import (
     EditRule,
     HistoryConfig,
     MetricsConfig,
+    Modality,
     ProcessConfig,
+    QueryConfig,
     ReceiverConfig,
     SenderConfig,
     SpoolConfig,
@@ -371,6 +374,56 @@ def _destination(t: Table) -> Destination:
     )
 
 
+def _modalities(top: Table) -> tuple[Modality, ...]:
+    modalities: list[Modality] = []
+    for t in top.array_of_tables("modalities"):
+        t.check_keys(["ae_title", "host", "port", "tls"])
+        modality = Modality(
+            ae_title=t.str("ae_title", pattern=AE_RE, what=AE_WHAT).strip(),
+            host=t.str("host", what="an IP address or host name"),
+            port=t.int("port", None, lo=1, hi=65535),
+            tls=_tls(t.sub("tls"), server=False) if t.has("tls") else None)
+        if any(m.ae_title == modality.ae_title for m in modalities):
+            raise t.error("ae_title", "an AE title no other [[modalities]] entry has",
+                          modality.ae_title)
+        modalities.append(modality)
+    return tuple(modalities)
+
+
+def _query(t: Table, receiver: ReceiverConfig,
+           destinations: tuple[Destination, ...]) -> QueryConfig:
+    """[query] (absent: no query/retrieve through the relay)."""
+    t.check_keys(["destination", "port", "retrieve", "move_ae_title", "allowed_calling_aets"])
+    name = t.str("destination", what="the name of the [[destinations]] entry that answers "
+                 "queries (a DIMSE one: ae_title, host, port)")
+    dest = next((d for d in destinations if d.name == name), None)
+    if dest is None:
+        known = ", ".join(d.name for d in destinations) or "none configured"
+        raise t.error("destination", f"the name of a [[destinations]] entry ({known})", name)
+    if dest.kind != "dimse":
+        raise t.error("destination", "a DIMSE destination (ae_title, host, port): queries are "
+                      "C-FIND, not DICOMweb", name)
+    d = QueryConfig(destination=name)
+    port = t.int("port", d.port, lo=1, hi=65535)
+    if port == receiver.port:
+        raise t.error("port", f"a port other than [receiver].port ({receiver.port}): the "
+                      "receiver owns that one (the embedded engine answers queries there "
+                      "too)", port)
+    allowed = tuple(a.strip() for a in t.str_list("allowed_calling_aets", pattern=AE_RE,
+                                                 what=AE_WHAT))
+    outside = [a for a in allowed if receiver.allowed_calling_aets
+               and a not in receiver.allowed_calling_aets]
+    if outside:
+        raise t.error("allowed_calling_aets", "AE titles that [receiver].allowed_calling_aets "
+                      "also allows (it narrows that list)", outside[0])
+    return QueryConfig(
+        destination=name, port=port,
+        retrieve=t.str("retrieve", d.retrieve, choices=RETRIEVE),
+        move_ae_title=t.str("move_ae_title", receiver.ae_title, pattern=AE_RE,
+                            what=AE_WHAT).strip(),
+        allowed_calling_aets=allowed)
+
+
 def _global_rules(top: Table) -> tuple[EditRule, ...]:
     rules = []
     for t in top.array_of_tables("rules"):
@@ -400,7 +453,8 @@ def load_config(path: str | Path) -> Config:
     file = Path(path)
     top = Table(file, "", _read_toml(file))
     top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "audit", "metrics",
-                    "history", "console", "destinations", "rules", "log_level"])
+                    "history", "console", "query", "modalities", "destinations", "rules",
+                    "log_level"])
     receiver = _receiver(top.sub("receiver"))
     process = _process(top.sub("process"))
     destinations = tuple(_destination(t) for t in top.array_of_tables("destinations"))
@@ -422,6 +476,9 @@ def load_config(path: str | Path) -> Config:
         metrics=_metrics(top.sub("metrics")),
         history=_history(top.sub("history")),
         console=_console(top.sub("console")),
+        query=(_query(top.sub("query"), receiver, destinations) if top.has("query")
+               else None),
+        modalities=_modalities(top),
         destinations=destinations,
         rules=rules,
         log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -26,6 +26,7 @@ CONVERTERS = ("embedded", "toolkit")
 ON_MISSING = ("keep", "fail")
 UNROUTED = ("keep", "delete")
 TRANSCODE = ("never", "on-refusal")
+RETRIEVE = ("get", "move")
 
 
 class ConfigError(ValueError):
@@ -218,6 +219,31 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class Modality:
+    """A [[modalities]] entry: a peer the relay connects to on its own, by AE title (a
+    C-MOVE destination named by a requester; storage commitment's reports)."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: TLSConfig | None = None
+
+    def describe(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """[query]: C-FIND, C-MOVE and C-GET through the relay, answered by a destination."""
+
+    destination: str  # the [[destinations]] entry (DIMSE) that answers queries
+    port: int = 11113  # where the relay serves query/retrieve (every engine)
+    retrieve: str = "get"  # how the relay fetches from the PACS: get | move
+    move_ae_title: str = "DICOMRELAY"  # the relay's AE title as a C-MOVE destination
+    allowed_calling_aets: tuple[str, ...] = ()  # narrows [receiver].allowed_calling_aets
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -268,6 +294,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    query: QueryConfig | None = None  # None: no query/retrieve through the relay
+    modalities: tuple[Modality, ...] = ()
     destinations: tuple[Destination, ...] = ()
     rules: tuple[EditRule, ...] = ()  # the global rules, in order
     log_level: str = "INFO"
@@ -289,6 +317,14 @@ class Config:
     @property
     def relay_name(self) -> str:
         return self.history.relay_name or socket.gethostname()
+
+    def modality(self, ae_title: str) -> Modality | None:
+        """The [[modalities]] entry of an AE title (AE titles compare without their
+        padding), or None."""
+        for modality in self.modalities:
+            if modality.ae_title == ae_title.strip():
+                return modality
+        return None
 
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:

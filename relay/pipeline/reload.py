@@ -9,6 +9,8 @@ from relay.config.model import Config, Destination
 
 # Settings a running relay cannot change: a reload reports them and keeps the old ones.
 RESTART_ONLY = ("receiver", "spool", "toolkit", "metrics", "audit", "history", "console")
+# Tables (or their absence) the running services were built with ([query] serves from them).
+RESTART_ONLY_TABLES = {"query": "[query]", "modalities": "[[modalities]]"}
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -23,12 +25,16 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
             if before != after:
                 lines.append(f"reload: [{section}].{item.name} changed ({_shown(before)} -> "
                              f"{_shown(after)}): it needs a restart; kept as it was until then")
+    for name, table in RESTART_ONLY_TABLES.items():
+        if getattr(old, name) != getattr(new, name):
+            lines.append(f"reload: {table} changed: it needs a restart; kept as it was until "
+                         "then")
     return lines
 
 
 def applicable(old: Config, new: Config) -> Config:
     """The new configuration as a running relay applies it: what needs a restart kept."""
-    return replace(new, **{s: getattr(old, s) for s in RESTART_ONLY},
+    return replace(new, **{s: getattr(old, s) for s in (*RESTART_ONLY, *RESTART_ONLY_TABLES)},
                    process=replace(old.process, unrouted=new.process.unrouted))
 
 
