@@ -262,6 +262,41 @@ class Action(Event):
     detail: str = ""
 
 
+# --- the proxy's other services (relay.services) -------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceEvent(Event):
+    """A DICOM service the relay answered for a peer, passing it on to the PACS."""
+
+    requester: str  # the peer's calling AE title
+    host: str  # the peer's address
+    level: str  # QueryRetrieveLevel (PATIENT, STUDY, SERIES, IMAGE; WORKLIST for MWL)
+    keys: str  # the request's identifier: Keyword=value, … (may quote patient values)
+    key_names: str  # the same without the values ([audit].patient_values = false)
+    status: str  # the final status given to the peer: "0x0000", "0xFE00", "0xA801", …
+    detail: str = ""  # why, where it is not success
+
+
+@dataclass(frozen=True, kw_only=True)
+class Queried(ServiceEvent):
+    """A C-FIND answered through the relay: the PACS's matches passed on."""
+
+    matches: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retrieved(ServiceEvent):
+    """A C-GET or C-MOVE served through the relay: objects fetched from the PACS and stored
+    to the requester (C-GET) or to a [[modalities]] entry (C-MOVE)."""
+
+    operation: str  # C-GET | C-MOVE
+    move_destination: str | None
+    completed: int
+    failed: int
+    warning: int
+
+
 # --- the relay itself -----------------------------------------------------------------------
 
 

@@ -21,11 +21,14 @@ from relay.events import (
     Event,
     Failed,
     Held,
+    Queried,
     Queued,
     Received,
     Released,
     Requeued,
+    Retrieved,
     Routed,
+    ServiceEvent,
     Transcoded,
     Unrouted,
 )
@@ -129,7 +132,28 @@ def ops_of(e: Event, patient_values: bool = True) -> list[Op]:
     if isinstance(e, Action):
         return [_event(e, "action", e.target, reason=e.action, detail=e.detail or None,
                        actor=e.actor)]
+    if isinstance(e, ServiceEvent):
+        return [_service(e, patient_values)]
     return []
+
+
+def _service(e: ServiceEvent, patient_values: bool) -> Op:
+    """A query or a retrieve: a line of its own (obj: the requester; actor: the same),
+    saying what was asked and what came of it."""
+    keys = e.keys if patient_values else e.key_names
+    if isinstance(e, Retrieved):
+        step = "retrieve"
+        to = f" to {e.move_destination}" if e.move_destination else ""
+        what = (f"{e.operation}{to} {e.level}: {keys}: {e.completed} completed, "
+                f"{e.failed} failed, {e.warning} warning")
+    else:
+        step = "query"
+        matches = e.matches if isinstance(e, Queried) else 0
+        what = f"C-FIND {e.level}: {keys}: {matches} match(es)"
+    if e.detail:
+        what += f" ({e.detail})"
+    return _event(e, step, e.requester, status=e.status, detail=what, actor=e.requester,
+                  reason=e.host)
 
 
 def ops_of_audit_line(line: dict[str, Any], time: float) -> list[Op]:

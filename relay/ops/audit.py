@@ -25,9 +25,11 @@ from relay.events import (
     Edited,
     Failed,
     Handler,
+    Queried,
     Received,
     Released,
     Requeued,
+    Retrieved,
     Routed,
     Subscriber,
     Transcoded,
@@ -85,7 +87,8 @@ class AuditLog(Subscriber):
                 (Unrouted, self._unrouted), (Failed, self._failed),
                 (Released, self._released), (Transcoded, self._transcoded),
                 (Delivered, self._delivered), (Deferred, self._deferred),
-                (Requeued, self._requeued), (Action, self._action)]
+                (Requeued, self._requeued), (Action, self._action),
+                (Queried, self._queried), (Retrieved, self._retrieved)]
 
     def _received(self, e: Received) -> None:
         self.record("received", e.obj, when=e.time, calling_ae=e.calling_ae, size=e.size,
@@ -139,6 +142,18 @@ class AuditLog(Subscriber):
     def _action(self, e: Action) -> None:
         self.record("action", e.target, when=e.time, action=e.action, user=e.actor,
                     detail=e.detail or None)
+
+    def _queried(self, e: Queried) -> None:
+        self.record("query", e.requester, when=e.time, host=e.host, level=e.level,
+                    keys=e.keys if self.patient_values else e.key_names, matches=e.matches,
+                    status=e.status, detail=e.detail or None)
+
+    def _retrieved(self, e: Retrieved) -> None:
+        self.record("retrieve", e.requester, when=e.time, host=e.host, operation=e.operation,
+                    move_destination=e.move_destination, level=e.level,
+                    keys=e.keys if self.patient_values else e.key_names,
+                    completed=e.completed, failed=e.failed, warning=e.warning,
+                    status=e.status, detail=e.detail or None)
 
 
 NO_AUDIT = AuditLog(None)
