@@ -137,7 +137,8 @@ def stream_send(files: list[Path], port: int, per_second: float) -> None:
     (pynetdicom, TCP_NODELAY, sending each file from disk as it is)."""
     from pynetdicom import AE, evt
 
-    from relay.toolkits.embedded import set_nodelay  # also turns on chunked sending
+    import relay.toolkits.embedded  # noqa: F401 - turns on chunked sending
+    from relay.toolkits.associations import set_nodelay
 
     ae = AE("MODALITY")
     with warnings.catch_warnings():

@@ -107,10 +107,11 @@ class Orthanc:
     """An Orthanc started with a temporary config: DICOM and REST on loopback only."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False,
-                 accepted_syntaxes: list[str] | None = None) -> None:
+                 accepted_syntaxes: list[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         """dicomweb: with the DICOMweb plugin (Debian's orthanc-dicomweb) at
         self.dicomweb_url. accepted_syntaxes: the transfer syntaxes it takes (Orthanc's
-        AcceptedTransferSyntaxes; None: all it knows)."""
+        AcceptedTransferSyntaxes; None: all it knows). extra: more of its configuration."""
         self.workdir = workdir
         self.aet = aet
         self.dicom_port = free_port()
@@ -137,6 +138,7 @@ class Orthanc:
             "ConcurrentJobs": 1,
             "SaveJobs": False,
             **({"AcceptedTransferSyntaxes": accepted_syntaxes} if accepted_syntaxes else {}),
+            **(extra or {}),
         }))
         self.log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
         self.dicomweb_url = f"http://127.0.0.1:{self.http_port}/dicom-web"
@@ -396,7 +398,7 @@ class ScriptedSCP:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        from relay.toolkits.embedded import prefer_requestor_syntax, set_nodelay
+        from relay.toolkits.associations import prefer_requestor_syntax, set_nodelay
 
         self.statuses = statuses or {}
         self.reset_after = reset_after

@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import os
 import signal
-import socket
 import ssl
 import sys
 import threading
@@ -23,15 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
-    build_context,
     evt,
 )
 from pynetdicom.sop_class import Verification
@@ -54,12 +50,19 @@ from relay.send.results import (
     retry_all,
 )
 from relay.spool import PARTIAL_SUFFIX, safe_name
+from relay.toolkits.associations import (
+    file_head,
+    prefer_requestor_syntax,
+    refused_host,
+    set_nodelay,
+)
 from relay.toolkits.base import Engine, Receiver
 from relay.toolkits.common import MAX_CONTEXTS, context_groups
 from relay.toolkits.tls import client_context, server_context
 
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination
+    from relay.services.scp import QueryRetrieve
     from relay.spool import Spool
 
 log = logging.getLogger("relay.embedded")
@@ -107,47 +110,15 @@ class ContextsRefused(DestinationUnavailable):
     """The destination answered but accepted none of the proposed presentation contexts."""
 
 
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: turn Nagle off on this association's socket."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def prefer_requestor_syntax(event: evt.Event) -> None:
-    """EVT_REQUESTED handler: accept the transfer syntax the modality proposed first.
-
-    pynetdicom picks, per context, the first transfer syntax in *our* list that the peer
-    proposed. DCMTK's dcmsend proposes [RLE, Explicit LE, …] for an RLE file: with a fixed
-    list we would take Explicit LE and the modality would decompress the image for us. The
-    relay must keep what it was sent, so our preference follows theirs, per association.
-    """
-    proposed: dict[str, list[list[str]]] = {}
-    for cx in event.assoc.requestor.requested_contexts:
-        if cx.transfer_syntax:
-            proposed.setdefault(cx.abstract_syntax, []).append(list(cx.transfer_syntax))
-    contexts = []
-    for cx in event.assoc.acceptor.supported_contexts:
-        lists = proposed.get(cx.abstract_syntax)
-        if lists:
-            # One order must serve every context of this SOP class. dcmsend proposes
-            # [ELE, EBE, ILE] and [RLE, ELE, EBE, ILE] for MR side by side: putting the first
-            # choice that appears in the fewest contexts first (RLE) gives each its first.
-            firsts = dict.fromkeys(tss[0] for tss in lists)
-            first = sorted(firsts, key=lambda ts: sum(ts in tss for tss in lists))
-            ours = list(cx.transfer_syntax)
-            order = [ts for ts in first if ts in ours]
-            cx = build_context(cx.abstract_syntax, order + [ts for ts in ours if ts not in order])
-        contexts.append(cx)
-    event.assoc.acceptor.supported_contexts = contexts
-
-
 class EmbeddedReceiver(Receiver):
-    """pynetdicom Storage SCP: every storage SOP class, every transfer syntax it knows."""
+    """pynetdicom Storage SCP: every storage SOP class, every transfer syntax it knows; with
+    `services`, query/retrieve too (relay.services), on the same port."""
 
-    def __init__(self, config: Config, spool: Spool) -> None:
+    def __init__(self, config: Config, spool: Spool,
+                 services: QueryRetrieve | None = None) -> None:
         self.config = config.receiver
         self.spool = spool
+        self.services = services
         self.server: Any = None
         self.networks = [ipaddress.ip_network(h, strict=False)
                          for h in config.receiver.allowed_hosts]
@@ -161,7 +132,13 @@ class EmbeddedReceiver(Receiver):
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        ae.require_called_aet = True
+        if self.services is not None:
+            # Storage both ways: a C-GET requester takes its objects as SCP.
+            ae.supported_contexts = []
+            self.services.add_contexts(ae, storage=True)
+            ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.require_called_aet = (self.services is None
+                                 or not self.services.answers_two_titles(self.config.ae_title))
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.maximum_associations = self.config.max_associations
         ae.network_timeout = self.config.idle_timeout
@@ -175,9 +152,14 @@ class EmbeddedReceiver(Receiver):
         """Write the object to a temporary name, fsync, rename into incoming/: only then
         answer success. A failure to store answers Out of Resources (the modality retries)."""
         request = event.request
+        if self.services is not None:
+            # A sub-operation of the relay's own C-MOVE to the PACS: not a new study.
+            retrieved = self.services.inboxes.accept(event)
+            if retrieved is not None:
+                return retrieved
         name = safe_name(request.AffectedSOPInstanceUID)
         try:
-            head = self._file_head(event)
+            head = file_head(event)
             data_set = request.DataSet
             assert data_set is not None
         except Exception as exc:  # noqa: BLE001 - any encoding problem: refuse, don't store
@@ -281,29 +263,15 @@ class EmbeddedReceiver(Receiver):
 
     def on_requested(self, event: evt.Event) -> None:
         """A-ASSOCIATE-RQ: refuse a peer outside `allowed_hosts`, else negotiate."""
-        if self.networks:
-            address = event.assoc.requestor.address
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                ip = None
-            if ip is None or not any(ip in net for net in self.networks):
-                log.warning("association from %s (%s) refused: not in receiver.allowed_hosts",
-                            address, shown(event.assoc.requestor.ae_title))
-                # Rejected permanently, by the service user, no reason given.
-                event.assoc.acse.send_reject(0x01, 0x01, 0x01)
-                return
+        if refused_host(event, self.networks):
+            return
+        own = self.config.ae_title
+        if (self.services is not None and self.services.answers_two_titles(own)
+                and self.services.refuse_unknown_called_ae(event, own)):
+            return
         prefer_requestor_syntax(event)
-
-    @staticmethod
-    def _file_head(event: evt.Event) -> bytes:
-        """Preamble and file meta for the received data set; the meta also names the calling
-        AE title (0002,0016), as DCMTK does."""
-        meta = event.file_meta
-        meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
-        buffer = DicomBytesIO()
-        write_file_meta_info(buffer, meta, enforce_standard=True)
-        return b"".join((b"\x00" * 128, b"DICM", buffer.getvalue()))
+        if self.services is not None:
+            self.services.drop_contexts_if_not_allowed(event)
 
     def start(self) -> None:
         _fixed_mmap_threshold()
@@ -325,6 +293,9 @@ class EmbeddedReceiver(Receiver):
                     (evt.EVT_CONN_CLOSE, self.on_conn_close),
                     (evt.EVT_REQUESTED, self.on_requested),
                     (evt.EVT_DIMSE_RECV, self.on_dimse_recv)]
+        if self.services is not None:
+            self.services.start()
+            handlers += self.services.handlers()
         address = (self.config.host, self.config.port)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         try:
@@ -419,10 +390,12 @@ class EmbeddedEngine(Engine):
             if assoc.is_established:
                 assoc.release()
 
-    def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:
+    def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
+                 services: QueryRetrieve | None = None) -> Receiver:
         if beside_work and config.source.is_file():
+            # The child (`dicom-relay receive`) makes its own query/retrieve service.
             return EmbeddedReceiverProcess(config)
-        return EmbeddedReceiver(config, spool)
+        return EmbeddedReceiver(config, spool, services)
 
     def _associate(self, destination: Destination, calling_ae: str, timeout: float,
                    contexts: list[Context]) -> Any:

@@ -1,0 +1,85 @@
+"""What every pynetdicom user in the relay shares (the embedded engine's receiver and sender,
+the query/retrieve services): TCP_NODELAY on each association, the requestor's transfer
+syntax order, and the file head of a received data set."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import build_context, evt
+
+from relay.ops.logs import shown
+
+log = logging.getLogger("relay.receive")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off on this association's socket."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def prefer_requestor_syntax(event: evt.Event) -> None:
+    """EVT_REQUESTED handler: accept the transfer syntax the modality proposed first.
+
+    pynetdicom picks, per context, the first transfer syntax in *our* list that the peer
+    proposed. DCMTK's dcmsend proposes [RLE, Explicit LE, …] for an RLE file: with a fixed
+    list we would take Explicit LE and the modality would decompress the image for us. The
+    relay must keep what it was sent, so our preference follows theirs, per association.
+    """
+    proposed: dict[str, list[list[str]]] = {}
+    for cx in event.assoc.requestor.requested_contexts:
+        if cx.transfer_syntax:
+            proposed.setdefault(cx.abstract_syntax, []).append(list(cx.transfer_syntax))
+    contexts = []
+    for cx in event.assoc.acceptor.supported_contexts:
+        lists = proposed.get(cx.abstract_syntax)
+        if lists:
+            # One order must serve every context of this SOP class. dcmsend proposes
+            # [ELE, EBE, ILE] and [RLE, ELE, EBE, ILE] for MR side by side: putting the first
+            # choice that appears in the fewest contexts first (RLE) gives each its first.
+            firsts = dict.fromkeys(tss[0] for tss in lists)
+            first = sorted(firsts, key=lambda ts: sum(ts in tss for tss in lists))
+            ours = list(cx.transfer_syntax)
+            order = [ts for ts in first if ts in ours]
+            roles = cx.scu_role, cx.scp_role  # C-GET's role selection is kept
+            cx = build_context(cx.abstract_syntax, order + [ts for ts in ours if ts not in order])
+            cx.scu_role, cx.scp_role = roles
+        contexts.append(cx)
+    event.assoc.acceptor.supported_contexts = contexts
+
+
+def file_head(event: evt.Event) -> bytes:
+    """Preamble and file meta for a data set received by C-STORE; the meta also names the
+    calling AE title (0002,0016), as DCMTK does."""
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return b"".join((b"\x00" * 128, b"DICM", buffer.getvalue()))
+
+
+def refused_host(event: evt.Event, networks: list[Network]) -> bool:
+    """EVT_REQUESTED: reject a peer outside [receiver].allowed_hosts (when it lists any);
+    True when rejected."""
+    if not networks:
+        return False
+    address = event.assoc.requestor.address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if ip is not None and any(ip in net for net in networks):
+        return False
+    log.warning("association from %s (%s) refused: not in receiver.allowed_hosts",
+                address, shown(event.assoc.requestor.ae_title))
+    # Rejected permanently, by the service user, no reason given.
+    event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+    return True
