@@ -31,6 +31,7 @@ from relay.receive.watch import IncomingWatcher
 from relay.route.router import Router
 from relay.send.sender import DestinationSender
 from relay.send.stow import StowSender, transport_for
+from relay.services.scp import QueryRetrieve, ServicesServer
 from relay.spool import Spool
 from relay.toolkits.base import Engine, Receiver
 
@@ -50,11 +51,12 @@ def rules_and_routes(config: Config, engine: Engine) -> tuple[Editor, Router]:
             Router(config.destinations, converter, called_ae=config.receiver.ae_title))
 
 
-def history_writer(config: Config) -> HistoryWriter:
+def history_writer(config: Config, backlog: str = "history-backlog.jsonl") -> HistoryWriter:
     """The history's writer for a configuration (its database is reached on first write:
-    one that is down at start-up stops nothing)."""
+    one that is down at start-up stops nothing). backlog: the file that keeps what the
+    database could not take yet, one per writing process."""
     return HistoryWriter(HistoryStore(config.history_url, config.relay_name),
-                         config.spool.path / "history-backlog.jsonl",
+                         config.spool.path / backlog,
                          patient_values=config.audit.patient_values,
                          keep_days=config.history.keep_days)
 
@@ -91,6 +93,10 @@ class Relay:
         self.stow = StowSender()
         self.processor: Processor | None = None
         self.history: HistoryWriter | None = None
+        # Query/retrieve through the relay ([query]): on [query].port where objects are
+        # processed; the embedded receiver answers it on [receiver].port too.
+        self.services: QueryRetrieve | None = None
+        self.services_server: ServicesServer | None = None
 
     def start(self) -> None:
         self.spool.create()
@@ -102,12 +108,7 @@ class Relay:
             if recovered:
                 log.info("start-up: %d object(s) left in work/ by a previous run requeued",
                          recovered)
-            self.events.subscribe(AuditLog(self.config.audit_path,
-                                           patient_values=self.config.audit.patient_values))
-            if self.config.history.enabled:
-                self.history = history_writer(self.config)
-                self.history.start()
-                self.events.subscribe(self.history)
+            self._subscribe_audit_and_history("history-backlog.jsonl")
             self.senders = [self._sender(d, self.config) for d in self.config.destinations]
             for sender in self.senders:
                 self._start_sender(sender)
@@ -127,9 +128,23 @@ class Relay:
             # Watch before the receiver starts so the first arrival is not missed.
             self.watcher = IncomingWatcher(self.spool)
             self._thread(self._watch_loop, "watch")
+        if self.config.query is not None:
+            if not self.do_process:
+                # A receive-only process (the embedded receiver's child) answers queries
+                # too: they are audited and in the history from here as well.
+                self._subscribe_audit_and_history("history-backlog-receive.jsonl")
+            self.services = QueryRetrieve(self.config, self.spool.root, self.events)
+        if self.do_process and self.services is not None:
+            self.services_server = ServicesServer(self.config, self.services)
+            try:
+                self.services_server.start()
+            except BaseException:
+                self.stop()
+                raise
         if self.do_receive:
             self.receiver = self.engine.receiver(self.config, self.spool,
-                                                 beside_work=self.do_process)
+                                                 beside_work=self.do_process,
+                                                 services=self.services)
             try:
                 self.receiver.start()
             except BaseException:
@@ -146,6 +161,14 @@ class Relay:
                 raise OSError(f"[metrics].listen {self.config.metrics.listen[0]}:"
                               f"{self.config.metrics.listen[1]}: cannot serve /metrics there "
                               f"({exc.strerror or exc})") from None
+
+    def _subscribe_audit_and_history(self, backlog: str) -> None:
+        self.events.subscribe(AuditLog(self.config.audit_path,
+                                       patient_values=self.config.audit.patient_values))
+        if self.config.history.enabled:
+            self.history = history_writer(self.config, backlog)
+            self.history.start()
+            self.events.subscribe(self.history)
 
     def _sender(self, destination: Destination, config: Config) -> DestinationSender:
         """DIMSE destinations are sent to through the engine, DICOMweb ones over HTTP."""
@@ -306,6 +329,8 @@ class Relay:
         """Stop accepting, finish what is in hand, leave the rest in the spool."""
         if self.receiver is not None:
             self.receiver.stop()
+        if self.services_server is not None:
+            self.services_server.stop()
         self.stop_event.set()
         for sender in self.senders:
             sender.stop()
@@ -326,6 +351,8 @@ class Relay:
         config when SIGHUP asked for it. A receiver that dies meanwhile is the supervisor's
         to restart and log."""
         while not self.stop_event.wait(0.2):
+            if self.services_server is not None:
+                self.services_server.check()
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self.reload()

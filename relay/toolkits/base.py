@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from relay.config.model import Config, Destination
     from relay.edit.editor import ToolkitConverter
     from relay.send.results import SendResult
+    from relay.services.scp import QueryRetrieve
     from relay.spool import Spool
 
 
@@ -43,10 +44,13 @@ class Engine(ABC):
     knows_called_ae: bool = True
 
     @abstractmethod
-    def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:
+    def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
+                 services: QueryRetrieve | None = None) -> Receiver:
         """The engine's C-STORE SCP. beside_work: this process also edits and sends; an
         engine whose receiver would run inside it then gives the receiver a process of its
-        own (toolkit receivers are processes anyway)."""
+        own (toolkit receivers are processes anyway). services: query/retrieve, for a
+        receiver that answers it on its own port too (the embedded one; a toolkit's
+        storescp cannot: query/retrieve is then on [query].port only)."""
 
     @abstractmethod
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

@@ -69,6 +69,7 @@ from relay.toolkits.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores,
 
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination, TLSConfig
+    from relay.services.scp import QueryRetrieve
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcm4che")
@@ -384,7 +385,9 @@ class Dcm4cheEngine(Engine):
     def toolkit_converter(self) -> Dcm4cheEngine:
         return self
 
-    def receiver(self, config: Config, spool: Spool, beside_work: bool = False) -> Receiver:
+    def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
+                 services: QueryRetrieve | None = None) -> Receiver:
+        del services  # storescp stores only: query/retrieve is on [query].port
         return Dcm4cheReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

@@ -1,0 +1,383 @@
+"""C-GET and C-MOVE through the relay, in two halves that overlap: a Fetch brings the matching
+objects from the PACS into a folder of spool/retrieving/ (by C-GET on its own association, or
+by C-MOVE to the relay's own AE, whose C-STORE sub-operations land in a move inbox), and
+`serve_objects` hands each one to pynetdicom as soon as it is there, to be stored on the
+requester's association (C-GET) or to the move destination (C-MOVE). One object is in memory at
+a time and each file goes once it is passed on: a study of any size costs a bounded amount of
+memory, and the requester sees the counts change as objects go. Nothing retrieved enters the
+routing spool."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import random
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from relay.ops.logs import shown
+from relay.services.find import CANCEL, PENDING
+from relay.services.upstream import PacsUnavailable, Upstream
+from relay.spool import safe_name
+from relay.toolkits.associations import file_head
+from relay.toolkits.common import MAX_CONTEXTS
+
+log = logging.getLogger("relay.services")
+
+RETRIEVING = "retrieving"  # spool/retrieving/: objects on their way from the PACS
+WARNING_SOME_FAILED = 0xB000  # sub-operations complete, one or more failures
+UNABLE_SUB_OPERATIONS = 0xA702  # none could be performed
+OUT_OF_RESOURCES = 0xA700
+SUCCESS = 0x0000
+
+# The other model of the same root: a C-MOVE asked of the relay may be a C-GET to the PACS.
+GET_OF = {PatientRootQueryRetrieveInformationModelMove: PatientRootQueryRetrieveInformationModelGet,
+          StudyRootQueryRetrieveInformationModelMove: StudyRootQueryRetrieveInformationModelGet}
+MOVE_OF = {get: move for move, get in GET_OF.items()}
+
+# Proposed for each storage class when the relay takes objects by C-GET: the PACS picks one
+# per class (uncompressed first, so any PACS can; the common compressed ones so a PACS that
+# keeps them so need not decompress).
+GET_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
+                JPEG2000Lossless, JPEG2000, RLELossless]
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+
+
+def get_contexts(model: str) -> tuple[list[PresentationContext], list[Any]]:
+    """The contexts and SCP/SCU roles of a C-GET to the PACS: the model, and as many storage
+    classes as fit in 128 contexts (pynetdicom's 120 common ones): an object of a class not
+    among them is a failed sub-operation (retrieve = "move" has no such limit)."""
+    classes = [cx.abstract_syntax for cx in StoragePresentationContexts][:MAX_CONTEXTS - 1]
+    contexts = [build_context(model)] + [build_context(c, GET_SYNTAXES) for c in classes]
+    return contexts, [build_role(c, scp_role=True) for c in classes if c is not None]
+
+
+def store_contexts(first: tuple[str, str] | None) -> list[PresentationContext]:
+    """The contexts of the association to a C-MOVE destination: the first object's class and
+    transfer syntax as it came, then the common storage classes uncompressed."""
+    contexts = [build_context(first[0], [first[1]])] if first else []
+    for cx in StoragePresentationContexts:
+        if len(contexts) >= MAX_CONTEXTS:
+            break
+        if first is None or cx.abstract_syntax != first[0] or first[1] not in UNCOMPRESSED:
+            contexts.append(build_context(cx.abstract_syntax, UNCOMPRESSED))
+    return contexts
+
+
+def write_object(folder: Path, name: str, head: bytes, body: memoryview | bytes) -> Path:
+    """A retrieved object, complete under its name only once written (a dot name until)."""
+    final = folder / name
+    partial = folder / f".{name}.part"
+    with open(partial, "wb") as out:
+        out.write(head)
+        out.write(body)
+    os.replace(partial, final)
+    return final
+
+
+class Inboxes:
+    """Move inboxes: spool/retrieving/move-<message id>-<pid>/, one per C-MOVE the relay asks
+    of the PACS with itself as destination. The PACS's C-STORE sub-operations carry that
+    message ID (Move Originator Message ID) to whichever relay process takes them (the
+    services SCP or the embedded receiver): the folder is the meeting point."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self) -> tuple[int, Path]:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        while True:
+            msg_id = random.randint(1, 65535)  # noqa: S311 - an ID, not a secret
+            if any(self.root.glob(f"move-{msg_id}-*")):
+                continue
+            folder = self.root / f"move-{msg_id}-{os.getpid()}"
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            return msg_id, folder
+
+    def of(self, msg_id: int | None) -> Path | None:
+        """The inbox a sub-operation belongs to: by its Move Originator Message ID, or the
+        only one open when the PACS did not say (it should)."""
+        pattern = f"move-{msg_id}-*" if msg_id is not None else "move-*"
+        found = [p for p in self.root.glob(pattern) if p.is_dir()] if self.root.is_dir() else []
+        return found[0] if len(found) == 1 else None
+
+    def accept(self, event: evt.Event) -> int | None:
+        """EVT_C_STORE: store a sub-operation of the relay's own C-MOVE in its inbox (the
+        status to answer), or None when it is not one (an ordinary C-STORE)."""
+        request = event.request
+        originator = request.MoveOriginatorMessageID
+        folder = self.of(int(originator) if originator is not None else None)
+        if folder is None:
+            return None
+        data_set = request.DataSet
+        try:
+            with data_set.getbuffer() as body:
+                write_object(folder, safe_name(request.AffectedSOPInstanceUID),
+                             file_head(event), body)
+        except OSError as exc:
+            log.error("retrieve: cannot keep %s from the PACS (%s)",
+                      shown(str(request.AffectedSOPInstanceUID)), exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        return SUCCESS
+
+    def clean(self) -> None:
+        """Folders left by a relay process that is gone (killed while retrieving)."""
+        if not self.root.is_dir():
+            return
+        for folder in self.root.iterdir():
+            pid = folder.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Fetch:
+    """One retrieve from the PACS, in a thread of its own: objects land in a folder and are
+    queued as they arrive; the PACS's counts and final status are kept."""
+
+    _serial = itertools.count(1)
+
+    def __init__(self, upstream: Upstream, identifier: Dataset, model: str, *, mode: str,
+                 inboxes: Inboxes, move_ae_title: str) -> None:
+        self.upstream = upstream
+        self.identifier = identifier
+        self.mode = mode
+        self.inboxes = inboxes
+        self.move_ae_title = move_ae_title
+        if mode == "get":
+            self.model = GET_OF.get(model, model)
+            self.msg_id = 1
+            self.folder = inboxes.root / f"get-{next(self._serial)}-{os.getpid()}"
+        else:
+            self.model = MOVE_OF.get(model, model)
+            self.msg_id, self.folder = inboxes.open()
+        self.total: int | None = None
+        self.error = ""  # why the PACS gave nothing (unreachable, refused, broke off)
+        self.final_status: int | None = None
+        self.failed = 0  # sub-operations the PACS counted failed
+        self.failed_uids: list[str] = []
+        self.first: tuple[str, str] | None = None  # (SOP class, transfer syntax) of the first
+        self._arrived: queue.Queue[Path] = queue.Queue()
+        self._seen: set[str] = set()
+        self._ready = threading.Event()  # the total is known, or the fetch is over
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="retrieve", daemon=True)
+
+    def start(self) -> Fetch:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, cancelled: Callable[[], bool]) -> bool:
+        """Wait until the number of objects is known (False: cancelled meanwhile)."""
+        while not self._ready.wait(0.1):
+            if cancelled():
+                self.cancel()
+                return False
+        return True
+
+    def next_object(self, timeout: float) -> Path | None:
+        try:
+            return self._arrived.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    @property
+    def finished(self) -> bool:
+        """The PACS has answered its last and every object it sent is queued."""
+        return self._done.is_set() and self._arrived.empty()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Stop (a C-CANCEL to the PACS if it is still sending) and remove the folder."""
+        self._cancel.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.upstream.timeout + 5)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # --- the fetching thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self.mode == "get":
+                contexts, roles = get_contexts(self.model)
+                assoc = self.upstream.associate(contexts, [(evt.EVT_C_STORE, self._on_store)],
+                                                roles)
+                responses = assoc.send_c_get(self.identifier, self.model, msg_id=self.msg_id)
+            else:
+                assoc = self.upstream.associate([build_context(self.model)])
+                responses = assoc.send_c_move(self.identifier, self.move_ae_title, self.model,
+                                              msg_id=self.msg_id)
+            try:
+                self._follow(assoc, responses)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        except PacsUnavailable as exc:
+            self.error = str(exc)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.error = f"retrieve from {self.upstream.describe()} failed: {exc}"
+        finally:
+            if self.error:
+                log.error("retrieve: %s", shown(self.error))
+            self._collect()
+            self._done.set()
+            self._ready.set()
+
+    def _follow(self, assoc: Any, responses: Iterator[tuple[Dataset, Dataset | None]]) -> None:
+        cancel_sent = False
+        for rsp, identifier in responses:
+            if "Status" not in rsp:
+                self.error = (f"{self.upstream.describe()} stopped answering (timed out or "
+                              "aborted)")
+                return
+            code = int(rsp.Status)
+            counts = [int(rsp.get(k) or 0) for k in (
+                "NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
+                "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")]
+            self._collect()
+            if code in PENDING:
+                if self.total is None:
+                    self.total = sum(counts)
+                    self._ready.set()
+                if self._cancel.is_set() and not cancel_sent and assoc.accepted_contexts:
+                    assoc.send_c_cancel(self.msg_id, assoc.accepted_contexts[0].context_id)
+                    cancel_sent = True
+                continue
+            self.final_status = code
+            self.failed = counts[2]
+            if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+                uids = identifier.FailedSOPInstanceUIDList
+                self.failed_uids = [str(u) for u in (uids if isinstance(uids, list) else [uids])
+                                    if u]
+            if self.total is None:
+                self.total = counts[1] + counts[2] + counts[3]
+            if code not in (SUCCESS, WARNING_SOME_FAILED, CANCEL) and not self._seen:
+                self.error = f"{self.upstream.describe()} answered 0x{code:04X}"
+            return
+        self.error = f"{self.upstream.describe()} gave no final response"
+
+    def _on_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE on the C-GET association: a matching object from the PACS."""
+        request = event.request
+        try:
+            with request.DataSet.getbuffer() as body:
+                path = write_object(self.folder, safe_name(request.AffectedSOPInstanceUID),
+                                    file_head(event), body)
+        except OSError as exc:
+            log.error("retrieve: cannot keep %s from the PACS (%s)",
+                      shown(str(request.AffectedSOPInstanceUID)), exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        self._queue(path, (str(request.AffectedSOPClassUID),
+                           str(event.context.transfer_syntax)))
+        return SUCCESS
+
+    def _collect(self) -> None:
+        """Move mode: queue what the inbox received since last time."""
+        if self.mode != "move" or not self.folder.is_dir():
+            return
+        new = [p for p in self.folder.iterdir()
+               if not p.name.startswith(".") and p.name not in self._seen]
+        for path in sorted(new, key=_arrival):
+            if path.name not in self._seen:
+                first = None
+                if self.first is None:
+                    with contextlib.suppress(Exception):
+                        meta = dcmread(path, stop_before_pixels=True).file_meta
+                        first = (str(meta.MediaStorageSOPClassUID),
+                                 str(meta.TransferSyntaxUID))
+                self._queue(path, first)
+
+    def _queue(self, path: Path, first: tuple[str, str] | None) -> None:
+        self._seen.add(path.name)
+        if self.first is None:
+            self.first = first
+        self._arrived.put(path)
+
+
+def _arrival(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def serve_objects(fetch: Fetch, cancelled: Callable[[], bool]
+                  ) -> Iterator[tuple[int, Dataset | None]]:
+    """After the count: (Pending, data set) for each object as it lands, then the final
+    status. pynetdicom stores each data set and counts the sub-operation; objects the PACS
+    did not deliver count as failed in the final response."""
+    served = 0
+    while True:
+        if cancelled():
+            fetch.cancel()
+            yield CANCEL, None
+            return
+        path = fetch.next_object(0.1)
+        if path is None:
+            if fetch.finished:
+                break
+            continue
+        ds: Dataset
+        try:
+            ds = dcmread(path)  # the whole object, one at a time
+        except Exception as exc:  # noqa: BLE001 - counted as a failed sub-operation
+            log.error("retrieve: %s from the PACS is not readable DICOM (%s)", path.name, exc)
+            ds = Dataset()
+            ds.SOPInstanceUID = path.name  # a failed sub-operation, listed by its name
+        finally:
+            path.unlink(missing_ok=True)
+        served += 1
+        yield PENDING[0], ds
+    left = (fetch.total or 0) - served
+    if left > 0 or fetch.failed or fetch.error:
+        failed = Dataset()
+        failed.FailedSOPInstanceUIDList = fetch.failed_uids
+        yield (WARNING_SOME_FAILED if served else UNABLE_SUB_OPERATIONS), failed
+        return
+    yield SUCCESS, None

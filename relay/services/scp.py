@@ -1,0 +1,388 @@
+"""Query/retrieve as a service of the relay: what it negotiates, its handlers, and the SCP on
+[query].port. The embedded receiver binds the same handlers on [receiver].port.
+
+Each request ends in one event (Queried, Retrieved), emitted when its final response is sent
+(EVT_DIMSE_SENT): the status is the one the requester got, whoever set it (our handler, or
+pynetdicom answering for a handler that failed), and the counts are pynetdicom's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from relay.events import EventBus, Queried, Retrieved
+from relay.ops.logs import shown
+from relay.services.find import PENDING, forward_find, status
+from relay.services.retrieve import RETRIEVING, Fetch, Inboxes, serve_objects, store_contexts
+from relay.services.upstream import PacsUnavailable, Upstream
+from relay.toolkits.associations import prefer_requestor_syntax, refused_host, set_nodelay
+from relay.toolkits.tls import client_context, server_context
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from relay.config.model import Config
+
+log = logging.getLogger("relay.services")
+
+FIND_MODELS = (PatientRootQueryRetrieveInformationModelFind,
+               StudyRootQueryRetrieveInformationModelFind, ModalityWorklistInformationFind)
+GET_MODELS = (PatientRootQueryRetrieveInformationModelGet,
+              StudyRootQueryRetrieveInformationModelGet)
+MOVE_MODELS = (PatientRootQueryRetrieveInformationModelMove,
+               StudyRootQueryRetrieveInformationModelMove)
+QR_MODELS = (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS)
+FINAL_RESPONSES = {0x8020: "C-FIND", 0x8010: "C-GET", 0x8021: "C-MOVE"}  # Command Field
+KEYS_MAX = 400  # characters of a request's keys kept in the audit and history
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+def describe_keys(identifier: Dataset) -> tuple[str, str]:
+    """A request's keys as `Keyword=value, …` and as keywords only (no patient values)."""
+    with_values: list[str] = []
+    names: list[str] = []
+    for element in identifier:
+        keyword = element.keyword or str(element.tag)
+        if keyword == "QueryRetrieveLevel":
+            continue
+        names.append(keyword)
+        value = "" if element.VR == "SQ" else str(element.value or "")
+        with_values.append(f"{keyword}={value}" if value else keyword)
+    return (", ".join(with_values)[:KEYS_MAX], ", ".join(names)[:KEYS_MAX])
+
+
+@dataclass
+class Request:
+    """A query or retrieve in progress, until its final response is sent."""
+
+    operation: str  # C-FIND | C-GET | C-MOVE
+    requester: str
+    host: str
+    level: str
+    keys: str
+    key_names: str
+    move_destination: str | None = None
+    matches: list[int] = field(default_factory=list)
+    detail: str = ""
+
+
+class QueryRetrieve:
+    """The query/retrieve service: forwards to the [query] destination. One per process; the
+    SCP on [query].port and the embedded receiver bind its handlers."""
+
+    def __init__(self, config: Config, spool_root: Path, events: EventBus) -> None:
+        assert config.query is not None
+        self.config = config
+        self.query = config.query
+        self.upstream = Upstream(config)
+        self.events = events
+        self.inboxes = Inboxes(spool_root / RETRIEVING)
+        self._requests: dict[tuple[int, int], Request] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Leftovers of a relay process killed while retrieving go (never a routed object)."""
+        self.inboxes.clean()
+
+    def allows(self, calling_ae: str) -> bool:
+        allowed = self.query.allowed_calling_aets
+        return not allowed or calling_ae.strip() in allowed
+
+    # --- what it negotiates and binds ---------------------------------------------------------
+
+    @staticmethod
+    def add_contexts(ae: AE, storage: bool) -> None:
+        """The Q/R models; with `storage`, every storage class too, in both roles: the
+        requester's C-GET takes objects as SCP, and in move mode the PACS stores to us."""
+        for model in QR_MODELS:
+            ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
+        if storage:
+            for cx in AllStoragePresentationContexts:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                         scu_role=True, scp_role=True)
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get),
+                (evt.EVT_C_MOVE, self.on_move), (evt.EVT_DIMSE_SENT, self.on_sent),
+                (evt.EVT_CONN_CLOSE, self.on_close)]
+
+    def answers_two_titles(self, own: str) -> bool:
+        """Whether the relay must answer to move_ae_title besides its own AE title (the
+        PACS's sub-operations of the relay's C-MOVE are addressed to it): pynetdicom's
+        require_called_aet is then off and `refuse_unknown_called_ae` checks."""
+        return self.query.retrieve == "move" and self.query.move_ae_title != own
+
+    def refuse_unknown_called_ae(self, event: evt.Event, own: str) -> bool:
+        """EVT_REQUESTED: reject (called AE not recognised) an association to neither of the
+        relay's AE titles; True when rejected."""
+        called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        if called in (own, self.query.move_ae_title):
+            return False
+        log.warning("association from %s refused: called AE title %s is neither %s nor %s",
+                    shown(event.assoc.requestor.ae_title), shown(called), own,
+                    self.query.move_ae_title)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x07)
+        return True
+
+    def drop_contexts_if_not_allowed(self, event: evt.Event) -> None:
+        """EVT_REQUESTED (after the receiver's checks): a caller outside
+        [query].allowed_calling_aets may store, not query or retrieve."""
+        if self.allows(event.assoc.requestor.ae_title):
+            return
+        acceptor = event.assoc.acceptor
+        acceptor.supported_contexts = [cx for cx in acceptor.supported_contexts
+                                       if cx.abstract_syntax not in QR_MODELS]
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    def _begin(self, event: evt.Event, operation: str) -> tuple[Request, Dataset | None]:
+        requestor = event.assoc.requestor
+        try:
+            identifier = event.identifier
+            keys, key_names = describe_keys(identifier)
+            level = str(identifier.get("QueryRetrieveLevel", "") or "")
+        except Exception as exc:  # noqa: BLE001 - a request we cannot decode is refused
+            identifier, keys, key_names, level = None, "", "", ""
+            log.error("%s from %s: cannot decode its identifier (%s)", operation,
+                      shown(requestor.ae_title), exc)
+        if not level and event.context.abstract_syntax == ModalityWorklistInformationFind:
+            level = "WORKLIST"
+        request = Request(operation, requestor.ae_title.strip(), str(requestor.address),
+                          level, keys, key_names)
+        if identifier is None:
+            request.detail = "identifier not decodable"
+        with self._lock:
+            self._requests[(id(event.assoc), int(event.message_id))] = request
+        return request, identifier
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        request, identifier = self._begin(event, "C-FIND")
+        if identifier is None:
+            yield status(STATUS_CANNOT_UNDERSTAND, "identifier not decodable"), None
+            return
+        log.info("C-FIND %s from %s: %s", request.level, shown(request.requester),
+                 shown(request.key_names))
+        for response in forward_find(self.upstream, identifier,
+                                     str(event.context.abstract_syntax),
+                                     lambda: bool(event.is_cancelled), request.matches):
+            if isinstance(response[0], Dataset) and "ErrorComment" in response[0]:
+                request.detail = str(response[0].ErrorComment)
+            yield response
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        request, identifier = self._begin(event, "C-GET")
+        if identifier is None:
+            raise ValueError("identifier not decodable")
+        fetch = self._fetch(identifier, str(event.context.abstract_syntax))
+        try:
+            cancelled = lambda: bool(event.is_cancelled)  # noqa: E731
+            total = self._count(fetch, request, cancelled)
+            yield total
+            yield from serve_objects(fetch, cancelled)
+        finally:
+            fetch.close()
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        request, identifier = self._begin(event, "C-MOVE")
+        destination = str(event.move_destination or "").strip()
+        request.move_destination = destination
+        modality = self.config.modality(destination)
+        if modality is None:
+            request.detail = f"move destination {destination!r} is not a [[modalities]] entry"
+            log.warning("C-MOVE from %s: %s: refused (A801)", shown(request.requester),
+                        shown(request.detail))
+            yield None, None
+            return
+        if identifier is None:
+            raise ValueError("identifier not decodable")
+        fetch = self._fetch(identifier, str(event.context.abstract_syntax))
+        try:
+            cancelled = lambda: bool(event.is_cancelled)  # noqa: E731
+            total = self._count(fetch, request, cancelled)
+            kwargs: dict[str, Any] = {
+                "contexts": store_contexts(fetch.first),
+                "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay)]}
+            if modality.tls is not None:
+                kwargs["tls_args"] = (client_context(modality.tls), modality.host)
+            yield modality.host, modality.port, kwargs
+            yield total
+            yield from serve_objects(fetch, cancelled)
+        finally:
+            fetch.close()
+
+    @staticmethod
+    def _count(fetch: Fetch, request: Request, cancelled: Callable[[], bool]) -> int:
+        """The number of objects, once the PACS said it; raise when it cannot (pynetdicom
+        then answers a failure status) or the requester cancelled first."""
+        if not fetch.wait_ready(cancelled):
+            request.detail = "cancelled before the PACS answered"
+            raise PacsUnavailable(request.detail)
+        if fetch.total is None or (fetch.error and not fetch.total):
+            request.detail = fetch.error or "the PACS gave no count"
+            raise PacsUnavailable(request.detail)
+        request.detail = fetch.error
+        return fetch.total
+
+    def _fetch(self, identifier: Dataset, model: str) -> Fetch:
+        return Fetch(self.upstream, identifier, model, mode=self.query.retrieve,
+                     inboxes=self.inboxes, move_ae_title=self.query.move_ae_title).start()
+
+    def on_sent(self, event: evt.Event) -> None:
+        """EVT_DIMSE_SENT: a final response ends its request: the event."""
+        command = getattr(event.message, "command_set", None)
+        if command is None:
+            return
+        operation = FINAL_RESPONSES.get(int(command.get("CommandField", 0) or 0))
+        code = command.get("Status")
+        if operation is None or code is None or int(code) in PENDING:
+            return
+        with self._lock:
+            request = self._requests.pop(
+                (id(event.assoc), int(command.get("MessageIDBeingRespondedTo", 0) or 0)), None)
+        if request is None:
+            return
+        comment = str(command.get("ErrorComment", "") or "")
+        self._emit(request, f"0x{int(code):04X}", request.detail or comment, command)
+
+    def on_close(self, event: evt.Event) -> None:
+        """A requester gone before its final response: its requests end as aborted."""
+        with self._lock:
+            ended = [self._requests.pop(key) for key in list(self._requests)
+                     if key[0] == id(event.assoc)]
+        for request in ended:
+            self._emit(request, "aborted", request.detail or "the association ended first",
+                       Dataset())
+
+    def _emit(self, request: Request, code: str, detail: str, command: Dataset) -> None:
+        r = request
+        if r.operation == "C-FIND":
+            self.events.emit(Queried(requester=r.requester, host=r.host, level=r.level,
+                                     keys=r.keys, key_names=r.key_names, status=code,
+                                     detail=detail, matches=len(r.matches)))
+            return
+
+        def count(what: str) -> int:
+            return int(command.get(f"NumberOf{what}Suboperations", 0) or 0)
+
+        self.events.emit(Retrieved(requester=r.requester, host=r.host, level=r.level,
+                                   keys=r.keys, key_names=r.key_names, status=code,
+                                   detail=detail, operation=r.operation,
+                                   move_destination=r.move_destination,
+                                   completed=count("Completed"), failed=count("Failed"),
+                                   warning=count("Warning")))
+
+
+class ServicesServer:
+    """The SCP on [query].port, with the relay's AE title (every engine): query/retrieve, and
+    the PACS's C-STORE sub-operations when the relay retrieves by C-MOVE. The receiver's
+    allow lists and TLS apply; [query].allowed_calling_aets narrows the AE titles.
+    Supervised: `check()` starts it again if it stopped."""
+
+    def __init__(self, config: Config, service: QueryRetrieve) -> None:
+        assert config.query is not None
+        self.config = config
+        self.service = service
+        self.server: Any = None
+        self._thread = threading.Thread()
+        self.restarts = 0
+        self.networks = [ipaddress.ip_network(h, strict=False)
+                         for h in config.receiver.allowed_hosts]
+
+    def _make_ae(self) -> AE:
+        rc = self.config.receiver
+        assert self.config.query is not None
+        ae = AE(ae_title=rc.ae_title)
+        QueryRetrieve.add_contexts(ae, storage=True)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.require_called_aet = not self.service.answers_two_titles(rc.ae_title)
+        ae.require_calling_aet = list(self.config.query.allowed_calling_aets
+                                      or rc.allowed_calling_aets)
+        ae.maximum_associations = rc.max_associations
+        ae.network_timeout = rc.idle_timeout
+        ae.acse_timeout = max(1.0, min(10.0, rc.idle_timeout / 2))
+        ae.dimse_timeout = rc.request_timeout
+        return ae
+
+    def on_requested(self, event: evt.Event) -> None:
+        if refused_host(event, self.networks):
+            return
+        own = self.config.receiver.ae_title
+        if self.service.answers_two_titles(own) and self.service.refuse_unknown_called_ae(
+                event, own):
+            return
+        prefer_requestor_syntax(event)
+
+    def on_store(self, event: evt.Event) -> int:
+        """Only the PACS's sub-operations of the relay's own C-MOVE are taken here: new
+        studies go to [receiver].port."""
+        accepted = self.service.inboxes.accept(event)
+        if accepted is None:
+            log.warning("C-STORE from %s on the query/retrieve port refused: no retrieve is "
+                        "waiting for it (send new studies to [receiver].port %d)",
+                        shown(event.assoc.requestor.ae_title), self.config.receiver.port)
+            return STATUS_CANNOT_UNDERSTAND
+        return accepted
+
+    def start(self) -> None:
+        assert self.config.query is not None
+        self.service.start()
+        rc = self.config.receiver
+        address = (rc.host, self.config.query.port)
+        handlers = [*self.service.handlers(), (evt.EVT_C_STORE, self.on_store),
+                    (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_REQUESTED, self.on_requested)]
+        ae = self._make_ae()
+        try:
+            self.server = ae.make_server(
+                address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+                ssl_context=server_context(rc.tls) if rc.tls else None)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"[query].port {address[1]} on {address[0]} is "
+                              "already in use (change [query].port)") from None
+            raise
+        # Served from our own thread (supervised: check()); registered with its AE as
+        # start_server would, for the server's shutdown() to find it there.
+        ae._servers.append(self.server)
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        name="query-retrieve", daemon=True)
+        self._thread.start()
+        log.info("query/retrieve listening as %s on %s:%d (answered by %s, retrieving by %s)",
+                 rc.ae_title, *address, self.service.upstream.describe(),
+                 "C-GET" if self.config.query.retrieve == "get" else
+                 f"C-MOVE to {self.config.query.move_ae_title}")
+
+    def check(self) -> None:
+        """Start the SCP again if its server thread is gone."""
+        if self.server is not None and not self._thread.is_alive():
+            log.error("query/retrieve SCP stopped: starting it again")
+            self.restarts += 1
+            self.stop()
+            self.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            for assoc in list(self.server.active_associations):
+                assoc.abort()
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

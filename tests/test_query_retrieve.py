@@ -1,0 +1,486 @@
+"""Query/retrieve through the relay ([query], relay.services), against real peers only:
+Orthanc as the central PACS (filled by C-STORE), DCMTK's findscu/movescu/getscu and dcm4che's
+as the workstation, a DCMTK storescp as the C-MOVE destination.
+
+Each engine runs the relay as `dicom-relay run` would: the SCP on [query].port everywhere,
+and the embedded engine also on [receiver].port.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from dicomdata import ct_series
+from peers import (
+    DCM4CHE_HOME,
+    DCMTK_BIN,
+    ORTHANC,
+    Orthanc,
+    RelayProcess,
+    dcm4che_env,
+    dcmsend,
+    dcmtk_env,
+    free_port,
+    proc_stats,
+    relay_config,
+    wait_for_port,
+    wait_until,
+    with_dcm4che,
+)
+
+STUDY_SIZE = 50
+BIG_SIZE = 300
+QR = {"DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True}
+
+
+class StoreSCP:
+    """DCMTK's storescp as the C-MOVE destination (a viewer's workstation)."""
+
+    def __init__(self, folder: Path, aet: str = "VIEWER") -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(DCMTK_BIN / "storescp"), "-aet", aet, "+xa", "-od", str(folder),
+             str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=dcmtk_env())
+        wait_for_port(self.port, proc=self.proc)
+
+    def stored(self) -> list[Path]:
+        return sorted(self.folder.iterdir())
+
+    def clear(self) -> None:
+        for path in self.folder.iterdir():
+            path.unlink()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.log.close()
+
+
+@dataclass
+class World:
+    pacs: Orthanc
+    viewer: StoreSCP
+    study: str  # the 50-instance study
+    instances: set[str]
+    other_study: str
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    if not Path(ORTHANC).exists() or not (DCMTK_BIN / "findscu").exists():
+        pytest.fail("Orthanc and DCMTK are installed by tests/run: run the suite with it")
+    workdir = tmp_path_factory.mktemp("qr")
+    pacs = Orthanc(workdir / "orthanc", extra=QR).start()
+    viewer = StoreSCP(workdir / "viewer")
+    a = ct_series(workdir / "a", STUDY_SIZE, PatientID="QR-A", PatientName="Prior^Ana",
+                  AccessionNumber="ACC-A")
+    ct_series(workdir / "b", 3, PatientID="QR-B", PatientName="Other^Beto",
+              AccessionNumber="ACC-B")
+    for folder in ("a", "b"):
+        dcmsend(sorted((workdir / folder).iterdir()), pacs.dicom_port, pacs.aet)
+    assert pacs.count() == STUDY_SIZE + 3
+    study = str(dcmread(workdir / "a" / "ct00000.dcm").StudyInstanceUID)
+    other = str(dcmread(workdir / "b" / "ct00000.dcm").StudyInstanceUID)
+    # The C-MOVE destination, as Orthanc knows it (for the direct comparisons).
+    put(pacs, "/modalities/viewer", {"AET": viewer.aet, "Host": "127.0.0.1",
+                                     "Port": viewer.port})
+    yield World(pacs, viewer, study, set(a), other, workdir)
+    viewer.close()
+    pacs.close()
+
+
+def put(pacs: Orthanc, path: str, body: dict[str, Any]) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{pacs.http_port}{path}",
+                                     data=json.dumps(body).encode(), method="PUT")
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
+@dataclass
+class Relay:
+    process: RelayProcess
+    port: int  # [receiver].port
+    query_port: int  # [query].port
+    spool: Path
+
+    def audit(self, step: str) -> list[dict[str, Any]]:
+        path = self.spool / "audit.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [e for e in map(json.loads, lines) if e["step"] == step]
+
+
+def start_relay(world: World, name: str, engine: str = "embedded", *,
+                retrieve: str = "get", query_destination_port: int | None = None,
+                extra: str = "") -> Relay:
+    workdir = world.workdir / name
+    workdir.mkdir()
+    port, query_port = free_port(), free_port()
+    spool = workdir / "spool"
+    config = relay_config(
+        workdir / "relay.toml", port=port, spool=spool, engine=engine,
+        destinations=[("central", world.pacs.aet, world.pacs.dicom_port)],
+        extra=f"""
+[query]
+destination = "central"
+port = {query_port}
+retrieve = "{retrieve}"
+move_ae_title = "RELAYQR"
+{extra}
+
+[[modalities]]
+ae_title = "{world.viewer.aet}"
+host = "127.0.0.1"
+port = {world.viewer.port}
+""")
+    if query_destination_port is not None:  # a PACS that is down
+        text = config.read_text().replace(f"port = {world.pacs.dicom_port}",
+                                          f"port = {query_destination_port}")
+        config.write_text(text)
+    process = RelayProcess(config, workdir).start(port)
+    wait_for_port(query_port, 60, process.proc)
+    return Relay(process, port, query_port, spool)
+
+
+@pytest.fixture(scope="module")
+def relay(world: World) -> Iterator[Relay]:
+    running = start_relay(world, "embedded")
+    yield running
+    running.process.stop()
+
+
+# --- the workstations -------------------------------------------------------------------------
+
+
+def findscu(port: int, level: str, keys: list[str], out: Path, model: str = "-S",
+            extra: tuple[str, ...] = (), aec: str = "DICOMRELAY"
+            ) -> tuple[list[Any], subprocess.CompletedProcess[str]]:
+    """DCMTK findscu: the matches (data sets) and the run."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    argv = [str(DCMTK_BIN / "findscu"), "-aet", "WORKSTATION", "-aec", aec, model, "-X",
+            "-od", str(out), *extra, "-k", f"QueryRetrieveLevel={level}"]
+    for key in keys:
+        argv += ["-k", key]
+    run = subprocess.run([*argv, "127.0.0.1", str(port)], capture_output=True, text=True,
+                         env=dcmtk_env(), timeout=120, check=False)
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], run
+
+
+def movescu(port: int, destination: str, study: str, aec: str = "DICOMRELAY"
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DCMTK_BIN / "movescu"), "-d", "-aet", "WORKSTATION", "-aec", aec, "-S",
+         "-aem", destination, "-k", "QueryRetrieveLevel=STUDY",
+         "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=300, check=False)
+
+
+def getscu(port: int, study: str, out: Path, aec: str = "DICOMRELAY"
+           ) -> subprocess.CompletedProcess[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [str(DCMTK_BIN / "getscu"), "-d", "-aet", "WORKSTATION", "-aec", aec, "-S",
+         "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+         "127.0.0.1", str(port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=300, check=False)
+
+
+def final_counts(output: str) -> dict[str, int]:
+    """The last C-MOVE/C-GET response's sub-operation counts, from DCMTK's -d output."""
+    counts = {}
+    for what in ("Completed", "Failed", "Warning"):
+        found = re.findall(rf"{what} Suboperations\s*:\s*(\d+)", output)
+        counts[what.lower()] = int(found[-1]) if found else -1
+    return counts
+
+
+def final_status(output: str) -> str:
+    """The last DIMSE status DCMTK printed (e.g. 0xa801), lower case."""
+    found = re.findall(r"DIMSE Status\s*:\s*(0x[0-9a-fA-F]{4})", output)
+    return found[-1].lower() if found else ""
+
+
+def uids_of(matches: list[Any], keyword: str) -> set[str]:
+    return {str(m.get(keyword, "")) for m in matches}
+
+
+def instance_uids(folder: Path) -> set[str]:
+    return {str(dcmread(p, stop_before_pixels=True, force=True).SOPInstanceUID)
+            for p in folder.iterdir() if p.is_file()}
+
+
+# --- C-FIND ----------------------------------------------------------------------------------
+
+LEVELS = {
+    "PATIENT": ("-P", ["PatientID", "PatientName"], "PatientID"),
+    "STUDY": ("-S", ["StudyInstanceUID", "PatientID", "AccessionNumber", "StudyDate"],
+              "StudyInstanceUID"),
+    "SERIES": ("-S", ["SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances"],
+               "SeriesInstanceUID"),
+    "IMAGE": ("-S", ["SOPInstanceUID", "InstanceNumber"], "SOPInstanceUID"),
+}
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_find_at_each_level_returns_what_orthanc_returns(world: World, relay: Relay,
+                                                         level: str) -> None:
+    model, keys, unique = LEVELS[level]
+    if level in ("SERIES", "IMAGE"):
+        keys = [f"StudyInstanceUID={world.study}", *keys]
+    if level == "PATIENT":
+        keys = ["PatientID=QR-*", "PatientName"]
+    through, run = findscu(relay.port, level, keys, world.workdir / f"find-{level}", model)
+    direct, _ = findscu(world.pacs.dicom_port, level, keys, world.workdir / f"direct-{level}",
+                        model, aec=world.pacs.aet)
+    assert through, run.stdout + run.stderr
+    assert uids_of(through, unique) == uids_of(direct, unique)
+    # Every returned key, value for value (compared as sets of the whole answers).
+    def answers(ms: list[Any]) -> set[str]:
+        return {repr(sorted((e.keyword, str(e.value)) for e in m if e.keyword)) for m in ms}
+    assert answers(through) == answers(direct)
+    expected = {"PATIENT": {"QR-A", "QR-B"}, "STUDY": None, "SERIES": None,
+                "IMAGE": world.instances}[level]
+    if expected is not None:
+        assert uids_of(through, unique) == expected
+
+
+def test_find_is_audited_and_on_the_query_port_too(world: World, relay: Relay) -> None:
+    matches, _ = findscu(relay.query_port, "STUDY",
+                         ["PatientID=QR-A", "StudyInstanceUID"], world.workdir / "find-q")
+    assert uids_of(matches, "StudyInstanceUID") == {world.study}
+    lines = wait_until(lambda: [e for e in relay.audit("query")
+                                if "PatientID=QR-A" in e.get("keys", "")], 10,
+                       what="the query's audit line")
+    assert lines[-1]["object"] == "WORKSTATION" and lines[-1]["matches"] == 1
+    assert lines[-1]["status"] == "0x0000" and lines[-1]["level"] == "STUDY"
+
+
+@dataclass
+class BigStudy:
+    uid: str
+    megabytes: float
+
+
+@pytest.fixture(scope="module")
+def big_study(world: World) -> BigStudy:
+    """300 objects of ~0.5 MB (150 MB) at the PACS."""
+    folder = world.workdir / "big"
+    ct_series(folder, BIG_SIZE, PatientID="QR-BIG")
+    _grow(folder)
+    dcmsend(sorted(folder.iterdir()), world.pacs.dicom_port, world.pacs.aet)
+    return BigStudy(str(dcmread(folder / "ct00000.dcm").StudyInstanceUID),
+                    sum(p.stat().st_size for p in folder.iterdir()) / 1e6)
+
+
+def test_cancelled_find_stops(world: World, relay: Relay, big_study: BigStudy) -> None:
+    """findscu cancels after 5 of 300 matches: the relay passes the C-CANCEL on and ends with
+    Cancel, not with all 300."""
+    matches, run = findscu(relay.port, "IMAGE",
+                           [f"StudyInstanceUID={big_study.uid}", "SOPInstanceUID"],
+                           world.workdir / "find-cancel", extra=("--cancel", "5", "-v"))
+    assert 5 <= len(matches) < BIG_SIZE, run.stdout + run.stderr
+    assert "Cancel" in run.stdout + run.stderr
+    line = wait_until(lambda: [e for e in relay.audit("query") if e["status"] == "0xFE00"],
+                      10, what="the cancelled query's audit line")
+    assert line[-1]["matches"] < BIG_SIZE
+
+
+# --- C-MOVE and C-GET --------------------------------------------------------------------------
+
+
+def test_move_of_a_50_instance_study_arrives_complete(world: World, relay: Relay) -> None:
+    world.viewer.clear()
+    at_pacs = world.pacs.count()
+    run = movescu(relay.port, world.viewer.aet, world.study)
+    out = run.stdout + run.stderr
+    assert final_counts(out) == {"completed": STUDY_SIZE, "failed": 0, "warning": 0}, out
+    assert final_status(out) == "0x0000"
+    # Counts changed as the objects went (pending responses), not only at the end.
+    remaining = [int(n) for n in re.findall(r"Remaining Suboperations\s*:\s*(\d+)",
+                                            out)]
+    assert len(set(remaining)) > 10, out
+    wait_until(lambda: len(world.viewer.stored()) == STUDY_SIZE, 30, what="all at the viewer")
+    assert instance_uids(world.viewer.folder) == world.instances
+    # Retrieved objects never enter the routing spool, nor reach a destination.
+    assert not list((relay.spool / "incoming").iterdir())
+    assert world.pacs.count() == at_pacs
+    line = wait_until(lambda: [e for e in relay.audit("retrieve")
+                               if e.get("move_destination") == "VIEWER"], 10)[-1]
+    assert (line["completed"], line["failed"], line["operation"]) == (STUDY_SIZE, 0, "C-MOVE")
+    assert not list((relay.spool / "retrieving").iterdir())
+
+
+def test_get_of_a_50_instance_study_arrives_complete(world: World, relay: Relay) -> None:
+    out_dir = world.workdir / "get-out"
+    run = getscu(relay.port, world.study, out_dir)
+    out = run.stdout + run.stderr
+    assert final_counts(out) == {"completed": STUDY_SIZE, "failed": 0, "warning": 0}, out
+    assert instance_uids(out_dir) == world.instances
+    line = wait_until(lambda: [e for e in relay.audit("retrieve")
+                               if e.get("operation") == "C-GET"], 10)[-1]
+    assert (line["completed"], line["status"]) == (STUDY_SIZE, "0x0000")
+
+
+def test_unknown_move_destination_gets_a801(world: World, relay: Relay) -> None:
+    run = movescu(relay.port, "NOBODY", world.study)
+    assert final_status(run.stdout + run.stderr) == "0xa801", run.stdout + run.stderr
+    line = wait_until(lambda: [e for e in relay.audit("retrieve")
+                               if e.get("move_destination") == "NOBODY"], 10)[-1]
+    assert line["status"] == "0xA801" and "[[modalities]]" in line["detail"]
+
+
+def test_calling_aet_outside_the_query_list_cannot_query_but_can_store(world: World) -> None:
+    relay = start_relay(world, "narrowed", extra='allowed_calling_aets = ["RADIOLOGY"]')
+    try:
+        matches, run = findscu(relay.port, "STUDY", ["StudyInstanceUID"],
+                               world.workdir / "find-narrowed")
+        assert not matches
+        assert "No Acceptable Presentation Contexts" in run.stdout + run.stderr or \
+            "rejected" in (run.stdout + run.stderr).lower(), run.stdout + run.stderr
+        # On [query].port the AE title is refused outright.
+        matches, run = findscu(relay.query_port, "STUDY", ["StudyInstanceUID"],
+                               world.workdir / "find-narrowed-q")
+        assert not matches and "Association Rejected" in run.stdout + run.stderr
+    finally:
+        relay.process.stop()
+
+
+def test_pacs_down_gives_a_failure_status_not_a_hang(world: World) -> None:
+    relay = start_relay(world, "pacs-down", query_destination_port=free_port())
+    try:
+        started = time.monotonic()
+        matches, run = findscu(relay.port, "STUDY", ["StudyInstanceUID"],
+                               world.workdir / "find-down", extra=("-v",))
+        out = run.stdout + run.stderr
+        assert not matches
+        assert re.search(r"Status.*0xc001|Unable to process|Failed: Unable", out, re.I), out
+        move = movescu(relay.port, world.viewer.aet, world.study)
+        assert final_status(move.stdout + move.stderr).startswith("0xc"), move.stdout
+        get = getscu(relay.query_port, world.study, world.workdir / "get-down")
+        assert final_status(get.stdout + get.stderr).startswith("0xc"), get.stdout
+        assert time.monotonic() - started < 90  # each gave up within the timeouts
+        lines = relay.audit("query") + relay.audit("retrieve")
+        assert len(lines) == 3 and all("PACS" in e.get("detail", "") or "central" in
+                                       e.get("detail", "") for e in lines), lines
+    finally:
+        relay.process.stop()
+
+
+def test_a_300_instance_retrieve_stays_in_bounded_memory(world: World, relay: Relay,
+                                                        big_study: BigStudy) -> None:
+    """300 objects of ~0.5 MB (150 MB) through C-GET: the relay's peak memory grows by far
+    less than the study (one object is in memory at a time)."""
+    study, size_mb = big_study.uid, big_study.megabytes
+    assert relay.process.proc is not None
+    before, _ = proc_stats(relay.process.proc.pid)
+    out_dir = world.workdir / "big-out"
+    run = getscu(relay.port, study, out_dir)
+    after, _ = proc_stats(relay.process.proc.pid)
+    assert final_counts(run.stdout + run.stderr)["completed"] == BIG_SIZE, run.stdout
+    assert len(list(out_dir.iterdir())) == BIG_SIZE
+    assert after - before < size_mb / 3, (before, after, size_mb)
+
+
+def _grow(folder: Path) -> None:
+    """Make each CT 512 x 512 (0.5 MB of pixels), keeping its UIDs."""
+    for path in folder.iterdir():
+        ds = dcmread(path)
+        ds.Rows = ds.Columns = 512
+        ds.PixelData = bytes(512 * 512 * 2)
+        ds.save_as(path)
+
+
+# --- the other engines, and dcm4che's tools as the workstation ----------------------------------
+
+
+def dcm4che(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    assert DCM4CHE_HOME is not None
+    return subprocess.run([str(DCM4CHE_HOME / "bin" / tool), "-b", "WORKSTATION", *args],
+                          capture_output=True, text=True, env=dcm4che_env(), timeout=300,
+                          check=False)
+
+
+def dcm4che_counts(output: str) -> tuple[int, int]:
+    """(completed, failed) of dcm4che's last C-MOVE/C-GET response."""
+    found = re.findall(r"completed=(\d+), failed=(\d+)", output)
+    return (int(found[-1][0]), int(found[-1][1])) if found else (-1, -1)
+
+
+@pytest.mark.parametrize("engine", ["dcmtk", *with_dcm4che("dcm4che")])
+def test_toolkit_engines_serve_query_retrieve_on_the_query_port(world: World, engine: str,
+                                                                 ) -> None:
+    relay = start_relay(world, f"engine-{engine}", engine)
+    try:
+        matches, run = findscu(relay.query_port, "SERIES",
+                               [f"StudyInstanceUID={world.study}", "SeriesInstanceUID"],
+                               world.workdir / f"find-{engine}")
+        assert len(matches) == 1, run.stdout + run.stderr
+        world.viewer.clear()
+        move = movescu(relay.query_port, world.viewer.aet, world.study)
+        assert final_counts(move.stdout + move.stderr)["completed"] == STUDY_SIZE
+        wait_until(lambda: len(world.viewer.stored()) == STUDY_SIZE, 30)
+        out_dir = world.workdir / f"get-{engine}"
+        get = getscu(relay.query_port, world.study, out_dir)
+        assert final_counts(get.stdout + get.stderr)["completed"] == STUDY_SIZE
+        assert instance_uids(out_dir) == world.instances
+    finally:
+        relay.process.stop()
+
+
+@pytest.mark.parametrize("dummy", with_dcm4che("dcm4che-tools"))
+def test_dcm4che_workstation_finds_moves_and_gets(world: World, relay: Relay,
+                                                  dummy: str) -> None:
+    connect = ["-c", f"DICOMRELAY@127.0.0.1:{relay.port}"]
+    out_dir = world.workdir / "dcm4che-find"
+    out_dir.mkdir()
+    find = dcm4che("findscu", *connect, "-M", "StudyRoot", "-L", "IMAGE",
+                   "-m", f"StudyInstanceUID={world.study}", "-r", "SOPInstanceUID",
+                   "--out-dir", str(out_dir), "--out-file", "match.dcm")
+    assert instance_uids(out_dir) == world.instances, find.stdout + find.stderr
+    world.viewer.clear()
+    move = dcm4che("movescu", *connect, "-M", "StudyRoot", "-L", "STUDY", "--dest",
+                   world.viewer.aet, "-m", f"StudyInstanceUID={world.study}")
+    assert dcm4che_counts(move.stdout + move.stderr) == (STUDY_SIZE, 0), move.stdout
+    wait_until(lambda: len(world.viewer.stored()) == STUDY_SIZE, 30)
+    get_dir = world.workdir / "dcm4che-get"
+    get = dcm4che("getscu", *connect, "-M", "StudyRoot", "-L", "STUDY",
+                  "-m", f"StudyInstanceUID={world.study}", "--directory", str(get_dir))
+    assert dcm4che_counts(get.stdout + get.stderr) == (STUDY_SIZE, 0), get.stdout
+    assert instance_uids(get_dir) == world.instances
+
+
+@pytest.mark.parametrize("engine", ["embedded", "dcmtk"])
+def test_retrieve_by_move_to_the_relay_itself(world: World, engine: str) -> None:
+    """retrieve = "move": the PACS stores to the relay's own AE, on [receiver].port
+    (embedded: another process than the one serving [query].port) or [query].port."""
+    relay = start_relay(world, f"by-move-{engine}", engine, retrieve="move")
+    try:
+        port = relay.port if engine == "embedded" else relay.query_port
+        put(world.pacs, "/modalities/relayqr", {"AET": "RELAYQR", "Host": "127.0.0.1",
+                                                "Port": port})
+        out_dir = world.workdir / f"by-move-get-{engine}"
+        get = getscu(relay.query_port, world.study, out_dir)
+        assert final_counts(get.stdout + get.stderr)["completed"] == STUDY_SIZE, get.stdout
+        assert instance_uids(out_dir) == world.instances
+        assert not list((relay.spool / "incoming").iterdir())
+        assert world.pacs.count() >= STUDY_SIZE  # nothing new was routed to it
+    finally:
+        relay.process.stop()
