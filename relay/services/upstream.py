@@ -44,6 +44,7 @@ class Upstream:
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout",
                         "connection_timeout"):
             setattr(ae, timeout, self.timeout)
+        ae.maximum_pdu_size = 0
         ae.requested_contexts = list(contexts)
         d = self.destination
         try:
