@@ -177,6 +177,14 @@ class Orthanc:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
+    def add_modality(self, name: str, aet: str, port: int) -> None:
+        """Tell it of a DICOM peer on this machine (a C-MOVE destination), over REST."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/modalities/{name}", method="PUT",
+            data=json.dumps({"AET": aet, "Host": "127.0.0.1", "Port": port}).encode())
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
     def delete_all(self) -> None:
         """Forget every instance (a PACS that lost a study)."""
         for iid in self.instance_ids():

@@ -43,3 +43,14 @@ def test_the_history_bench_smoke_runs(dcmtk: Path) -> None:
     for engine in ("SQLite", "PostgreSQL"):
         assert f"| search, 500 studies, {engine}: PatientID |" in result.stdout, engine
     assert "| overview page, 500 studies in the history |" in result.stdout
+
+
+def test_the_query_bench_smoke_runs(dcmtk: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "query.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for scenario in ("direct: Orthanc", "relay (embedded, retrieve = get)",
+                     "relay (embedded, retrieve = move)",
+                     "relay (dcmtk, [query].port, retrieve = get)"):
+        assert f"| {scenario} |" in result.stdout, scenario
+    assert "| direct: Orthanc | " in result.stdout and "| 1.00 |" in result.stdout

@@ -98,20 +98,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     study = str(dcmread(workdir / "a" / "ct00000.dcm").StudyInstanceUID)
     other = str(dcmread(workdir / "b" / "ct00000.dcm").StudyInstanceUID)
     # The C-MOVE destination, as Orthanc knows it (for the direct comparisons).
-    put(pacs, "/modalities/viewer", {"AET": viewer.aet, "Host": "127.0.0.1",
-                                     "Port": viewer.port})
+    pacs.add_modality("viewer", viewer.aet, viewer.port)
     yield World(pacs, viewer, study, set(a), other, workdir)
     viewer.close()
     pacs.close()
-
-
-def put(pacs: Orthanc, path: str, body: dict[str, Any]) -> None:
-    import urllib.request
-
-    request = urllib.request.Request(f"http://127.0.0.1:{pacs.http_port}{path}",
-                                     data=json.dumps(body).encode(), method="PUT")
-    with urllib.request.urlopen(request, timeout=30):
-        pass
 
 
 @dataclass
@@ -359,6 +349,10 @@ def test_calling_aet_outside_the_query_list_cannot_query_but_can_store(world: Wo
         matches, run = findscu(relay.query_port, "STUDY", ["StudyInstanceUID"],
                                world.workdir / "find-narrowed-q")
         assert not matches and "Association Rejected" in run.stdout + run.stderr
+        # Storing is the receiver's list, not the query one: still taken.
+        one = world.workdir / "a" / "ct00000.dcm"
+        dcmsend([one], relay.port, "DICOMRELAY", calling_aet="WORKSTATION")
+        wait_until(lambda: relay.audit("received"), 20, what="the stored object's audit line")
     finally:
         relay.process.stop()
 
@@ -382,6 +376,47 @@ def test_pacs_down_gives_a_failure_status_not_a_hang(world: World) -> None:
                                        e.get("detail", "") for e in lines), lines
     finally:
         relay.process.stop()
+
+
+def test_cancelled_get_stops_and_is_cancelled_at_the_pacs(world: World, relay: Relay,
+                                                         big_study: BigStudy) -> None:
+    """A workstation (pynetdicom, scriptable) cancels its C-GET after 20 of 300 objects."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    ae = AE("WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    stored: list[int] = []
+
+    def on_store(event: Any) -> int:
+        stored.append(1)
+        if len(stored) == 20:
+            get_context = next(cx for cx in event.assoc.accepted_contexts
+                               if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet)
+            event.assoc.send_c_cancel(1, get_context.context_id)
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", relay.port, ae_title="DICOMRELAY",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    request = Dataset()
+    request.QueryRetrieveLevel = "STUDY"
+    request.StudyInstanceUID = big_study.uid
+    statuses = [int(status.Status) for status, _ in
+                assoc.send_c_get(request, StudyRootQueryRetrieveInformationModelGet, msg_id=1)
+                if "Status" in status]
+    assoc.release()
+    assert statuses[-1] == 0xFE00 and 20 <= len(stored) < BIG_SIZE, (statuses[-3:], len(stored))
+    wait_until(lambda: "C-CANCEL passed on to central" in relay.process.output(), 10,
+               what="the C-CANCEL passed on to the PACS")
+    wait_until(lambda: not list((relay.spool / "retrieving").iterdir()), 30,
+               what="the retrieve's folder removed")
+    line = wait_until(lambda: [e for e in relay.audit("retrieve") if e["status"] == "0xFE00"],
+                      10)[-1]
+    assert line["completed"] < BIG_SIZE
 
 
 def test_a_300_instance_retrieve_stays_in_bounded_memory(world: World, relay: Relay,
@@ -474,8 +509,7 @@ def test_retrieve_by_move_to_the_relay_itself(world: World, engine: str) -> None
     relay = start_relay(world, f"by-move-{engine}", engine, retrieve="move")
     try:
         port = relay.port if engine == "embedded" else relay.query_port
-        put(world.pacs, "/modalities/relayqr", {"AET": "RELAYQR", "Host": "127.0.0.1",
-                                                "Port": port})
+        world.pacs.add_modality("relayqr", "RELAYQR", port)
         out_dir = world.workdir / f"by-move-get-{engine}"
         get = getscu(relay.query_port, world.study, out_dir)
         assert final_counts(get.stdout + get.stderr)["completed"] == STUDY_SIZE, get.stdout
