@@ -1,7 +1,10 @@
-"""relay.toolkits.associations: the file head written for each received object."""
+"""relay.toolkits.associations: the file head written for each received object, and the gate
+that pauses an association's reactor."""
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from relay.toolkits.associations import file_head
+from relay.toolkits.associations import ReactorGate, file_head
 
 
 def received(sop_class: str, sop_instance: str, syntax: str, calling: str) -> Event:
@@ -39,3 +42,61 @@ def test_file_head_is_what_pydicom_writes(sop_class: str, sop_instance: str, syn
     buffer = DicomBytesIO()
     write_file_meta_info(buffer, meta, enforce_standard=True)
     assert file_head(event) == b"\x00" * 128 + b"DICM" + buffer.getvalue()
+
+
+class Reactor(threading.Thread):
+    """Stands for an association's thread: its loop steps, and parks at the gate when it is
+    cleared (as pynetdicom's reactor does at `_reactor_checkpoint`)."""
+
+    def __init__(self, gate_type: type) -> None:
+        super().__init__(daemon=True)
+        self.gate = gate_type(self) if gate_type is ReactorGate else gate_type()
+        self.steps = 0
+        self.stopped = False
+
+    def run(self) -> None:
+        while not self.stopped:
+            time.sleep(0.001)
+            self.gate.wait()
+            self.steps += 1
+
+
+def paused_steps(reactor: Reactor, rounds: int = 100) -> int:
+    """Steps the reactor took while a sender held it cleared (should be none)."""
+    reactor.start()
+    moved = 0
+    for _ in range(rounds):
+        reactor.gate.clear()
+        before = reactor.steps
+        time.sleep(0.002)
+        moved += reactor.steps - before
+        reactor.gate.set()
+    reactor.stopped = True
+    reactor.gate.set()
+    reactor.join(2)
+    return moved
+
+
+def test_a_cleared_gate_holds_the_reactor_at_once() -> None:
+    assert paused_steps(Reactor(ReactorGate)) == 0
+
+
+def test_the_race_the_gate_closes_is_real_with_a_plain_event() -> None:
+    """pynetdicom's threading.Event: cleared, the reactor still finishes the step it is in
+    (and with it, takes the message the sender waits for)."""
+    assert paused_steps(Reactor(threading.Event)) > 0
+
+
+def test_the_reactor_clearing_its_own_gate_does_not_wait() -> None:
+    elapsed: list[float] = []
+
+    class Serving(Reactor):
+        def run(self) -> None:  # an acceptor sends from its reactor's own thread
+            started = time.monotonic()
+            self.gate.clear()
+            elapsed.append(time.monotonic() - started)
+
+    serving = Serving(ReactorGate)
+    serving.start()
+    serving.join(5)
+    assert elapsed and elapsed[0] < ReactorGate.PARK_TIMEOUT / 2

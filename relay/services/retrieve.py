@@ -398,6 +398,9 @@ def serve_objects(fetch: Fetch, cancelled: Callable[[], bool]
                 fetch.cancel()
                 yield CANCEL, None
                 return
+            if fetch.total is not None and served >= fetch.total:
+                # pynetdicom sent the final response after the last sub-operation.
+                return
             sent = fetch.next_object(0.1)
             if sent is None:
                 if fetch.finished:
