@@ -119,13 +119,13 @@ class Relay:
 
 def start_relay(world: World, name: str, engine: str = "embedded", *,
                 retrieve: str = "get", query_destination_port: int | None = None,
-                extra: str = "") -> Relay:
+                extra: str = "", receiver: str = "") -> Relay:
     workdir = world.workdir / name
     workdir.mkdir()
     port, query_port = free_port(), free_port()
     spool = workdir / "spool"
     config = relay_config(
-        workdir / "relay.toml", port=port, spool=spool, engine=engine,
+        workdir / "relay.toml", port=port, spool=spool, engine=engine, receiver=receiver,
         destinations=[("central", world.pacs.aet, world.pacs.dicom_port)],
         extra=f"""
 [query]
@@ -353,6 +353,48 @@ def test_calling_aet_outside_the_query_list_cannot_query_but_can_store(world: Wo
         one = world.workdir / "a" / "ct00000.dcm"
         dcmsend([one], relay.port, "DICOMRELAY", calling_aet="WORKSTATION")
         wait_until(lambda: relay.audit("received"), 20, what="the stored object's audit line")
+    finally:
+        relay.process.stop()
+
+
+def test_the_receivers_tls_applies_to_the_query_port(world: World, tmp_path: Path) -> None:
+    """[receiver.tls]: query/retrieve on [query].port takes TLS only, with a certificate of
+    our CA (the PACS behind stays plain)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    from security.pki import make_pki
+
+    from relay.config.model import TLSConfig
+    from relay.toolkits.tls import client_context
+
+    pki = make_pki(tmp_path / "pki")
+    relay = start_relay(world, "tls", receiver=(
+        f'[receiver.tls]\ncertificate = "{pki.server_cert}"\nprivate_key = "{pki.server_key}"\n'
+        f'ca = "{pki.ca}"\n'))
+
+    def studies(tls: bool) -> set[str] | None:
+        ae = AE("WORKSTATION")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        context = client_context(TLSConfig(ca=pki.ca, certificate=pki.client_cert,
+                                           private_key=pki.client_key))
+        assoc = ae.associate("127.0.0.1", relay.query_port, ae_title="DICOMRELAY",
+                             tls_args=(context, "127.0.0.1") if tls else None)
+        if not assoc.is_established:
+            return None
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = "QR-A"
+        query.StudyInstanceUID = ""
+        found = {str(match.StudyInstanceUID) for status, match in
+                 assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+                 if match is not None and int(status.Status) in (0xFF00, 0xFF01)}
+        assoc.release()
+        return found
+
+    try:
+        assert studies(tls=True) == {world.study}
+        assert studies(tls=False) is None
     finally:
         relay.process.stop()
 
