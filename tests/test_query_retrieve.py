@@ -560,3 +560,90 @@ def test_retrieve_by_move_to_the_relay_itself(world: World, engine: str) -> None
         assert world.pacs.count() >= STUDY_SIZE  # nothing new was routed to it
     finally:
         relay.process.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_query_scp_is_started_again_when_it_dies(tmp_path: Path) -> None:
+    """ServicesServer.check() (the relay's main loop calls it): a server whose loop died is
+    started again on the same port, and answers."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from relay.config.load import load_config
+    from relay.events import EventBus
+    from relay.services.scp import QueryRetrieve, ServicesServer
+
+    query_port = free_port()
+    config = load_config(relay_config(
+        tmp_path / "relay.toml", port=free_port(), spool=tmp_path / "spool",
+        destinations=[("central", "PACS", free_port())],
+        extra=f'[query]\ndestination = "central"\nport = {query_port}\n'))
+
+    def echo() -> bool:
+        ae = AE("WORKSTATION")
+        ae.acse_timeout = 2  # a dead loop accepts no association: do not wait 30 s for it
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", query_port, ae_title="DICOMRELAY")
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return int(status.get("Status", -1)) == 0
+
+    server = ServicesServer(config, QueryRetrieve(config, tmp_path / "spool", EventBus()))
+    server.start()
+    try:
+        assert echo()
+        def fail() -> None:  # a fault in its accept loop (faked: none is known to happen)
+            raise RuntimeError("the loop broke")
+
+        server.server.service_actions = fail
+        wait_until(lambda: not server._thread.is_alive(), 10, what="the loop to die")
+        assert not echo()
+        server.check()
+        assert server.restarts == 1 and echo()
+    finally:
+        server.stop()
+
+
+def test_only_the_pacs_sub_operations_of_our_move_are_taken_from_the_routing_path(
+        tmp_path: Path) -> None:
+    """Inboxes.accept, the check the embedded receiver makes on every C-STORE: while a
+    move inbox is open, a modality's new study (no move originator), another archive's
+    C-MOVE to the relay (another originator, or another calling AE) and a sub-operation of a
+    move no inbox waits for all go to the routing spool (None); the PACS's sub-operation of
+    our move lands in the inbox."""
+    from io import BytesIO
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+
+    from relay.services.retrieve import Inboxes
+
+    inboxes = Inboxes(tmp_path / "retrieving", pacs_ae="ORTHANC", originator_ae="DICOMRELAY")
+    msg_id, folder = inboxes.open()
+
+    def store(calling: str, originator_id: int | None, originator_ae: str | None = None,
+              **kwargs: bool) -> int | None:
+        request = C_STORE()
+        request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        request.AffectedSOPInstanceUID = "1.2.3.4"
+        request.MoveOriginatorMessageID = originator_id
+        request.MoveOriginatorApplicationEntityTitle = originator_ae
+        request.DataSet = BytesIO(b"\x08\x00\x18\x00\x08\x00\x00\x001.2.3.4\x00")
+        assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title=calling))
+        event = Event(assoc, SimpleNamespace(description="C-STORE", is_intervention=True),
+                      {"request": request,
+                       "context": SimpleNamespace(transfer_syntax="1.2.840.10008.1.2")})
+        return inboxes.accept(event, **kwargs)
+
+    assert store("CT01", None) is None  # a modality's new study
+    assert store("OTHERPACS", msg_id, "WORKSTATION") is None  # another archive's move
+    assert store("ORTHANC", msg_id, "WORKSTATION") is None  # someone else's move at the PACS
+    assert store("ORTHANC", (msg_id % 65535) + 1, "DICOMRELAY") is None  # no such inbox
+    assert store("ORTHANC", None) is None  # names no move: routed (on [receiver].port)
+    assert not list(folder.iterdir())
+    assert store("ORTHANC", msg_id, "DICOMRELAY") == 0x0000
+    assert store("ORTHANC", None, only_inbox=True) == 0x0000  # [query].port: the one inbox
+    assert len(list(folder.iterdir())) == 2

@@ -142,10 +142,16 @@ class Inboxes:
     """Move inboxes: spool/retrieving/move-<message id>-<pid>/, one per C-MOVE the relay asks
     of the PACS with itself as destination. The PACS's C-STORE sub-operations carry that
     message ID (Move Originator Message ID) to whichever relay process takes them (the
-    services SCP or the embedded receiver): the folder is the meeting point."""
+    services SCP or the embedded receiver): the folder is the meeting point.
 
-    def __init__(self, root: Path) -> None:
+    Only a C-STORE from the PACS's AE title, naming the relay's calling AE title as the move's
+    originator (when it names one), with an open inbox's message ID, is taken: a modality's
+    new study, or another archive's C-MOVE to the relay, always goes to the routing spool."""
+
+    def __init__(self, root: Path, pacs_ae: str = "", originator_ae: str = "") -> None:
         self.root = root
+        self.pacs_ae = pacs_ae  # the [query] destination's AE title
+        self.originator_ae = originator_ae  # [sender].calling_ae_title: who asks the PACS
 
     def open(self) -> tuple[int, Path]:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -167,11 +173,20 @@ class Inboxes:
         found = [p for p in self.root.glob(pattern) if p.is_dir()] if self.root.is_dir() else []
         return found[0] if len(found) == 1 else None
 
-    def accept(self, event: evt.Event) -> int | None:
+    def accept(self, event: evt.Event, *, only_inbox: bool = False) -> int | None:
         """EVT_C_STORE: store a sub-operation of the relay's own C-MOVE in its inbox (the
-        status to answer), or None when it is not one (an ordinary C-STORE)."""
+        status to answer), or None when it is not one (an ordinary C-STORE). only_inbox: on
+        the query/retrieve port, where nothing else is taken, a C-STORE from the PACS that
+        names no move (it should) goes to the one inbox open, if only one is."""
         request = event.request
+        if str(event.assoc.requestor.ae_title).strip() != self.pacs_ae:
+            return None
+        originator_ae = str(request.MoveOriginatorApplicationEntityTitle or "").strip()
+        if originator_ae and originator_ae != self.originator_ae:
+            return None
         originator = request.MoveOriginatorMessageID
+        if originator is None and not only_inbox:
+            return None
         folder = self.of(int(originator) if originator is not None else None)
         if folder is None:
             return None
@@ -228,7 +243,6 @@ class Fetch:
             self.msg_id, self.folder = inboxes.open()
         self.total: int | None = None
         self.error = ""  # why the PACS gave nothing (unreachable, refused, broke off)
-        self.final_status: int | None = None
         self.failed = 0  # sub-operations the PACS counted failed
         self.failed_uids: list[str] = []
         self.first: tuple[str, str] | None = None  # (SOP class, transfer syntax) of the first
@@ -324,7 +338,6 @@ class Fetch:
                     assoc.send_c_cancel(self.msg_id, assoc.accepted_contexts[0].context_id)
                     cancel_sent = True
                 continue
-            self.final_status = code
             self.failed = counts[2]
             if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
                 uids = identifier.FailedSOPInstanceUIDList

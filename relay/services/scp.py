@@ -96,7 +96,8 @@ class QueryRetrieve:
         self.query = config.query
         self.upstream = Upstream(config)
         self.events = events
-        self.inboxes = Inboxes(spool_root / RETRIEVING)
+        self.inboxes = Inboxes(spool_root / RETRIEVING, self.upstream.destination.ae_title,
+                               self.upstream.calling_ae)
         self._requests: dict[tuple[int, int], Request] = {}
         self._lock = threading.Lock()
 
@@ -335,7 +336,7 @@ class ServicesServer:
     def on_store(self, event: evt.Event) -> int:
         """Only the PACS's sub-operations of the relay's own C-MOVE are taken here: new
         studies go to [receiver].port."""
-        accepted = self.service.inboxes.accept(event)
+        accepted = self.service.inboxes.accept(event, only_inbox=True)
         if accepted is None:
             log.warning("C-STORE from %s on the query/retrieve port refused: no retrieve is "
                         "waiting for it (send new studies to [receiver].port %d)",
@@ -372,17 +373,19 @@ class ServicesServer:
                  f"C-MOVE to {self.config.query.move_ae_title}")
 
     def check(self) -> None:
-        """Start the SCP again if its server thread is gone."""
-        if self.server is not None and not self._thread.is_alive():
-            log.error("query/retrieve SCP stopped: starting it again")
-            self.restarts += 1
-            self.stop()
-            self.start()
+        """Start the SCP again if its server thread is gone (its loop raised)."""
+        if self.server is None or self._thread.is_alive():
+            return
+        log.error("query/retrieve SCP stopped: starting it again")
+        self.restarts += 1
+        self.server.server_close()
+        self.server.ae._servers.remove(self.server)
+        self.server = None
+        self.start()
 
     def stop(self) -> None:
         if self.server is not None:
             for assoc in list(self.server.active_associations):
                 assoc.abort()
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.shutdown()  # pynetdicom's: its loop, its socket, its AE's list
             self.server = None
