@@ -29,10 +29,10 @@ def status(code: int, comment: str) -> Dataset:
 
 
 def forward_find(upstream: Upstream, identifier: Dataset, model: str,
-                 cancelled: Callable[[], bool], matches: list[int]
+                 cancelled: Callable[[], bool]
                  ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """The EVT_C_FIND handler's body: (status, identifier) pairs for pynetdicom. `matches`
-    gets one entry per match passed on (the caller's count)."""
+    """The EVT_C_FIND handler's body: (status, identifier) pairs for pynetdicom, a pending
+    status with each match passed on."""
     what = "worklist" if model == ModalityWorklistInformationFind else "query"
     try:
         assoc = upstream.associate([build_context(model)])
@@ -64,7 +64,6 @@ def forward_find(upstream: Upstream, identifier: Dataset, model: str,
                         break
                 yield CANCEL, None
                 return
-            matches.append(1)
             yield code, match
         yield status(UNABLE_TO_PROCESS, "the PACS gave no final response"), None
     except (OSError, ValueError, RuntimeError) as exc:

@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -82,7 +82,7 @@ class Request:
     keys: str
     key_names: str
     move_destination: str | None = None
-    matches: list[int] = field(default_factory=list)
+    matches: int = 0  # C-FIND: matches passed on
     detail: str = ""
 
 
@@ -183,12 +183,14 @@ class QueryRetrieve:
             return
         log.info("C-FIND %s from %s: %s", request.level, shown(request.requester),
                  shown(request.key_names))
-        for response in forward_find(self.upstream, identifier,
-                                     str(event.context.abstract_syntax),
-                                     lambda: bool(event.is_cancelled), request.matches):
-            if isinstance(response[0], Dataset) and "ErrorComment" in response[0]:
-                request.detail = str(response[0].ErrorComment)
-            yield response
+        for code, match in forward_find(self.upstream, identifier,
+                                        str(event.context.abstract_syntax),
+                                        lambda: bool(event.is_cancelled)):
+            if code in PENDING:
+                request.matches += 1
+            elif isinstance(code, Dataset) and "ErrorComment" in code:
+                request.detail = str(code.ErrorComment)
+            yield code, match
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         request, identifier = self._begin(event, "C-GET")
@@ -279,7 +281,7 @@ class QueryRetrieve:
         if r.operation == "C-FIND":
             self.events.emit(Queried(requester=r.requester, host=r.host, level=r.level,
                                      keys=r.keys, key_names=r.key_names, status=code,
-                                     detail=detail, matches=len(r.matches)))
+                                     detail=detail, matches=r.matches))
             return
 
         def count(what: str) -> int:
