@@ -3,6 +3,7 @@ the same behaviour against real peers is in test_e2e.py and test_sender_statuses
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,3 +268,45 @@ def test_a_local_tool_failure_holds_the_queue_and_says_so(
     assert all(f.exists() for f in files) and sender.stats.failed == 0
     assert "local tool failure: java: not found (not the destination's fault)" in caplog.text
     assert "unavailable" not in caplog.text
+
+
+class RepublishingSpool(Spool):
+    """A spool in which, as each delivered copy goes, the processor publishes the same name
+    again from another thread: what start-up does when it repeats the edit of an original a
+    crash left in work/ (the new link lands where the first edit's was)."""
+
+    sender: DestinationSender
+    republished: list[threading.Thread]
+
+    def delivered(self, path: Path) -> None:
+        super().delivered(path)
+
+        def publish_again() -> None:
+            path.write_bytes(b"x")
+            self.sender.enqueue(path)
+
+        thread = threading.Thread(target=publish_again)
+        thread.start()
+        # Give the processor's thread time to run inside the sender's settle: with the
+        # queue's lock held there, it must wait for it; without, it runs now.
+        thread.join(timeout=0.3)
+        self.republished.append(thread)
+
+
+def test_a_copy_published_again_while_its_twin_is_delivered_is_never_left_unseen(
+        tmp_path: Path) -> None:
+    spool = RepublishingSpool(tmp_path, ["central"]).create()
+    spool.republished = []
+    engine = FakeEngine({"a.dcm": [0x0000, 0x0000]})
+    sender = _sender(spool, engine, Clock())
+    spool.sender = sender
+    [path] = _queued(spool, "a.dcm")
+    sender.enqueue(path)
+    sender.send_batch(sender._next_batch(idle_limit=0))
+    for thread in spool.republished:
+        thread.join(timeout=5)
+    # The copy published again is in out/ and in the sender's queue: it is sent, not left
+    # for the next restart to find.
+    assert path.exists()
+    assert sender.pending() == 1
+    assert sender._next_batch(idle_limit=0) == [path]

@@ -8,6 +8,7 @@ permanent ones go to failed/<reason>/ with the status in the sidecar.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -123,7 +124,8 @@ class DestinationSender:
             except FileNotFoundError:
                 return  # gone meanwhile (sent by an earlier run's queue, or requeued)
         with self._cond:
-            if path in self._known:
+            # Known: in the queue or in flight. Gone: delivered meanwhile (see _settle).
+            if path in self._known or not os.path.lexists(path):
                 return
             self._known.add(path)
             if received is not None:
@@ -316,22 +318,31 @@ class DestinationSender:
                     received = r.path.stat().st_mtime
                 except FileNotFoundError:
                     received = None
-            self.spool.delivered(r.path)
+            # Under the queue's lock: a copy published again under this name meanwhile (the
+            # edit of an original a crash left in work/ is repeated at start-up, and lands
+            # where the first edit's link was) is then either taken by `enqueue` after this
+            # (sent again: a duplicate at worst) or removed here with the one delivered (the
+            # same object). Without the lock it could land between the unlink and the
+            # forget, be skipped by `enqueue` as already known, and wait unseen in out/
+            # until the next restart.
+            with self._cond:
+                self.spool.delivered(r.path)
+                self._forget(r.path)
             self.stats.delivered += 1
-            self._forget(r.path)
             self.events.emit(Delivered(
                 obj=r.path.name, destination=self.destination.name, kind=self.destination.kind,
                 identity=identity, status=r.status_text, http_status=r.http_status,
                 latency=None if received is None else self.wall() - received))
         elif r.outcome is Outcome.FAILED:
             reason = reason or reason_of(r, "not-sendable")
-            try:
-                self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
-                                                "send", self.destination.name))
-            except FileNotFoundError:
-                log.error("%s vanished before it could be quarantined", r.path)
+            with self._cond:  # as for a delivery: no copy of this name left unseen
+                try:
+                    self.spool.fail(r.path, Failure(reason, f"{r.status_text}: {r.detail}",
+                                                    "send", self.destination.name))
+                except FileNotFoundError:
+                    log.error("%s vanished before it could be quarantined", r.path)
+                self._forget(r.path)
             self.stats.failed += 1
-            self._forget(r.path)
             self.events.emit(Failed(
                 obj=r.path.name, stage="send", reason=reason, detail=r.detail, sensitive=False,
                 destination=self.destination.name, kind=self.destination.kind,
