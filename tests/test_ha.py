@@ -175,7 +175,13 @@ def test_two_relays_behind_haproxy_survive_a_kill_9(tmp_path: Path, dcmtk: Path,
         wait_until(lambda: set(pacs.tags_by_sop_uid()) == set(uids), 120,
                    what="every instance at Orthanc once relay 1 is back")
         drained_in = time.monotonic() - restarted
-        wait_until(lambda: not spool_files(spools[0], "out"), 30, what="relay 1 drained")
+        try:
+            wait_until(lambda: not spool_files(spools[0], "out"), 30, what="relay 1 drained")
+        except TimeoutError as exc:
+            left = [str(p.relative_to(spools[0])) for p in spool_files(spools[0], "out")]
+            tail = relays[0].log_path.read_text(errors="replace").splitlines()[-40:]
+            raise AssertionError(f"{exc}: left in out/: {left[:20]}; relay 1's log ends:\n"
+                                 + "\n".join(tail)) from None
     finally:
         for relay in relays:
             relay.stop()
