@@ -297,6 +297,40 @@ class Retrieved(ServiceEvent):
     warning: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class CommitmentEvent(Event):
+    """Storage commitment (relay.services.commitment): a modality's transaction."""
+
+    transaction: str  # the modality's Transaction UID
+    requester: str  # its calling AE title
+    host: str
+    instances: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitmentRequested(CommitmentEvent):
+    """An N-ACTION (Request Storage Commitment) was taken and kept: answered with success."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitmentReported(CommitmentEvent):
+    """Its N-EVENT-REPORT was sent and answered: the transaction is over."""
+
+    committed: int
+    failed: int
+    via: str  # "the request's association" or "a new association to AE@host:port"
+    failures: tuple[str, ...] = ()  # "UID: reason" of each failed instance
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitmentDeferred(CommitmentEvent):
+    """Its report is due and could not be delivered (the modality unreachable): tried again
+    after `retry_in` seconds."""
+
+    detail: str
+    retry_in: float
+
+
 # --- the relay itself -----------------------------------------------------------------------
 
 

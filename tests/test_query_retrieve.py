@@ -590,7 +590,8 @@ def test_the_query_scp_is_started_again_when_it_dies(tmp_path: Path) -> None:
         assoc.release()
         return int(status.get("Status", -1)) == 0
 
-    server = ServicesServer(config, QueryRetrieve(config, tmp_path / "spool", EventBus()))
+    server = ServicesServer(config, config.query.port,
+                            query=QueryRetrieve(config, tmp_path / "spool", EventBus()))
     server.start()
     try:
         assert echo()

@@ -24,6 +24,7 @@ from relay.config.model import (
     TRANSCODE,
     UNROUTED,
     AuditConfig,
+    CommitmentConfig,
     Config,
     ConfigError,
     ConsoleConfig,
@@ -304,7 +305,7 @@ def _destination_rules(t: Table) -> tuple[tuple[DestinationRule, ...], str]:
     return tuple(rules), json.dumps(value, sort_keys=True, default=str) if value else ""
 
 
-_DIMSE_KEYS = ("ae_title", "host", "port", "transcode")
+_DIMSE_KEYS = ("ae_title", "host", "port", "transcode", "commitment")
 _DICOMWEB_KEYS = ("url", "token_file", "username", "password_file")
 
 
@@ -341,7 +342,7 @@ def _dicomweb(t: Table) -> dict[str, Any]:
 
 def _destination(t: Table) -> Destination:
     t.check_keys(["name", *_DIMSE_KEYS, *_DICOMWEB_KEYS, "tls", "filter", "rules",
-                  "hold_until_stable", "hold_max"])
+                  "hold_until_stable", "hold_max", "commitment"])
     rules, rules_key = _destination_rules(t)
     hold = t.float("hold_until_stable", 0.0, lo=0, hi=7 * 86400)
     hold_max = t.float("hold_max", max(3600.0, hold), lo=1, hi=30 * 86400)
@@ -359,6 +360,7 @@ def _destination(t: Table) -> Destination:
             "host": t.str("host", what="an IP address or host name"),
             "port": t.int("port", None, lo=1, hi=65535),
             "transcode": t.str("transcode", "never", choices=TRANSCODE),
+            "commitment": t.bool("commitment", False),
         }
     return Destination(
         name=t.str("name", what="a name of letters, digits, '-', '_' or '.' (it names a spool "
@@ -424,6 +426,30 @@ def _query(t: Table, receiver: ReceiverConfig,
         allowed_calling_aets=allowed)
 
 
+def _commitment(t: Table, receiver: ReceiverConfig, modalities: tuple[Modality, ...],
+                query: QueryConfig | None) -> CommitmentConfig | None:
+    """[commitment] (absent, or enabled = false: not served)."""
+    t.check_keys(["enabled", "port", "timeout"])
+    if not t.bool("enabled", True):
+        return None
+    d = CommitmentConfig()
+    port = t.int("port", query.port if query is not None else d.port, lo=1, hi=65535)
+    if port == receiver.port:
+        raise t.error("port", f"a port other than [receiver].port ({receiver.port}): the "
+                      "receiver owns that one (the embedded engine answers storage "
+                      "commitment there too)", port)
+    # A report goes on a new association when the modality does not wait for it on its
+    # request's: every AE title that may ask needs an address.
+    known = {m.ae_title for m in modalities}
+    missing = [a for a in receiver.allowed_calling_aets if a not in known]
+    if missing:
+        raise t.error("enabled", "a [[modalities]] entry (ae_title, host, port) for each of "
+                      "[receiver].allowed_calling_aets, where storage commitment sends its "
+                      f"reports; none for {', '.join(missing)}", show_got=False)
+    return CommitmentConfig(port=port, timeout=t.float("timeout", d.timeout, lo=1,
+                                                       hi=30 * 86400))
+
+
 def _global_rules(top: Table) -> tuple[EditRule, ...]:
     rules = []
     for t in top.array_of_tables("rules"):
@@ -453,7 +479,8 @@ def load_config(path: str | Path) -> Config:
     file = Path(path)
     top = Table(file, "", _read_toml(file))
     top.check_keys(["receiver", "spool", "toolkit", "sender", "process", "audit", "metrics",
-                    "history", "console", "query", "modalities", "destinations", "rules",
+                    "history", "console", "query", "commitment", "modalities", "destinations",
+                    "rules",
                     "log_level"])
     receiver = _receiver(top.sub("receiver"))
     process = _process(top.sub("process"))
@@ -465,6 +492,8 @@ def load_config(path: str | Path) -> Config:
                               f"got {dest.name!r} twice")
         seen.add(dest.name)
     rules = _global_rules(top)
+    query = _query(top.sub("query"), receiver, destinations) if top.has("query") else None
+    modalities = _modalities(top)
     return Config(
         source=file,
         receiver=receiver,
@@ -476,9 +505,10 @@ def load_config(path: str | Path) -> Config:
         metrics=_metrics(top.sub("metrics")),
         history=_history(top.sub("history")),
         console=_console(top.sub("console")),
-        query=(_query(top.sub("query"), receiver, destinations) if top.has("query")
-               else None),
-        modalities=_modalities(top),
+        query=query,
+        commitment=(_commitment(top.sub("commitment"), receiver, modalities, query)
+                    if top.has("commitment") else None),
+        modalities=modalities,
         destinations=destinations,
         rules=rules,
         log_level=top.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),

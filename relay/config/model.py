@@ -244,6 +244,14 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class CommitmentConfig:
+    """[commitment]: Storage Commitment Push Model served through the relay."""
+
+    port: int = 11113  # where the SCP listens (every engine); shared with [query] if equal
+    timeout: float = 3600.0  # seconds: instances not confirmed by then are reported failed
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -271,6 +279,9 @@ class Destination:
     # DIMSE: what the destination refuses in its transfer syntax is sent decompressed
     # (Explicit VR Little Endian) with "on-refusal", quarantined with "never".
     transcode: str = "never"
+    # Ask this PACS for storage commitment too: an instance counts as committed there only
+    # when it reported so (not on C-STORE success).
+    commitment: bool = False
 
     @property
     def kind(self) -> str:
@@ -295,6 +306,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     query: QueryConfig | None = None  # None: no query/retrieve through the relay
+    commitment: CommitmentConfig | None = None  # None: storage commitment not served
     modalities: tuple[Modality, ...] = ()
     destinations: tuple[Destination, ...] = ()
     rules: tuple[EditRule, ...] = ()  # the global rules, in order

@@ -20,6 +20,10 @@ from typing import Any
 from relay.events import (
     Action,
     Change,
+    CommitmentDeferred,
+    CommitmentEvent,
+    CommitmentReported,
+    CommitmentRequested,
     Deferred,
     Delivered,
     Edited,
@@ -88,7 +92,9 @@ class AuditLog(Subscriber):
                 (Released, self._released), (Transcoded, self._transcoded),
                 (Delivered, self._delivered), (Deferred, self._deferred),
                 (Requeued, self._requeued), (Action, self._action),
-                (Queried, self._queried), (Retrieved, self._retrieved)]
+                (Queried, self._queried), (Retrieved, self._retrieved),
+                (CommitmentRequested, self._commitment), (CommitmentReported, self._commitment),
+                (CommitmentDeferred, self._commitment)]
 
     def _received(self, e: Received) -> None:
         self.record("received", e.obj, when=e.time, calling_ae=e.calling_ae, size=e.size,
@@ -154,6 +160,21 @@ class AuditLog(Subscriber):
                     keys=e.keys if self.patient_values else e.key_names,
                     completed=e.completed, failed=e.failed, warning=e.warning,
                     status=e.status, detail=e.detail or None)
+
+    def _commitment(self, e: CommitmentEvent) -> None:
+        """A storage commitment transaction (object: its Transaction UID)."""
+        fields: dict[str, Any] = {"requester": e.requester, "host": e.host,
+                                  "instances": e.instances}
+        if isinstance(e, CommitmentReported):
+            step = "commitment-reported"
+            fields.update(committed=e.committed, failed=e.failed, via=e.via,
+                          failures=list(e.failures) or None)
+        elif isinstance(e, CommitmentDeferred):
+            step = "commitment-deferred"
+            fields.update(detail=e.detail, retry_in=round(e.retry_in, 1))
+        else:
+            step = "commitment-requested"
+        self.record(step, e.transaction, when=e.time, **fields)
 
 
 NO_AUDIT = AuditLog(None)

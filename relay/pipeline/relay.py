@@ -31,7 +31,9 @@ from relay.receive.watch import IncomingWatcher
 from relay.route.router import Router
 from relay.send.sender import DestinationSender
 from relay.send.stow import StowSender, transport_for
-from relay.services.scp import QueryRetrieve, ServicesServer
+from relay.services.commitment import StorageCommitment
+from relay.services.ledger import Ledger, LedgerWriter
+from relay.services.scp import QueryRetrieve, Services, ServicesServer, services_servers
 from relay.spool import Spool
 from relay.toolkits.base import Engine, Receiver
 
@@ -93,10 +95,12 @@ class Relay:
         self.stow = StowSender()
         self.processor: Processor | None = None
         self.history: HistoryWriter | None = None
-        # Query/retrieve through the relay ([query]): on [query].port where objects are
-        # processed; the embedded receiver answers it on [receiver].port too.
-        self.services: QueryRetrieve | None = None
-        self.services_server: ServicesServer | None = None
+        # The proxy's other services: query/retrieve ([query]) and storage commitment
+        # ([commitment]), each on its port where objects are processed; the embedded
+        # receiver answers them on [receiver].port too.
+        self.services = Services()
+        self.services_servers: list[ServicesServer] = []
+        self.ledger: Ledger | None = None
 
     def start(self) -> None:
         self.spool.create()
@@ -128,16 +132,25 @@ class Relay:
             # Watch before the receiver starts so the first arrival is not missed.
             self.watcher = IncomingWatcher(self.spool)
             self._thread(self._watch_loop, "watch")
+        if (self.config.query is not None or self.config.commitment is not None) \
+                and not self.do_process:
+            # A receive-only process (the embedded receiver's child) answers these too:
+            # they are audited and in the history from here as well.
+            self._subscribe_audit_and_history("history-backlog-receive.jsonl")
         if self.config.query is not None:
-            if not self.do_process:
-                # A receive-only process (the embedded receiver's child) answers queries
-                # too: they are audited and in the history from here as well.
-                self._subscribe_audit_and_history("history-backlog-receive.jsonl")
-            self.services = QueryRetrieve(self.config, self.spool.root, self.events)
-        if self.do_process and self.services is not None:
-            self.services_server = ServicesServer(self.config, self.services)
+            self.services.query = QueryRetrieve(self.config, self.spool.root, self.events)
+        if self.config.commitment is not None:
+            self.ledger = Ledger(self.spool.root)
+            if self.do_process:
+                self.events.subscribe(LedgerWriter(self.ledger, self.spool.failed))
+            self.services.commitment = StorageCommitment(
+                self.config, self.ledger, self.events, handles_objects=self.do_process)
+            self.services.commitment.start()
+        if self.do_process:
             try:
-                self.services_server.start()
+                for server in services_servers(self.config, self.services):
+                    self.services_servers.append(server)
+                    server.start()
             except BaseException:
                 self.stop()
                 raise
@@ -329,8 +342,10 @@ class Relay:
         """Stop accepting, finish what is in hand, leave the rest in the spool."""
         if self.receiver is not None:
             self.receiver.stop()
-        if self.services_server is not None:
-            self.services_server.stop()
+        for server in self.services_servers:
+            server.stop()
+        if self.services.commitment is not None:
+            self.services.commitment.stop()
         self.stop_event.set()
         for sender in self.senders:
             sender.stop()
@@ -351,8 +366,8 @@ class Relay:
         config when SIGHUP asked for it. A receiver that dies meanwhile is the supervisor's
         to restart and log."""
         while not self.stop_event.wait(0.2):
-            if self.services_server is not None:
-                self.services_server.check()
+            for server in self.services_servers:
+                server.check()
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self.reload()

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from relay.config.model import Config
+    from relay.services.commitment import StorageCommitment
 
 log = logging.getLogger("relay.services")
 
@@ -295,31 +296,58 @@ class QueryRetrieve:
                                    warning=count("Warning")))
 
 
-class ServicesServer:
-    """The SCP on [query].port, with the relay's AE title (every engine): query/retrieve, and
-    the PACS's C-STORE sub-operations when the relay retrieves by C-MOVE. The receiver's
-    allow lists and TLS apply; [query].allowed_calling_aets narrows the AE titles.
-    Supervised: `check()` starts it again if it stopped."""
+@dataclass
+class Services:
+    """The services a relay process answers besides storing (None: not configured)."""
 
-    def __init__(self, config: Config, service: QueryRetrieve) -> None:
-        assert config.query is not None
+    query: QueryRetrieve | None = None
+    commitment: StorageCommitment | None = None
+
+
+class ServicesServer:
+    """The SCP of the proxy's other services, with the relay's AE title (every engine):
+    query/retrieve on [query].port (and the PACS's C-STORE sub-operations when the relay
+    retrieves by C-MOVE), storage commitment on [commitment].port; one server when both name
+    the same port. The receiver's allow lists and TLS apply; [query].allowed_calling_aets
+    narrows who may query. Supervised: `check()` starts it again if it stopped."""
+
+    def __init__(self, config: Config, port: int, *, query: QueryRetrieve | None = None,
+                 commitment: StorageCommitment | None = None) -> None:
         self.config = config
-        self.service = service
+        self.port = port
+        self.query = query
+        self.commitment = commitment
         self.server: Any = None
         self._thread = threading.Thread()
         self.restarts = 0
         self.networks = [ipaddress.ip_network(h, strict=False)
                          for h in config.receiver.allowed_hosts]
+        keys = ([] if query is None else ["[query].port"]) + \
+            ([] if commitment is None else ["[commitment].port"])
+        self.key = " and ".join(keys)
+
+    def _allowed_calling_aets(self) -> list[str]:
+        rc = self.config.receiver
+        if self.commitment is None:
+            assert self.config.query is not None
+            return list(self.config.query.allowed_calling_aets or rc.allowed_calling_aets)
+        if not rc.allowed_calling_aets:
+            return []
+        # The PACSes that report on what the relay asked them to commit call in too.
+        return [*rc.allowed_calling_aets,
+                *(d.ae_title for d in self.config.destinations if d.commitment)]
 
     def _make_ae(self) -> AE:
         rc = self.config.receiver
-        assert self.config.query is not None
         ae = AE(ae_title=rc.ae_title)
-        QueryRetrieve.add_contexts(ae, storage=True)
+        if self.query is not None:
+            QueryRetrieve.add_contexts(ae, storage=True)
+        if self.commitment is not None:
+            self.commitment.add_contexts(ae)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        ae.require_called_aet = not self.service.answers_two_titles(rc.ae_title)
-        ae.require_calling_aet = list(self.config.query.allowed_calling_aets
-                                      or rc.allowed_calling_aets)
+        ae.require_called_aet = (self.query is None
+                                 or not self.query.answers_two_titles(rc.ae_title))
+        ae.require_calling_aet = self._allowed_calling_aets()
         ae.maximum_associations = rc.max_associations
         ae.network_timeout = rc.idle_timeout
         ae.acse_timeout = max(1.0, min(10.0, rc.idle_timeout / 2))
@@ -330,29 +358,37 @@ class ServicesServer:
         if refused_host(event, self.networks):
             return
         own = self.config.receiver.ae_title
-        if self.service.answers_two_titles(own) and self.service.refuse_unknown_called_ae(
-                event, own):
-            return
+        if self.query is not None:
+            if self.query.answers_two_titles(own) and self.query.refuse_unknown_called_ae(
+                    event, own):
+                return
+            if self.commitment is not None:
+                self.query.drop_contexts_if_not_allowed(event)
         prefer_requestor_syntax(event)
 
     def on_store(self, event: evt.Event) -> int:
         """Only the PACS's sub-operations of the relay's own C-MOVE are taken here: new
         studies go to [receiver].port."""
-        accepted = self.service.inboxes.accept(event, only_inbox=True)
+        accepted = None if self.query is None else self.query.inboxes.accept(
+            event, only_inbox=True)
         if accepted is None:
-            log.warning("C-STORE from %s on the query/retrieve port refused: no retrieve is "
-                        "waiting for it (send new studies to [receiver].port %d)",
-                        shown(event.assoc.requestor.ae_title), self.config.receiver.port)
+            log.warning("C-STORE from %s on %s refused: no retrieve is waiting for it (send "
+                        "new studies to [receiver].port %d)",
+                        shown(event.assoc.requestor.ae_title), self.key,
+                        self.config.receiver.port)
             return STATUS_CANNOT_UNDERSTAND
         return accepted
 
     def start(self) -> None:
-        assert self.config.query is not None
-        self.service.start()
         rc = self.config.receiver
-        address = (rc.host, self.config.query.port)
-        handlers = [*self.service.handlers(), (evt.EVT_C_STORE, self.on_store),
-                    (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_REQUESTED, self.on_requested)]
+        address = (rc.host, self.port)
+        handlers: list[tuple[Any, Any]] = [(evt.EVT_CONN_OPEN, set_nodelay),
+                                           (evt.EVT_REQUESTED, self.on_requested)]
+        if self.query is not None:
+            self.query.start()
+            handlers += [*self.query.handlers(), (evt.EVT_C_STORE, self.on_store)]
+        if self.commitment is not None:
+            handlers += self.commitment.handlers()
         ae = self._make_ae()
         try:
             self.server = ae.make_server(
@@ -360,25 +396,29 @@ class ServicesServer:
                 ssl_context=server_context(rc.tls) if rc.tls else None)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise OSError(exc.errno, f"[query].port {address[1]} on {address[0]} is "
-                              "already in use (change [query].port)") from None
+                raise OSError(exc.errno, f"{self.key} {address[1]} on {address[0]} is "
+                              f"already in use (change {self.key})") from None
             raise
         # Served from our own thread (supervised: check()); registered with its AE as
         # start_server would, for the server's shutdown() to find it there.
         ae._servers.append(self.server)
         self._thread = threading.Thread(target=self.server.serve_forever,
-                                        name="query-retrieve", daemon=True)
+                                        name="services", daemon=True)
         self._thread.start()
-        log.info("query/retrieve listening as %s on %s:%d (answered by %s, retrieving by %s)",
-                 rc.ae_title, *address, self.service.upstream.describe(),
-                 "C-GET" if self.config.query.retrieve == "get" else
-                 f"C-MOVE to {self.config.query.move_ae_title}")
+        if self.query is not None:
+            assert self.config.query is not None
+            log.info("query/retrieve listening as %s on %s:%d (answered by %s, retrieving "
+                     "by %s)", rc.ae_title, *address, self.query.upstream.describe(),
+                     "C-GET" if self.config.query.retrieve == "get" else
+                     f"C-MOVE to {self.config.query.move_ae_title}")
+        if self.commitment is not None:
+            log.info("storage commitment listening as %s on %s:%d", rc.ae_title, *address)
 
     def check(self) -> None:
         """Start the SCP again if its server thread is gone (its loop raised)."""
         if self.server is None or self._thread.is_alive():
             return
-        log.error("query/retrieve SCP stopped: starting it again")
+        log.error("%s SCP stopped: starting it again", self.key)
         self.restarts += 1
         self.server.server_close()
         self.server.ae._servers.remove(self.server)
@@ -391,3 +431,14 @@ class ServicesServer:
                 assoc.abort()
             self.server.shutdown()  # pynetdicom's: its loop, its socket, its AE's list
             self.server = None
+
+
+def services_servers(config: Config, services: Services) -> list[ServicesServer]:
+    """One server per port: query/retrieve and storage commitment share one where
+    [query].port and [commitment].port are the same."""
+    ports: dict[int, dict[str, Any]] = {}
+    if services.query is not None and config.query is not None:
+        ports.setdefault(config.query.port, {})["query"] = services.query
+    if services.commitment is not None and config.commitment is not None:
+        ports.setdefault(config.commitment.port, {})["commitment"] = services.commitment
+    return [ServicesServer(config, port, **kinds) for port, kinds in ports.items()]

@@ -18,6 +18,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 
 from relay.ops.logs import shown
 
@@ -174,3 +175,17 @@ def _init_with_gate(self: Any, *args: Any, **kwargs: Any) -> None:
 
 
 Association.__init__ = _init_with_gate
+
+
+def _lenient_context_id(self: Any, value: int | None) -> None:
+    """PresentationContext.context_id's setter, taking an even ID as Orthanc and dcm4che do.
+    PS3.8 wants odd IDs, and pynetdicom 3.0 raises ValueError for an even one inside its
+    reactor, where the association then hangs: but dcm4che's stgcmtscu proposes ID 2 (a real
+    modality's request for storage commitment), and the relay must serve it. The IDs the
+    relay proposes itself stay odd (pynetdicom numbers them)."""
+    if value is not None and not 1 <= value <= 255:
+        raise ValueError("'context_id' must be an integer between 1 and 255, inclusive")
+    self._context_id = value
+
+
+PresentationContext.context_id = PresentationContext.context_id.setter(_lenient_context_id)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from relay.config.model import Config, Destination
     from relay.edit.editor import ToolkitConverter
     from relay.send.results import SendResult
-    from relay.services.scp import QueryRetrieve
+    from relay.services.scp import Services
     from relay.spool import Spool
 
 
@@ -45,7 +45,7 @@ class Engine(ABC):
 
     @abstractmethod
     def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
-                 services: QueryRetrieve | None = None) -> Receiver:
+                 services: Services | None = None) -> Receiver:
         """The engine's C-STORE SCP. beside_work: this process also edits and sends; an
         engine whose receiver would run inside it then gives the receiver a process of its
         own (toolkit receivers are processes anyway). services: query/retrieve, for a

@@ -69,7 +69,7 @@ from relay.toolkits.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores,
 
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination, TLSConfig
-    from relay.services.scp import QueryRetrieve
+    from relay.services.scp import Services
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcm4che")
@@ -386,8 +386,8 @@ class Dcm4cheEngine(Engine):
         return self
 
     def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
-                 services: QueryRetrieve | None = None) -> Receiver:
-        del services  # storescp stores only: query/retrieve is on [query].port
+                 services: Services | None = None) -> Receiver:
+        del services  # storescp stores only: the services are on their own port
         return Dcm4cheReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

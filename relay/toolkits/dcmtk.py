@@ -76,7 +76,7 @@ from relay.toolkits.embedded import EmbeddedEngine
 
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination, TLSConfig
-    from relay.services.scp import QueryRetrieve
+    from relay.services.scp import Services
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcmtk")
@@ -531,8 +531,8 @@ class DcmtkEngine(Engine):
         return f"dcmtk ({self.bin_dir})"
 
     def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
-                 services: QueryRetrieve | None = None) -> Receiver:
-        del services  # storescp stores only: query/retrieve is on [query].port
+                 services: Services | None = None) -> Receiver:
+        del services  # storescp stores only: the services are on their own port
         return DcmtkReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,

@@ -62,7 +62,7 @@ from relay.toolkits.tls import client_context, server_context
 
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination
-    from relay.services.scp import QueryRetrieve
+    from relay.services.scp import Services
     from relay.spool import Spool
 
 log = logging.getLogger("relay.embedded")
@@ -112,13 +112,17 @@ class ContextsRefused(DestinationUnavailable):
 
 class EmbeddedReceiver(Receiver):
     """pynetdicom Storage SCP: every storage SOP class, every transfer syntax it knows; with
-    `services`, query/retrieve too (relay.services), on the same port."""
+    `services`, query/retrieve and storage commitment too (relay.services), on the same
+    port."""
 
     def __init__(self, config: Config, spool: Spool,
-                 services: QueryRetrieve | None = None) -> None:
+                 services: Services | None = None) -> None:
         self.config = config.receiver
         self.spool = spool
         self.services = services
+        self.query = services.query if services is not None else None
+        self.commitment = services.commitment if services is not None else None
+        self.commitment_aets = [d.ae_title for d in config.destinations if d.commitment]
         self.server: Any = None
         self.networks = [ipaddress.ip_network(h, strict=False)
                          for h in config.receiver.allowed_hosts]
@@ -132,14 +136,19 @@ class EmbeddedReceiver(Receiver):
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        if self.services is not None:
+        if self.query is not None:
             # Storage both ways: a C-GET requester takes its objects as SCP.
             ae.supported_contexts = []
-            self.services.add_contexts(ae, storage=True)
+            self.query.add_contexts(ae, storage=True)
             ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        ae.require_called_aet = (self.services is None
-                                 or not self.services.answers_two_titles(self.config.ae_title))
+        if self.commitment is not None:
+            self.commitment.add_contexts(ae)
+        ae.require_called_aet = (self.query is None
+                                 or not self.query.answers_two_titles(self.config.ae_title))
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        if ae.require_calling_aet and self.commitment is not None:
+            # PACSes reporting what the relay asked them to commit (commitment = true).
+            ae.require_calling_aet += self.commitment_aets
         ae.maximum_associations = self.config.max_associations
         ae.network_timeout = self.config.idle_timeout
         # The A-ASSOCIATE-RQ follows the connection at once: a connection that sends none (a
@@ -152,9 +161,9 @@ class EmbeddedReceiver(Receiver):
         """Write the object to a temporary name, fsync, rename into incoming/: only then
         answer success. A failure to store answers Out of Resources (the modality retries)."""
         request = event.request
-        if self.services is not None:
+        if self.query is not None:
             # A sub-operation of the relay's own C-MOVE to the PACS: not a new study.
-            retrieved = self.services.inboxes.accept(event)
+            retrieved = self.query.inboxes.accept(event)
             if retrieved is not None:
                 return retrieved
         name = safe_name(request.AffectedSOPInstanceUID)
@@ -266,12 +275,12 @@ class EmbeddedReceiver(Receiver):
         if refused_host(event, self.networks):
             return
         own = self.config.ae_title
-        if (self.services is not None and self.services.answers_two_titles(own)
-                and self.services.refuse_unknown_called_ae(event, own)):
+        if (self.query is not None and self.query.answers_two_titles(own)
+                and self.query.refuse_unknown_called_ae(event, own)):
             return
         prefer_requestor_syntax(event)
-        if self.services is not None:
-            self.services.drop_contexts_if_not_allowed(event)
+        if self.query is not None:
+            self.query.drop_contexts_if_not_allowed(event)
 
     def start(self) -> None:
         _fixed_mmap_threshold()
@@ -293,9 +302,11 @@ class EmbeddedReceiver(Receiver):
                     (evt.EVT_CONN_CLOSE, self.on_conn_close),
                     (evt.EVT_REQUESTED, self.on_requested),
                     (evt.EVT_DIMSE_RECV, self.on_dimse_recv)]
-        if self.services is not None:
-            self.services.start()
-            handlers += self.services.handlers()
+        if self.query is not None:
+            self.query.start()
+            handlers += self.query.handlers()
+        if self.commitment is not None:
+            handlers += self.commitment.handlers()
         address = (self.config.host, self.config.port)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         try:
@@ -391,7 +402,7 @@ class EmbeddedEngine(Engine):
                 assoc.release()
 
     def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
-                 services: QueryRetrieve | None = None) -> Receiver:
+                 services: Services | None = None) -> Receiver:
         if beside_work and config.source.is_file():
             # The child (`dicom-relay receive`) makes its own query/retrieve service.
             return EmbeddedReceiverProcess(config)

@@ -1,0 +1,201 @@
+"""Storage commitment through the relay ([commitment], relay.services.commitment), against
+real peers: dcm4che's stgcmtscu (the shared toolkit) as the modality, Orthanc (its own storage
+commitment SCP) as the destination with `commitment = true`, a DCMTK storescp as one without,
+dcmsend as the modality's C-STORE. pynetdicom only where a scriptable peer is needed: a
+modality whose port opens late.
+
+A report is committed only once every destination has the instance (Orthanc: once Orthanc
+itself committed it); quarantined and never-sent instances come back failed with their
+reasons; the transaction survives kill -9.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from dicomdata import ct_series
+from peers import (
+    DCM4CHE_HOME,
+    DCMTK_BIN,
+    ENGINES,
+    NO_DCM4CHE,
+    Orthanc,
+    RelayProcess,
+    dcm4che_env,
+    dcmsend,
+    dcmtk_env,
+    free_port,
+    relay_config,
+    spool_files,
+    wait_for_port,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(DCM4CHE_HOME is None, reason="stgcmtscu plays the modality: "
+                                + NO_DCM4CHE)
+MODALITY = "CT01"
+RELAY_AET = "DICOMRELAY"
+
+
+class Sink:
+    """DCMTK's storescp: a destination without storage commitment."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True)
+        self.port = free_port()
+        self.log = open(folder.parent / "sink.log", "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([str(DCMTK_BIN / "storescp"), "-aet", "SINK", "+xa",
+                                      "-od", str(folder), str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dcmtk_env())
+        wait_for_port(self.port, proc=self.proc)
+
+    def sop_uids(self) -> set[str]:
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in self.folder.iterdir()}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.log.close()
+
+
+@dataclass
+class Setup:
+    pacs: Orthanc
+    sink: Sink
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    workdir = tmp_path_factory.mktemp("commitment")
+    pacs = Orthanc(workdir / "orthanc").start()
+    sink = Sink(workdir / "sink")
+    yield Setup(pacs, sink, workdir)
+    sink.close()
+    pacs.close()
+
+
+@dataclass
+class Relay:
+    process: RelayProcess
+    port: int
+    commitment_port: int
+    spool: Path
+    config: Path
+
+    def audit(self, step: str) -> list[dict[str, Any]]:
+        path = self.spool / "audit.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [e for e in map(json.loads, lines) if e["step"] == step]
+
+
+def start_relay(setup: Setup, name: str, *, engine: str = "embedded", modality_port: int,
+                timeout: float = 60, rules: str = "") -> Relay:
+    workdir = setup.workdir / name
+    workdir.mkdir()
+    port, commitment_port = free_port(), free_port()
+    spool = workdir / "spool"
+    # Orthanc answers storage commitment only to a peer it knows, and reports to it there.
+    setup.pacs.add_modality(name, RELAY_AET, commitment_port)
+    config = relay_config(
+        workdir / "relay.toml", port=port, spool=spool, engine=engine, rules=rules,
+        receiver=f'ae_title = "{RELAY_AET}"',
+        destinations=[("central", setup.pacs.aet, setup.pacs.dicom_port, "commitment = true"),
+                      ("archive", "SINK", setup.sink.port)],
+        extra=f"""
+[commitment]
+port = {commitment_port}
+timeout = {timeout}
+
+[[modalities]]
+ae_title = "{MODALITY}"
+host = "127.0.0.1"
+port = {modality_port}
+""")
+    process = RelayProcess(config, workdir).start(port)
+    wait_for_port(commitment_port, 60, process.proc)
+    return Relay(process, port, commitment_port, spool, config)
+
+
+def stgcmtscu(port: int, files: list[Path], results: Path, *, keep_alive: bool = False,
+              listen: int | None = None) -> subprocess.Popen[str]:
+    """dcm4che's stgcmtscu as the modality: asks for commitment of `files`, then waits for the
+    report (with no timeout of its own: the caller bounds it) and stores it in `results`."""
+    assert DCM4CHE_HOME is not None
+    results.mkdir(parents=True, exist_ok=True)
+    bind = f"{MODALITY}:{listen}" if listen else MODALITY
+    argv = [str(DCM4CHE_HOME / "bin" / "stgcmtscu"), "-c", f"{RELAY_AET}@127.0.0.1:{port}",
+            "-b", bind, "--directory", str(results), *(["--keep-alive"] if keep_alive else []),
+            *map(str, files)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dcm4che_env())
+
+
+def report_in(results: Path) -> Dataset | None:
+    found = sorted(results.iterdir())
+    return dcmread(found[0]) if found else None
+
+
+def committed(report: Dataset) -> set[str]:
+    return {str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])}
+
+
+def failed(report: Dataset) -> dict[str, int]:
+    return {str(i.ReferencedSOPInstanceUID): int(i.FailureReason)
+            for i in report.get("FailedSOPSequence", [])}
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"stgcmtscu got no report in {timeout} s:\n{out[-3000:]}") from None
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_study_is_committed_once_every_destination_has_it(setup: Setup, engine: str
+                                                            ) -> None:
+    study = setup.workdir / f"study-{engine}"
+    uids = set(ct_series(study, 10))
+    files = sorted(study.iterdir())
+    relay = start_relay(setup, f"relay-{engine}", engine=engine, modality_port=free_port())
+    try:
+        assert dcmsend(files, relay.port, RELAY_AET, MODALITY).returncode == 0
+        # On the request's own association (the modality keeps it open for the report).
+        results = setup.workdir / f"results-{engine}"
+        proc = stgcmtscu(relay.commitment_port, files, results, keep_alive=True)
+        finish(proc, 90)
+        report = report_in(results)
+        assert report is not None
+        assert committed(report) == uids and not failed(report)
+        # True: both destinations have every instance, and Orthanc itself committed them.
+        assert uids <= set(setup.pacs.tags_by_sop_uid())
+        assert uids <= setup.sink.sop_uids()
+        jobs = setup.pacs.rest("/jobs?expand")
+        assert any(j["Type"] == "StorageCommitmentScp" for j in jobs), jobs
+        [reported] = relay.audit("commitment-reported")
+        assert reported["committed"] == 10 and reported["failed"] == 0
+        assert "request's association" in reported["via"]
+    finally:
+        relay.process.stop()
