@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,8 +112,9 @@ def start_relay(setup: Setup, name: str, *, engine: str = "embedded", modality_p
     workdir.mkdir()
     port, commitment_port = free_port(), free_port()
     spool = workdir / "spool"
-    # Orthanc answers storage commitment only to a peer it knows, and reports to it there.
-    setup.pacs.add_modality(name, RELAY_AET, commitment_port)
+    # Orthanc answers storage commitment only to a peer it knows, and reports to it there
+    # (to the first entry of that AE title: one entry, replaced by each test's relay).
+    setup.pacs.add_modality("relay", RELAY_AET, commitment_port)
     config = relay_config(
         workdir / "relay.toml", port=port, spool=spool, engine=engine, rules=rules,
         receiver=f'ae_title = "{RELAY_AET}"',
@@ -194,8 +195,131 @@ def test_a_study_is_committed_once_every_destination_has_it(setup: Setup, engine
         assert uids <= setup.sink.sop_uids()
         jobs = setup.pacs.rest("/jobs?expand")
         assert any(j["Type"] == "StorageCommitmentScp" for j in jobs), jobs
-        [reported] = relay.audit("commitment-reported")
+        [reported] = wait_until(lambda: relay.audit("commitment-reported"), 10,
+                                what="the report on record")
         assert reported["committed"] == 10 and reported["failed"] == 0
         assert "request's association" in reported["via"]
     finally:
+        relay.process.stop()
+
+
+def test_a_report_waits_for_a_pacs_that_is_down_and_survives_a_kill_9(setup: Setup) -> None:
+    """Orthanc down: the modality's request is answered, its report is not (nothing is
+    committed that the PACS does not have). The relay is killed with SIGKILL before it can
+    report; after its restart and Orthanc's, the report reaches the modality's own port on a
+    new association (stgcmtscu let go of the request's)."""
+    study = setup.workdir / "study-down"
+    uids = set(ct_series(study, 5))
+    files = sorted(study.iterdir())
+    modality_port = free_port()
+    relay = start_relay(setup, "relay-down", modality_port=modality_port)
+    setup.pacs.stop()
+    proc = None
+    try:
+        assert dcmsend(files, relay.port, RELAY_AET, MODALITY).returncode == 0
+        results = setup.workdir / "results-down"
+        proc = stgcmtscu(relay.commitment_port, files, results, listen=modality_port)
+        wait_until(lambda: relay.audit("commitment-requested"), 30, what="the request taken")
+        # The archive has them all; the PACS cannot: no report while it is down.
+        wait_until(lambda: uids <= setup.sink.sop_uids(), 30, what="the archive has them")
+        time.sleep(2)
+        assert report_in(results) is None and not relay.audit("commitment-reported")
+        relay.process.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        relay.process.proc.wait()  # type: ignore[union-attr]
+        setup.pacs.start()
+        setup.pacs.add_modality("relay", RELAY_AET, relay.commitment_port)
+        relay.process.start(relay.port)
+        finish(proc, 90)
+        report = report_in(results)
+        assert report is not None and committed(report) == uids and not failed(report)
+        assert uids <= set(setup.pacs.tags_by_sop_uid())
+        [reported] = wait_until(lambda: relay.audit("commitment-reported"), 10,
+                                what="the report on record")
+        assert f"new association to {MODALITY}@127.0.0.1:{modality_port}" in reported["via"]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if setup.pacs.proc is None:
+            setup.pacs.start()
+        relay.process.stop()
+
+
+def committed_at_central(relay: Relay) -> int:
+    """Instances the ledger has as committed by Orthanc (the relay's own request to it)."""
+    db = sqlite3.connect(relay.spool / "commitment.sqlite")
+    try:
+        return int(db.execute("SELECT count(*) FROM confirmations WHERE destination = "
+                              "'central' AND state = 'committed'").fetchone()[0])
+    finally:
+        db.close()
+
+
+class LateModality:
+    """A modality whose port opens only later (pynetdicom: a scriptable peer), recording the
+    reports it gets."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reports: list[Dataset] = []
+        self.server: Any = None
+
+    def open(self) -> None:
+        ae = AE(ae_title=MODALITY)
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+
+        def on_report(event: evt.Event) -> tuple[int, None]:
+            self.reports.append(event.event_information)
+            return 0x0000, None
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def test_quarantined_and_never_sent_instances_are_reported_failed(setup: Setup) -> None:
+    """One instance quarantined (its rule's source attribute missing), one never sent: at
+    [commitment].timeout the report says so (0110 processing failure, 0112 no such object
+    instance) and commits the rest. The modality's port is closed when the report is due; it
+    is delivered once the port opens."""
+    study = setup.workdir / "study-failed"
+    uids = ct_series(study, 6)
+    files = sorted(study.iterdir())
+    broken = dcmread(files[0])
+    del broken.EthnicGroup
+    broken.save_as(files[0])
+    modality = LateModality(free_port())
+    rules = ('[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
+             'on_missing = "fail"\n')
+    relay = start_relay(setup, "relay-failed", modality_port=modality.port, timeout=4,
+                        rules=rules)
+    try:
+        assert dcmsend(files[:-1], relay.port, RELAY_AET, MODALITY).returncode == 0
+        # Asked once Orthanc committed the four it got (its jobs take their time): the
+        # deadline then only decides the instance that never came.
+        wait_until(lambda: committed_at_central(relay) == 4, 60,
+                   what="Orthanc's commitment of the four it got")
+        results = setup.workdir / "results-failed"
+        # Without a port of its own nor --keep-alive, stgcmtscu lets go of the association
+        # after the N-ACTION-RSP and waits for ever: the modality that went away.
+        proc = stgcmtscu(relay.commitment_port, files, results)
+        wait_until(lambda: relay.audit("commitment-requested"), 30, what="the request taken")
+        proc.kill()
+        proc.communicate()
+        wait_until(lambda: relay.audit("commitment-deferred"), 30,
+                   what="a report that could not be delivered yet")
+        modality.open()
+        wait_until(lambda: modality.reports, 30, what="the report, once the port opened")
+        [report] = modality.reports
+        assert failed(report) == {uids[0]: 0x0110, uids[-1]: 0x0112}
+        assert committed(report) == set(uids[1:-1])
+        [reported] = wait_until(lambda: relay.audit("commitment-reported"), 10,
+                                what="the report on record")
+        assert reported["committed"] == 4 and reported["failed"] == 2
+        assert any("missing-source" in f for f in reported["failures"])
+        assert spool_files(relay.spool, "failed")
+    finally:
+        modality.close()
         relay.process.stop()

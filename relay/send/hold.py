@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from relay.events import Identity
+
 UNKNOWN_STUDY = "(no StudyInstanceUID)"
 
 
@@ -28,6 +30,20 @@ def study_of(path: Path) -> str:
         except Exception:  # noqa: BLE001 - unreadable: held on its own, sent, and failed there
             return UNKNOWN_STUDY
     return str(ds.get("StudyInstanceUID", "") or UNKNOWN_STUDY)
+
+
+def sent_identity(path: Path) -> Identity | None:
+    """The SOP Instance and Class UIDs of a queued copy (its header only); None if
+    unreadable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = dcmread(path, stop_before_pixels=True,
+                         specific_tags=["SOPInstanceUID", "SOPClassUID"])
+        except Exception:  # noqa: BLE001 - not ours to judge here: the send said stored
+            return None
+    return Identity(sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+                    sop_class_uid=str(ds.get("SOPClassUID", "") or ""))
 
 
 def arrival(path: Path) -> float:

@@ -29,7 +29,7 @@ from relay.events import (
     Released,
     Transcoded,
 )
-from relay.send.hold import StudyHold, arrival, study_of
+from relay.send.hold import StudyHold, arrival, sent_identity, study_of
 from relay.send.results import Outcome, SendResult, Transport, local_failures, reason_of
 from relay.send.transcode import CannotDecode, decompress_in_place, is_compressed
 from relay.spool import Failure, Spool
@@ -311,6 +311,11 @@ class DestinationSender:
     def _settle(self, r: SendResult, reason: str | None = None) -> None:
         """A final answer for one file: delivered (delete it) or refused (quarantine it)."""
         identity = self._identity.get(r.path)
+        if identity is None and self.destination.commitment and \
+                r.outcome is Outcome.DELIVERED:
+            # Queued by an earlier run: storage commitment asks this PACS by the UIDs its
+            # copy carries (its own rules may have changed them), read while it is here.
+            identity = sent_identity(r.path)
         if r.outcome is Outcome.DELIVERED:
             received = self._received.get(r.path)
             if received is None:
