@@ -15,6 +15,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from peers import (
     wait_for_port,
     wait_until,
 )
+from relay.ops.metrics import scrape
 
 pytestmark = pytest.mark.skipif(DCM4CHE_HOME is None, reason="stgcmtscu plays the modality: "
                                 + NO_DCM4CHE)
@@ -107,7 +109,7 @@ class Relay:
 
 
 def start_relay(setup: Setup, name: str, *, engine: str = "embedded", modality_port: int,
-                timeout: float = 60, rules: str = "") -> Relay:
+                timeout: float = 60, rules: str = "", extra: str = "") -> Relay:
     workdir = setup.workdir / name
     workdir.mkdir()
     port, commitment_port = free_port(), free_port()
@@ -120,7 +122,7 @@ def start_relay(setup: Setup, name: str, *, engine: str = "embedded", modality_p
         receiver=f'ae_title = "{RELAY_AET}"',
         destinations=[("central", setup.pacs.aet, setup.pacs.dicom_port, "commitment = true"),
                       ("archive", "SINK", setup.sink.port)],
-        extra=f"""
+        extra=f"""{extra}
 [commitment]
 port = {commitment_port}
 timeout = {timeout}
@@ -199,6 +201,12 @@ def test_a_study_is_committed_once_every_destination_has_it(setup: Setup, engine
                                 what="the report on record")
         assert reported["committed"] == 10 and reported["failed"] == 0
         assert "request's association" in reported["via"]
+        if engine == "embedded":
+            # The embedded engine answers on [receiver].port too (in its receiver process).
+            again = setup.workdir / "results-receiver-port"
+            finish(stgcmtscu(relay.port, files, again, keep_alive=True), 90)
+            report = report_in(again)
+            assert report is not None and committed(report) == uids and not failed(report)
     finally:
         relay.process.stop()
 
@@ -224,6 +232,11 @@ def test_a_report_waits_for_a_pacs_that_is_down_and_survives_a_kill_9(setup: Set
         wait_until(lambda: uids <= setup.sink.sop_uids(), 30, what="the archive has them")
         time.sleep(2)
         assert report_in(results) is None and not relay.audit("commitment-reported")
+        status = subprocess.run([sys.executable, "-m", "relay", "status", "--config",
+                                 str(relay.config)], capture_output=True, text=True, timeout=60,
+                                check=True).stdout
+        assert "storage commitment: 1 transaction(s) waiting for their report" in status
+        assert f"from {MODALITY} (127.0.0.1): 5 instance(s)" in status
         relay.process.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         relay.process.proc.wait()  # type: ignore[union-attr]
         setup.pacs.start()
@@ -293,8 +306,9 @@ def test_quarantined_and_never_sent_instances_are_reported_failed(setup: Setup) 
     modality = LateModality(free_port())
     rules = ('[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
              'on_missing = "fail"\n')
+    listen = free_port()
     relay = start_relay(setup, "relay-failed", modality_port=modality.port, timeout=4,
-                        rules=rules)
+                        rules=rules, extra=f'[metrics]\nlisten = "127.0.0.1:{listen}"\n')
     try:
         assert dcmsend(files[:-1], relay.port, RELAY_AET, MODALITY).returncode == 0
         # Asked once Orthanc committed the four it got (its jobs take their time): the
@@ -319,6 +333,10 @@ def test_quarantined_and_never_sent_instances_are_reported_failed(setup: Setup) 
                                 what="the report on record")
         assert reported["committed"] == 4 and reported["failed"] == 2
         assert any("missing-source" in f for f in reported["failures"])
+        samples = scrape(("127.0.0.1", listen))
+        assert samples["dicom_relay_commitment_pending_transactions"][0][1] == 0
+        assert samples["dicom_relay_commitment_committed_instances_total"][0][1] == 4
+        assert samples["dicom_relay_commitment_failed_instances_total"][0][1] == 2
         assert spool_files(relay.spool, "failed")
     finally:
         modality.close()

@@ -196,3 +196,47 @@ def test_query_and_modalities_changes_need_a_restart(tmp_path: Path) -> None:
         "reload: [[modalities]] changed: it needs a restart; kept as it was until then"]
     kept = applicable(old, new)
     assert kept.query is None and kept.modalities == ()
+
+
+def test_commitment(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, MINIMAL.replace("port = 104", "port = 104\ncommitment = true") + """
+[receiver]
+allowed_calling_aets = ["CT01"]
+
+[commitment]
+timeout = 600
+
+[[modalities]]
+ae_title = "CT01"
+host = "10.0.1.20"
+port = 104
+""")
+    assert cfg.commitment is not None
+    assert (cfg.commitment.port, cfg.commitment.timeout) == (11113, 600.0)
+    assert cfg.destinations[0].commitment
+    assert _load(tmp_path, MINIMAL).commitment is None
+    assert _load(tmp_path, MINIMAL + "[commitment]\nenabled = false\n").commitment is None
+    # Sharing [query]'s port by default: one SCP serves both.
+    shared = _load(tmp_path, MINIMAL + '[query]\ndestination = "central"\nport = 4000\n'
+                   "[commitment]\n")
+    assert shared.commitment is not None and shared.commitment.port == 4000
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ('[commitment]\nport = 11112', r"commitment\.port: expected a port other than "
+     r"\[receiver\]\.port \(11112\)"),
+    ('[commitment]\ntimeout = 0', r"commitment\.timeout: expected"),
+    ('[commitment]\nwhen = 1', r"commitment"),
+    ('[receiver]\nallowed_calling_aets = ["CT01", "MR01"]\n[commitment]\n[[modalities]]\n'
+     'ae_title = "CT01"\nhost = "h"\nport = 1',
+     r"commitment\.enabled: expected a \[\[modalities\]\] entry .* none for MR01"),
+])
+def test_commitment_errors_name_the_key(tmp_path: Path, snippet: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        _load(tmp_path, MINIMAL + "\n" + snippet + "\n")
+
+
+def test_commitment_is_for_dimse_destinations(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"commitment: expected no DIMSE key in a DICOMweb"):
+        _load(tmp_path, '[[destinations]]\nname = "web"\nurl = "http://127.0.0.1:8042/dw"\n'
+              "commitment = true\n")

@@ -17,6 +17,7 @@ from relay.ops.audit import AuditLog
 from relay.pipeline.relay import spool_for
 from relay.receive.floor import floor_of
 from relay.send.hold import held_studies
+from relay.services.ledger import LEDGER, Ledger
 
 
 def status(
@@ -80,6 +81,8 @@ def status(
         for study in studies:
             typer.echo(f"  {study.uid}: {len(study.paths)} object(s), first {now - study.first:.0f}"
                        f" s ago, last {now - study.last:.0f} s ago")
+    if cfg.commitment is not None and (spool.root / LEDGER).exists():
+        _commitment_status(Ledger(spool.root), now)
     recent = list(spool.failures())
     if recent:
         typer.echo(f"\nrecent failures ({min(failures, len(recent))} of {len(recent)}):")
@@ -87,6 +90,21 @@ def status(
         where = f" -> {info['destination']}" if info.get("destination") else ""
         typer.echo(f"  {info.get('when', '?')} {info.get('reason', '?')}{where}: "
                    f"{path.name}: {info.get('detail', '')}")
+
+
+def _commitment_status(ledger: Ledger, now: float) -> None:
+    """Storage commitment: the transactions not reported yet, and what was reported."""
+    pending, committed, failed = ledger.figures()
+    typer.echo(f"\nstorage commitment: {pending} transaction(s) waiting for their report; "
+               f"{committed} instance(s) reported committed, {failed} failed so far")
+    for tx in ledger.transactions():
+        line = (f"  {tx.uid} from {tx.requester} ({tx.host}): {len(tx.instances)} "
+                f"instance(s), asked {_age(now - tx.created)} ago, due in "
+                f"{_age(tx.deadline - now)}")
+        if tx.last_error:
+            line += f"; report not delivered ({tx.attempts} tries): {tx.last_error}"
+        typer.echo(line)
+    ledger.close()
 
 
 def _age(seconds: float) -> str:

@@ -15,6 +15,9 @@ from typing import Any
 from relay.events import (
     Action,
     Change,
+    CommitmentDeferred,
+    CommitmentEvent,
+    CommitmentReported,
     Deferred,
     Delivered,
     Edited,
@@ -134,7 +137,26 @@ def ops_of(e: Event, patient_values: bool = True) -> list[Op]:
                        actor=e.actor)]
     if isinstance(e, ServiceEvent):
         return [_service(e, patient_values)]
+    if isinstance(e, CommitmentEvent):
+        return [_commitment(e)]
     return []
+
+
+def _commitment(e: CommitmentEvent) -> Op:
+    """A storage commitment transaction's step (obj: its Transaction UID; actor: the
+    modality that asked)."""
+    if isinstance(e, CommitmentReported):
+        what = (f"{e.instances} instance(s): {e.committed} committed, {e.failed} failed, "
+                f"reported on {e.via}")
+        if e.failures:
+            what += "; failed: " + "; ".join(e.failures[:20])
+        return _event(e, "commitment-reported", e.transaction, actor=e.requester,
+                      reason=e.host, status="some failed" if e.failed else "committed", detail=what)
+    if isinstance(e, CommitmentDeferred):
+        return _event(e, "commitment-deferred", e.transaction, actor=e.requester,
+                      reason=e.host, detail=f"{e.detail} (again in {e.retry_in:.0f} s)")
+    return _event(e, "commitment-requested", e.transaction, actor=e.requester, reason=e.host,
+                  detail=f"{e.instances} instance(s)")
 
 
 def _service(e: ServiceEvent, patient_values: bool) -> Op:

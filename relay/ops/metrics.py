@@ -342,6 +342,9 @@ class RelayState:
     version: str
     engine: str
     floor: int = 0  # bytes the receiver keeps free ([spool] min_free_mb, or its default)
+    # Storage commitment ([commitment]): transactions pending, instances reported committed,
+    # reported failed (None: not served).
+    commitment: tuple[int, int, int] | None = None
 
 
 class _StateCollector(Collector):
@@ -408,6 +411,16 @@ class _StateCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_spool_free_floor_bytes", "Below this much free "
                                     "space the receiver takes no new object "
                                     "([spool] min_free_mb)", value=s.floor)
+        if s.commitment is not None:
+            pending, committed, not_committed = s.commitment
+            yield GaugeMetricFamily(f"{PREFIX}_commitment_pending_transactions", "Storage "
+                                    "commitment requests not reported yet", value=pending)
+            yield CounterMetricFamily(f"{PREFIX}_commitment_committed_instances", "Instances "
+                                      "reported committed to the modalities that asked",
+                                      value=committed)
+            yield CounterMetricFamily(f"{PREFIX}_commitment_failed_instances", "Instances "
+                                      "reported failed (Failed SOP Sequence)",
+                                      value=not_committed)
         info = InfoMetricFamily(f"{PREFIX}_build", "Version and engine of the running relay")
         info.add_metric([], {"version": s.version, "engine": s.engine})
         yield info

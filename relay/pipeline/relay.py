@@ -210,7 +210,8 @@ class Relay:
             receiver_port=self.config.receiver.port if self.do_receive else None,
             receiver_restarts=receiver.restarts() if receiver is not None else 0,
             version=__version__, engine=self.engine.name,
-            floor=floor_of(self.config).bytes)
+            floor=floor_of(self.config).bytes,
+            commitment=self.ledger.figures() if self.ledger is not None else None)
 
     # --- reload (SIGHUP) -------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from relay.config.model import Config, Destination
 # Settings a running relay cannot change: a reload reports them and keeps the old ones.
 RESTART_ONLY = ("receiver", "spool", "toolkit", "metrics", "audit", "history", "console")
 # Tables (or their absence) the running services were built with ([query] serves from them).
-RESTART_ONLY_TABLES = {"query": "[query]", "modalities": "[[modalities]]"}
+RESTART_ONLY_TABLES = {"query": "[query]", "commitment": "[commitment]",
+                       "modalities": "[[modalities]]"}
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -29,6 +30,12 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         if getattr(old, name) != getattr(new, name):
             lines.append(f"reload: {table} changed: it needs a restart; kept as it was until "
                          "then")
+    # Storage commitment reads which PACSes commit from the configuration it started with.
+    was = {d.name: d.commitment for d in old.destinations}
+    for dest in new.destinations:
+        if dest.name in was and was[dest.name] != dest.commitment:
+            lines.append(f"reload: [[destinations]] {dest.name}: commitment changed: storage "
+                         "commitment counts it from the next restart")
     return lines
 
 

@@ -308,7 +308,7 @@ class StorageCommitment:
                                                 host=tx.host, instances=len(verdicts),
                                                 detail=error, retry_in=delay))
             return
-        self.ledger.reported(tx.uid)
+        self.ledger.reported(tx.uid, committed, failed)
         failures = tuple(f"{v.sop_instance}: 0x{v.reason:04X} {v.why}" for v in verdicts
                          if v.state != "committed")
         log.info("transaction %s of %s reported on %s: %d committed, %d failed", tx.uid,

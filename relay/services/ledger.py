@@ -81,6 +81,12 @@ CREATE TABLE IF NOT EXISTS transactions (
     next_try REAL NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS totals (   -- one row: instances reported since the spool began
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    committed INTEGER NOT NULL,
+    failed INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals (id, committed, failed) VALUES (1, 0, 0);
 """
 
 
@@ -317,8 +323,17 @@ class Ledger:
         self._run("UPDATE transactions SET attempts=?, next_try=?, last_error=? WHERE uid=?",
                   (attempts, next_try, error, uid))
 
-    def reported(self, uid: str) -> None:
-        self._run("DELETE FROM transactions WHERE uid=?", (uid,))
+    def reported(self, uid: str, committed: int, failed: int) -> None:
+        self._many([("DELETE FROM transactions WHERE uid=?", (uid,)),
+                    ("UPDATE totals SET committed = committed + ?, failed = failed + ?",
+                     (committed, failed))])
+
+    def figures(self) -> tuple[int, int, int]:
+        """(transactions pending, instances reported committed, reported failed): for the
+        metrics, whichever relay process sent the reports."""
+        pending = self._run("SELECT count(*) FROM transactions")[0][0]
+        committed, failed = self._run("SELECT committed, failed FROM totals")[0]
+        return int(pending), int(committed), int(failed)
 
     def prune(self, older_than: float) -> None:
         """Outcomes older than any transaction may still ask about."""
