@@ -495,6 +495,39 @@ class Link:
         return ScriptedSCP(statuses, ssl_context=self.server_ssl, **kwargs)
 
 
+class DcmtkStoreSCP:
+    """DCMTK's storescp: a C-MOVE destination (a viewer's workstation), a destination
+    PACS without storage commitment."""
+
+    def __init__(self, folder: Path, aet: str = "VIEWER") -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(DCMTK_BIN / "storescp"), "-aet", aet, "+xa", "-od", str(folder),
+             str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=dcmtk_env())
+        wait_for_port(self.port, proc=self.proc)
+
+    def stored(self) -> list[Path]:
+        return sorted(self.folder.iterdir())
+
+    def sop_uids(self) -> set[str]:
+        from pydicom import dcmread
+
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.stored()}
+
+    def clear(self) -> None:
+        for path in self.folder.iterdir():
+            path.unlink()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.log.close()
+
+
 def dcm4che_env() -> dict[str, str]:
     from relay.toolkits.dcm4che import tool_env
 

@@ -31,14 +31,13 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from dicomdata import ct_series
 from peers import (
     DCM4CHE_HOME,
-    DCMTK_BIN,
     ENGINES,
     NO_DCM4CHE,
+    DcmtkStoreSCP,
     Orthanc,
     RelayProcess,
     dcm4che_env,
     dcmsend,
-    dcmtk_env,
     free_port,
     relay_config,
     spool_files,
@@ -53,34 +52,10 @@ MODALITY = "CT01"
 RELAY_AET = "DICOMRELAY"
 
 
-class Sink:
-    """DCMTK's storescp: a destination without storage commitment."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True)
-        self.port = free_port()
-        self.log = open(folder.parent / "sink.log", "ab")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([str(DCMTK_BIN / "storescp"), "-aet", "SINK", "+xa",
-                                      "-od", str(folder), str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dcmtk_env())
-        wait_for_port(self.port, proc=self.proc)
-
-    def sop_uids(self) -> set[str]:
-        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                for p in self.folder.iterdir()}
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-        self.log.close()
-
-
 @dataclass
 class Setup:
     pacs: Orthanc
-    sink: Sink
+    sink: DcmtkStoreSCP
     workdir: Path
 
 
@@ -88,7 +63,7 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     workdir = tmp_path_factory.mktemp("commitment")
     pacs = Orthanc(workdir / "orthanc").start()
-    sink = Sink(workdir / "sink")
+    sink = DcmtkStoreSCP(workdir / "sink", "SINK")
     yield Setup(pacs, sink, workdir)
     sink.close()
     pacs.close()

@@ -26,6 +26,7 @@ from peers import (
     DCM4CHE_HOME,
     DCMTK_BIN,
     ORTHANC,
+    DcmtkStoreSCP,
     Orthanc,
     RelayProcess,
     dcm4che_env,
@@ -44,37 +45,10 @@ BIG_SIZE = 300
 QR = {"DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True}
 
 
-class StoreSCP:
-    """DCMTK's storescp as the C-MOVE destination (a viewer's workstation)."""
-
-    def __init__(self, folder: Path, aet: str = "VIEWER") -> None:
-        self.folder = folder
-        self.aet = aet
-        self.port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(DCMTK_BIN / "storescp"), "-aet", aet, "+xa", "-od", str(folder),
-             str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=dcmtk_env())
-        wait_for_port(self.port, proc=self.proc)
-
-    def stored(self) -> list[Path]:
-        return sorted(self.folder.iterdir())
-
-    def clear(self) -> None:
-        for path in self.folder.iterdir():
-            path.unlink()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-        self.log.close()
-
-
 @dataclass
 class World:
     pacs: Orthanc
-    viewer: StoreSCP
+    viewer: DcmtkStoreSCP
     study: str  # the 50-instance study
     instances: set[str]
     other_study: str
@@ -87,7 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         pytest.fail("Orthanc and DCMTK are installed by tests/run: run the suite with it")
     workdir = tmp_path_factory.mktemp("qr")
     pacs = Orthanc(workdir / "orthanc", extra=QR).start()
-    viewer = StoreSCP(workdir / "viewer")
+    viewer = DcmtkStoreSCP(workdir / "viewer")
     a = ct_series(workdir / "a", STUDY_SIZE, PatientID="QR-A", PatientName="Prior^Ana",
                   AccessionNumber="ACC-A")
     ct_series(workdir / "b", 3, PatientID="QR-B", PatientName="Other^Beto",

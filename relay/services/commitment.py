@@ -41,6 +41,7 @@ from relay.events import (
 from relay.ops.logs import shown
 from relay.send.sender import backoff_delay
 from relay.services.ledger import Instance, Ledger, Transaction, verdict
+from relay.services.retrieve import pid_alive
 from relay.toolkits.associations import set_nodelay
 from relay.toolkits.tls import client_context
 
@@ -59,16 +60,6 @@ PROCESSING_FAILURE = 0x0110
 TICK = 0.5  # seconds between looks at the pending transactions
 ASK_AGAIN_AFTER = 120.0  # a PACS that did not report on a request is asked again
 PRUNE_EVERY = 3600.0
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def report_dataset(uid: str, verdicts: Sequence[Instance]) -> tuple[int, Dataset]:

@@ -207,11 +207,13 @@ class Inboxes:
             return
         for folder in self.root.iterdir():
             pid = folder.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs (a relay process that may hold a folder or a
+    transaction)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
