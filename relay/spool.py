@@ -368,10 +368,14 @@ class Spool:
 
     # --- failing ---------------------------------------------------------------------------
 
+    def failed_folder(self, reason: str) -> Path:
+        """failed/<reason>/: the reason made a safe folder name."""
+        return self.failed / (_REASON_RE.sub("-", reason).strip("-") or "unknown")
+
     def fail(self, path: Path, failure: Failure) -> Path:
         """Quarantine an object under failed/<reason>/ with a JSON sidecar saying why."""
-        reason = _REASON_RE.sub("-", failure.reason).strip("-") or "unknown"
-        folder = self.failed / reason
+        folder = self.failed_folder(failure.reason)
+        reason = folder.name
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         # A partial file (".x.part") is kept under a visible name so status/retry see it.
         name = path.name.lstrip(".").removesuffix(PARTIAL_SUFFIX) or "object"

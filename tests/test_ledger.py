@@ -8,6 +8,7 @@ from pathlib import Path
 
 from relay.events import Delivered, EventBus, Failed, Identity, Received, Requeued, Routed, Unrouted
 from relay.services.ledger import Ledger, LedgerWriter, Outcome, verdict
+from relay.spool import Spool
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -50,7 +51,7 @@ def test_failures_and_the_deadline() -> None:
 def test_the_ledger_follows_the_event_stream(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     events = EventBus()
-    events.subscribe(LedgerWriter(ledger, tmp_path / "failed"))
+    events.subscribe(LedgerWriter(ledger, Spool(tmp_path)))
     ident = Identity(sop_instance_uid="1.2.3", sop_class_uid=CT)
     events.emit(Received(obj="x.dcm", identity=ident, calling_ae="CT01", size=1, arrived=0,
                          transfer_syntax="1.2.840.10008.1.2.1"))

@@ -142,7 +142,7 @@ class Relay:
         if self.config.commitment is not None:
             self.ledger = Ledger(self.spool.root)
             if self.do_process:
-                self.events.subscribe(LedgerWriter(self.ledger, self.spool.failed))
+                self.events.subscribe(LedgerWriter(self.ledger, self.spool))
             self.services.commitment = StorageCommitment(
                 self.config, self.ledger, self.events, handles_objects=self.do_process)
             self.services.commitment.start()

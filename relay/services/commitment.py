@@ -54,7 +54,6 @@ REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID
 ALL_COMMITTED, SOME_FAILED = 1, 2  # N-EVENT-REPORT Event Type ID
 N_ACTION_RSP = 0x8130  # Command Field
 NO_SUCH_ACTION_TYPE = 0x0123
-INVALID_ARGUMENT = 0x0115
 MISSING_ATTRIBUTE = 0x0120
 PROCESSING_FAILURE = 0x0110
 TICK = 0.5  # seconds between looks at the pending transactions
@@ -107,6 +106,7 @@ class StorageCommitment:
         self.ledger = ledger
         self.events = events
         self.handles_objects = handles_objects
+        self.timeout = config.commitment.timeout
         self.committing = frozenset(d.name for d in config.destinations if d.commitment)
         self._lock = threading.Lock()
         self._answering: dict[tuple[int, int], str] = {}  # (assoc, msg id) -> transaction
@@ -147,9 +147,8 @@ class StorageCommitment:
                         "SOP Sequence: refused", shown(requester))
             return MISSING_ATTRIBUTE, None
         # Kept before the success goes out: a kill after it still finds the transaction.
-        self.ledger.add_transaction(uid, requester, str(requestor.address),
-                                    self.config.commitment.timeout if self.config.commitment
-                                    else 3600.0, instances, os.getpid())
+        self.ledger.add_transaction(uid, requester, str(requestor.address), self.timeout,
+                                    instances, os.getpid())
         with self._lock:
             self._answering[(id(event.assoc), int(event.request.MessageID))] = uid
         log.info("storage commitment asked by %s: transaction %s, %d instance(s)",
@@ -202,9 +201,9 @@ class StorageCommitment:
             reason = item.get("FailureReason")
             failed.append((uid, f"{dest.name} did not commit it (failure reason "
                                 f"0x{int(reason or 0):04X})"))
-        n = self.ledger.committed_by(dest.name, committed, "committed")
+        self.ledger.committed_by(dest.name, committed, "committed")
         for uid, why in failed:
-            n += self.ledger.committed_by(dest.name, [uid], "failed", why)
+            self.ledger.committed_by(dest.name, [uid], "failed", why)
         log.info("%s committed %d instance(s), %d failed (transaction %s)", dest.name,
                  len(committed), len(failed), info.get("TransactionUID", "?"))
         return 0x0000, None
@@ -235,8 +234,7 @@ class StorageCommitment:
                     self._ask_pacs(dest, now)
             if now - self._last_prune > PRUNE_EVERY:
                 self._last_prune = now
-                assert self.config.commitment is not None
-                self.ledger.prune(now - max(2 * self.config.commitment.timeout, 86400.0))
+                self.ledger.prune(now - max(2 * self.timeout, 86400.0))
         for tx in self.ledger.transactions():
             if not self._mine(tx) or tx.next_try > now:
                 continue

@@ -36,6 +36,7 @@ from relay.events import (
     Subscriber,
     Unrouted,
 )
+from relay.spool import Spool
 
 LEDGER = "commitment.sqlite"
 
@@ -244,6 +245,10 @@ class Ledger:
             self._run("DELETE FROM confirmations WHERE obj=? AND destination=?",
                       (obj, destination))
 
+    def sop_of(self, obj: str) -> str | None:
+        rows = self._run("SELECT sop FROM objects WHERE obj=?", (obj,))
+        return str(rows[0][0]) if rows else None
+
     def outcomes(self, sop_uids: Sequence[str]) -> dict[str, list[Outcome]]:
         """SOP Instance UID -> the outcomes of the objects received with it."""
         found: dict[str, list[Outcome]] = {}
@@ -351,9 +356,9 @@ class LedgerWriter(Subscriber):
     """The event stream's subscriber that keeps the ledger (in the process that handles
     objects)."""
 
-    def __init__(self, ledger: Ledger, failed_root: Path) -> None:
+    def __init__(self, ledger: Ledger, spool: Spool) -> None:
         self.ledger = ledger
-        self.failed_root = failed_root
+        self.spool = spool
 
     def handlers(self) -> list[tuple[type[Event], Any]]:
         return [(Received, self.on_received), (Routed, self.on_routed),
@@ -393,22 +398,16 @@ class LedgerWriter(Subscriber):
         quarantined file's header."""
         if known:
             return known
-        rows = self.ledger._run("SELECT sop FROM objects WHERE obj=?", (obj,))
-        if rows:
-            return str(rows[0][0])
+        known = self.ledger.sop_of(obj)
+        if known is not None:
+            return known
         if reason:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    ds = dcmread(self.failed_root / _folder(reason) / obj,
+                    ds = dcmread(self.spool.failed_folder(reason) / obj,
                                  stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
                     return str(ds.get("SOPInstanceUID", "") or "")
                 except Exception:  # noqa: BLE001 - not DICOM: no UID a request could name
                     return ""
         return ""
-
-
-def _folder(reason: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9-]+", "-", reason).strip("-") or "unknown"
