@@ -100,3 +100,19 @@ def test_the_reactor_clearing_its_own_gate_does_not_wait() -> None:
     serving.start()
     serving.join(5)
     assert elapsed and elapsed[0] < ReactorGate.PARK_TIMEOUT / 2
+
+
+def test_an_even_presentation_context_id_is_taken() -> None:
+    """dcm4che's stgcmtscu proposes context ID 2: pynetdicom would raise inside its reactor
+    and hang the association; the relay takes it, and still refuses IDs out of range."""
+    import pytest
+    from pynetdicom.presentation import PresentationContext
+
+    import relay.toolkits.associations  # noqa: F401 - installs the lenient setter
+
+    cx = PresentationContext()
+    cx.context_id = 2
+    assert cx.context_id == 2
+    for bad in (0, 256):
+        with pytest.raises(ValueError, match="between 1 and 255"):
+            cx.context_id = bad
