@@ -157,7 +157,8 @@ def test_a_study_is_committed_once_every_destination_has_it(setup: Setup, engine
     study = setup.workdir / f"study-{engine}"
     uids = set(ct_series(study, 10))
     files = sorted(study.iterdir())
-    relay = start_relay(setup, f"relay-{engine}", engine=engine, modality_port=free_port())
+    modality_port = free_port()
+    relay = start_relay(setup, f"relay-{engine}", engine=engine, modality_port=modality_port)
     try:
         assert dcmsend(files, relay.port, RELAY_AET, MODALITY).returncode == 0
         # On the request's own association (the modality keeps it open for the report).
@@ -176,6 +177,15 @@ def test_a_study_is_committed_once_every_destination_has_it(setup: Setup, engine
                                 what="the report on record")
         assert reported["committed"] == 10 and reported["failed"] == 0
         assert "request's association" in reported["via"]
+        # A modality that lets go of its association and listens on a port of its own (its
+        # [[modalities]] entry): the report comes on a new association.
+        own_port = setup.workdir / f"results-own-port-{engine}"
+        finish(stgcmtscu(relay.commitment_port, files, own_port, listen=modality_port), 90)
+        report = report_in(own_port)
+        assert report is not None and committed(report) == uids and not failed(report)
+        reports = wait_until(lambda: len(relay.audit("commitment-reported")) == 2 and
+                             relay.audit("commitment-reported"), 10, what="both on record")
+        assert f"new association to {MODALITY}@127.0.0.1:{modality_port}" in reports[1]["via"]
         if engine == "embedded":
             # The embedded engine answers on [receiver].port too (in its receiver process).
             again = setup.workdir / "results-receiver-port"
