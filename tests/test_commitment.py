@@ -326,3 +326,28 @@ def test_quarantined_and_never_sent_instances_are_reported_failed(setup: Setup) 
     finally:
         modality.close()
         relay.process.stop()
+
+
+def test_dcm4che_modality_stores_and_asks_on_the_receiver_port(setup: Setup) -> None:
+    """dcm4che's `modality` tool, as a modality's whole work-flow: C-STORE, then Storage
+    Commitment, both to the embedded engine's [receiver].port; the report comes to its own
+    port once Orthanc committed the study."""
+    assert DCM4CHE_HOME is not None
+    study = setup.workdir / "study-modality"
+    uids = set(ct_series(study, 5))
+    modality_port = free_port()
+    relay = start_relay(setup, "relay-modality", modality_port=modality_port)
+    try:
+        proc = subprocess.Popen(
+            [str(DCM4CHE_HOME / "bin" / "modality"), "--stgcmt", "-b",
+             f"{MODALITY}:{modality_port}", "-c", f"{RELAY_AET}@127.0.0.1:{relay.port}",
+             str(study)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dcm4che_env())
+        out = finish(proc, 90)
+        assert "N-EVENT-REPORT" in out, out[-3000:]
+        [reported] = wait_until(lambda: relay.audit("commitment-reported"), 10,
+                                what="the report on record")
+        assert reported["committed"] == 5 and reported["failed"] == 0
+        assert uids <= set(setup.pacs.tags_by_sop_uid()) and uids <= setup.sink.sop_uids()
+    finally:
+        relay.process.stop()
