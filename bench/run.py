@@ -126,8 +126,11 @@ def dcmsend(files: list[Path], port: int, aec: str) -> float:
     argv = [str(DCMTK_BIN / "dcmsend"), "-aec", aec, "--no-halt", "127.0.0.1", str(port),
             *map(str, files)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(argv, env=dcmtk_env(), check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=3600)
+    result = subprocess.run(argv, env=dcmtk_env(), check=False, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=3600)
+    if result.returncode != 0:  # what dcmsend said, not only its exit code
+        raise RuntimeError(f"dcmsend to port {port} exited {result.returncode}: "
+                           f"{result.stderr.strip()[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 

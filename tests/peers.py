@@ -68,10 +68,20 @@ def logged_events() -> Any:
     return events
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on. Never one handed out before in this process: the kernel may
+    give the same free port to two bind(0) calls in a row, and two peers told to listen on
+    one port (Orthanc's DICOM and HTTP ports) make a test fail far from the cause."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None,
@@ -148,7 +158,26 @@ class Orthanc:
                                      stderr=subprocess.STDOUT, env=dcmtk_env())
         wait_for_port(self.http_port, proc=self.proc)
         wait_for_port(self.dicom_port, proc=self.proc)
+        self._wait_for_echo()
         return self
+
+    def _wait_for_echo(self, timeout: float = 20.0) -> None:
+        """Until Orthanc answers a C-ECHO: a listening socket is not yet an association a
+        sender can open, and whoever fails first should say why."""
+        argv = [str(DCMTK_BIN / "echoscu"), "-aec", self.aet, "127.0.0.1",
+                str(self.dicom_port)]
+        deadline = time.monotonic() + timeout
+        while True:
+            result = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True,
+                                    timeout=30, check=False)
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                self.log.flush()
+                tail = (self.workdir / "orthanc.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"Orthanc on port {self.dicom_port} does not answer C-ECHO: "
+                                   f"{result.stderr.strip()}\n--- orthanc.log ---\n{tail}")
+            time.sleep(0.1)
 
     def accept(self, syntaxes: list[str] | None) -> None:
         """Change the transfer syntaxes it takes (None: all), from its next start."""
