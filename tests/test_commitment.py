@@ -337,14 +337,21 @@ def test_dcm4che_modality_stores_and_asks_on_the_receiver_port(setup: Setup) -> 
     uids = set(ct_series(study, 5))
     modality_port = free_port()
     relay = start_relay(setup, "relay-modality", modality_port=modality_port)
+    # The tool stores the report it receives in its working folder, named by the Transaction UID.
+    reports = setup.workdir / "modality-reports"
+    reports.mkdir()
     try:
         proc = subprocess.Popen(
             [str(DCM4CHE_HOME / "bin" / "modality"), "--stgcmt", "-b",
              f"{MODALITY}:{modality_port}", "-c", f"{RELAY_AET}@127.0.0.1:{relay.port}",
              str(study)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dcm4che_env())
+            env=dcm4che_env(), cwd=reports)
         out = finish(proc, 90)
         assert "N-EVENT-REPORT" in out, out[-3000:]
+        [stored] = list(reports.iterdir())
+        report = dcmread(stored, force=True)
+        assert {item.ReferencedSOPInstanceUID for item in report.ReferencedSOPSequence} == uids
+        assert "FailedSOPSequence" not in report
         [reported] = wait_until(lambda: relay.audit("commitment-reported"), 10,
                                 what="the report on record")
         assert reported["committed"] == 5 and reported["failed"] == 0
