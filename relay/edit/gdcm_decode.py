@@ -1,5 +1,5 @@
-"""GDCM's whole-file decoder, run as a child process by transcode.py when pydicom's decoders
-(pylibjpeg, and GDCM per frame) all failed: `python -m relay.send.gdcm_decode IN OUT`.
+"""GDCM's whole-file decoder, run as a child process by pixels.py when pydicom's decoders
+(pylibjpeg, and GDCM per frame) all failed: `python -m relay.edit.gdcm_decode IN OUT`.
 
 Why GDCM, and why whole files: GDCM carries libjpeg builds for 8, 12 and 16 bits and
 CharLS, so it decodes what pylibjpeg refuses (12-bit JPEG Extended, odd vendor streams);
@@ -45,7 +45,7 @@ def decode(source: Path, target: Path) -> dict[str, object]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m relay.send.gdcm_decode IN OUT", file=sys.stderr)
+        print("usage: python -m relay.edit.gdcm_decode IN OUT", file=sys.stderr)
         return 2
     try:
         print(json.dumps(decode(Path(argv[0]), Path(argv[1]))))
