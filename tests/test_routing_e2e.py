@@ -172,6 +172,8 @@ def test_a_deidentified_copy_is_one_study_across_a_restart(tmp_path: Path, dcmtk
             if action == "K" or keyword not in original or keyword not in ds:
                 continue
             before, after = original[keyword].value, ds[keyword].value
+            if ds[keyword].VR == "TM":
+                continue  # times of day stay: the dates move by whole days (docs/routing.md)
             if before not in (None, "", b"") and str(before) == str(after):
                 leaks.append(f"{keyword} ({action}) = {after!r}")
         text = str(ds)

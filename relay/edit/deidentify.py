@@ -12,13 +12,25 @@ kept, stays the library's:
   SeriesInstanceUID, and the same study tomorrow maps to the same values (dicom-anonymizer's
   own mapping is random and kept in memory only);
 - PatientID: a pseudonym from HMAC(secret, PatientID) (same patient, same pseudonym);
-- with retain_dates (the Retain Longitudinal Temporal Information with Modified Dates
-  option): dates shifted back by 1-3650 days, the same for every object of a patient;
+- dates: what the profile replaces or empties is shifted back by 1-3650 days, the same for
+  every object of a patient (a valid date, and the intervals inside a study stay true), and
+  the times of day with them; the library's dummy, 00010101, is invalid for DA and DT and
+  puts every study on one day. The birth date is emptied (a shifted one would keep the exact
+  age), what the profile removes is removed. With retain_dates (the Retain Longitudinal
+  Temporal Information with Modified Dates option), every date of the table is kept shifted,
+  the birth date and those the profile removes included;
+- sequences the profile replaces (an SR's ContentSequence) keep their structure: their text
+  and names become ANONYMIZED, their dates are shifted, their UIDs mapped, their codes,
+  enumerated values and numbers kept (the library's dummy in every sub-attribute, ValueType
+  included, makes an SR no viewer reads); sequences whose UIDs the profile replaces (X/Z/U*,
+  such as SourceImageSequence) keep their items with the UIDs mapped; sequences it empties
+  lose their items, not the Type 1 attributes inside them;
 - with clean_descriptions (the Clean Descriptors option): descriptions kept, with the
   patient's name, IDs, birth date and accession number taken out of them;
 - keep: attributes named here are left as they are.
-Private attributes are removed (the profile's default). Pixel data is never touched: text
-burned into the image is not removed (README).
+The table's attributes are also treated inside the sequences it does not name. Private
+attributes are removed (the profile's default). Pixel data is not touched here: text burned
+into the image is the router's gate and redact rules' matter (relay.edit.burnedin).
 """
 
 from __future__ import annotations
@@ -131,17 +143,13 @@ class Deidentifier:
         secrets = _identifying_text(ds)
         shift = self.date_shift(patient_id)
         rules: dict[tuple[int, ...], Callable[[Dataset, Any], None]] = {}
-        base = initialize_actions(TABLES)
-        for tag in base:
-            if len(tag) != 2:
+        base = initialize_actions(TABLES)  # the library's, where ours is None
+        for listed, category in _categories().items():
+            if len(listed) != 2:
                 continue  # repeating groups (curves, overlays): the library's own action
-            vr = _vr(tag)
-            if vr == "UI":
-                rules[tag] = self._replace_uid
-            elif self.retain_dates and vr in ("DA", "DT"):
-                rules[tag] = _shifted(shift)
-            elif self.retain_dates and vr == "TM":
-                rules[tag] = _keep  # the dates move, the times of day stay
+            action = self._action(listed, category, shift)
+            if action is not None:
+                rules[listed] = action
         rules[(0x0010, 0x0020)] = lambda d, t: _set(d, t, self.pseudonym(patient_id))
         if self.clean_descriptions:
             for keyword in DESCRIPTORS:
@@ -152,10 +160,23 @@ class Deidentifier:
             tag = tag_for_keyword(keyword)
             assert tag is not None
             rules[(tag >> 16, tag & 0xFFFF)] = _keep
+        in_table = set(_categories())
+
+        def anonymize(item: Dataset) -> None:
+            anonymize_dataset(item, rules, delete_private_tags=True,
+                              base_rules_gen=lambda: dict(base))
+            # The table's attributes inside the sequences it does not name are treated as at
+            # the top (an RT plan's BeamSequence holds an InstitutionName).
+            for element in item:
+                if element.VR == "SQ" and (element.tag.group, element.tag.element) not in \
+                        in_table and not (element.keyword or "").endswith("CodeSequence"):
+                    for nested in element.value:
+                        anonymize(nested)
+
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            anonymize_dataset(ds, rules, delete_private_tags=True,
-                              base_rules_gen=lambda: base)
+            anonymize(ds)
+        _drop_overlays_without_data(ds)
         meta = getattr(ds, "file_meta", None)
         if meta is not None and "SOPInstanceUID" in ds:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -163,9 +184,35 @@ class Deidentifier:
         version = importlib.metadata.version("dicom-anonymizer")
         ds.DeidentificationMethod = (f"dicom-relay {self.describe()}; dicom-anonymizer "
                                      f"{version} ({TABLES})")[:64]
-        codes = [_BASIC] + ([_DATES] if self.retain_dates else []) + (
-            [_CLEAN] if self.clean_descriptions else [])
+        codes = [_BASIC, _DATES] + ([_CLEAN] if self.clean_descriptions else [])
         ds.DeidentificationMethodCodeSequence = Sequence([_code(*c) for c in codes])
+
+    def _action(self, tag: tuple[int, ...], category: str, shift: datetime.timedelta
+                ) -> Callable[[Dataset, Any], None] | None:
+        """Ours for this attribute of the table, or None: the library's."""
+        vr = _vr(tag)
+        valued = category in VALUED
+        if vr == "UI":
+            return self._replace_uid
+        if vr in ("DA", "DT", "TM"):
+            if self.retain_dates:
+                return _keep if vr == "TM" else _shifted(shift)
+            if category == "X":
+                return _delete
+            if tag in BIRTH or (vr == "TM" and not valued):
+                return _emptied
+            return _keep if vr == "TM" else _shifted(shift)
+        if vr == "SQ":
+            if valued or category == "X_Z_U_STAR":
+                return lambda ds, t: self._clean_sequence(ds, t, shift)
+            if category in ("Z", "X_Z"):
+                return _emptied
+        return None
+
+    def _clean_sequence(self, ds: Dataset, tag: Any, shift: datetime.timedelta) -> None:
+        element = ds.get(tag)
+        if element is not None and element.VR == "SQ":
+            _clean_items(element.value, self._map_uid, shift)
 
     def _replace_uid(self, ds: Dataset, tag: Any) -> None:
         element = ds.get(tag)
@@ -182,6 +229,75 @@ class Deidentifier:
     def _map_uid(self, value: str) -> str:
         # UIDs of the standard (SOP classes, transfer syntaxes, coding schemes) identify no one.
         return value if value.startswith(STANDARD_UID_ROOT) else self.uid(value)
+
+
+# The profile's categories that leave a value (D, Z/D, X/D, X/Z/D): dates there are shifted,
+# sequences cleaned in place.
+VALUED = frozenset({"D", "Z_D", "X_D", "X_Z_D"})
+BIRTH = frozenset({(0x0010, 0x0030), (0x0010, 0x0032)})  # PatientBirthDate, PatientBirthTime
+DUMMY_TEXT = "ANONYMIZED"
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC", "AE"})
+
+
+def _categories() -> dict[tuple[int, ...], str]:
+    """The profile's table: tag -> its action code (D_TAGS -> "D", X_Z_U_STAR_TAGS ->
+    "X_Z_U_STAR", ...), the last one winning as in the library's own initialize_actions."""
+    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+
+    out: dict[tuple[int, ...], str] = {}
+    for category, tags in dicom_anonymization_database_selector(TABLES).items():
+        if category != "ALL_TAGS":
+            out.update({tuple(tag): category.removesuffix("_TAGS") for tag in tags})
+    return out
+
+
+def _clean_items(items: Iterable[Dataset], mapping: Callable[[str], str],
+                 shift: datetime.timedelta) -> None:
+    """A sequence the profile replaces, cleaned without breaking it: text and names become
+    ANONYMIZED, dates shift, UIDs map; codes, enumerated values (CS) and numbers stay."""
+    for item in items:
+        for element in list(item):
+            if element.tag.is_private:
+                del item[element.tag]
+            elif element.VR == "SQ":
+                if not (element.keyword or "").endswith("CodeSequence"):
+                    _clean_items(element.value, mapping, shift)
+            elif element.VR == "UI" and element.value:
+                values = [mapping(str(v)) for v in _as_list(element.value)]
+                element.value = values if len(values) > 1 else values[0]
+            elif element.VR in ("DA", "DT") and element.value:
+                element.value = _shift_text(str(element.value), element.VR, shift)
+            elif element.VR in _TEXT_VRS and element.value and \
+                    not _in_code_item(item):
+                element.value = DUMMY_TEXT
+
+
+def _in_code_item(item: Dataset) -> bool:
+    """A code's item (CodeValue, CodingSchemeDesignator, CodeMeaning): coded, not free text."""
+    return "CodeValue" in item or "LongCodeValue" in item or "URNCodeValue" in item
+
+
+def _drop_overlays_without_data(ds: Dataset) -> None:
+    """The profile removes Overlay Data (60xx,3000), which may hold burned-in style text; the
+    rest of that overlay group would be an Overlay Plane without its Type 1 data: gone too."""
+    groups = {e.tag.group for e in ds if 0x6000 <= e.tag.group <= 0x601E and
+              not e.tag.group % 2}
+    for group in groups:
+        if (group << 16 | 0x3000) not in ds:
+            for tag in [e.tag for e in ds if e.tag.group == group]:
+                del ds[tag]
+
+
+def _delete(ds: Dataset, tag: Any) -> None:
+    if tag in ds:
+        del ds[tag]
+
+
+def _emptied(ds: Dataset, tag: Any) -> None:
+    """Z: zero length (a sequence without items), valid for every VR."""
+    element = ds.get(tag)
+    if element is not None:
+        element.value = [] if element.VR == "SQ" else None
 
 
 def _vr(tag: tuple[int, ...]) -> str:
