@@ -44,10 +44,12 @@ def test_the_profile_table_is_the_standards(study: list[Path]) -> None:
     original = _read(study[0])
     for keyword, action in profile.items():
         if keyword in original and original[keyword].value not in (None, "") and \
-                action != "K" and keyword in ds:
+                action != "K" and keyword in ds and ds[keyword].VR != "TM":  # times stay
             assert str(ds[keyword].value) != str(original[keyword].value), keyword
     assert ds.PatientIdentityRemoved == "YES"
-    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100"]
+    # Dates are shifted (the Modified Dates option's codes say so), the birth date emptied.
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == ["113100", "113107"]
+    assert ds.PatientBirthDate in ("", None) and len(ds.StudyDate) == 8
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert not any(e.tag.is_private for e in ds)
     assert ds.PixelData == original.PixelData
@@ -112,3 +114,65 @@ def test_a_destinations_rules_chain_in_order(study: list[Path], tmp_path: Path) 
     # A dry run lists the same changes and writes nothing.
     assert [c.path for c in edits.edit(study[0], None)] == paths
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.dcm", "study"]
+
+
+def test_which_objects_may_carry_burned_in_text() -> None:
+    from pydicom.dataset import Dataset
+
+    from relay.edit.burnedin import burned_in_risk
+
+    def obj(sop_class: str, modality: str | None, flag: str | None, pixels: bool = True
+            ) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID = sop_class
+        if modality is not None:
+            ds.Modality = modality
+        if flag is not None:
+            ds.BurnedInAnnotation = flag
+        if pixels:
+            ds.PixelData = b"\0\0"
+        return ds
+
+    ct, us, sc, pdf, sr = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.6.1",
+                           "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.104.1",
+                           "1.2.840.10008.5.1.4.1.1.88.11")
+    assert burned_in_risk(obj(ct, "CT", "YES")) == "BurnedInAnnotation is YES"
+    assert burned_in_risk(obj(ct, "CT", None)) is None
+    assert burned_in_risk(obj(us, "US", "NO")) is None
+    assert "absent on this Ultrasound object" in str(burned_in_risk(obj(us, "US", None)))
+    assert "empty on this Secondary Capture" in str(burned_in_risk(obj(sc, "OT", "")))
+    assert "on this XC object" in str(burned_in_risk(obj(ct, "XC", None)))  # by modality
+    assert burned_in_risk(obj(pdf, "DOC", "YES", pixels=False)) == "BurnedInAnnotation is YES"
+    assert burned_in_risk(obj(sr, "SR", None, pixels=False)) is None  # nothing to look at
+
+
+def test_a_deidentifying_destination_sets_aside_burned_in_text_unless_redacted(
+        tmp_path: Path) -> None:
+    import numpy as np
+
+    from dicomdata import bundled, copy_with_new_uids
+    from relay.config.load import load_config
+    from relay.edit.editor import BadInput
+
+    sc = tmp_path / "sc.dcm"
+    copy_with_new_uids(bundled("SC_rgb_small_odd.dcm"), sc)  # 3 x 3 RGB, no flag
+    (tmp_path / "k").write_bytes(SECRET)
+    base = ('[[destinations]]\nname = "d"\nae_title = "D"\nhost = "h"\nport = 104\n'
+            f'[[destinations.rules]]\ndeidentify = "basic"\nsecret_file = "{tmp_path / "k"}"\n')
+    (tmp_path / "plain.toml").write_text(base)
+    (tmp_path / "redacts.toml").write_text(
+        base + '[[destinations.rules]]\nredact = [{ Modality = "OT", Columns = 3, '
+        'regions = [[0, 0, 3, 1]] }]\n')
+    plain = DestinationEdits(load_config(tmp_path / "plain.toml").destinations[0].rules)
+    with pytest.raises(BadInput) as refused:
+        plain.edit(sc, tmp_path / "out-plain.dcm")
+    assert refused.value.reason == "burned-in" and not refused.value.sensitive
+    redacting = DestinationEdits(load_config(tmp_path / "redacts.toml").destinations[0].rules)
+    changes = redacting.edit(sc, tmp_path / "out.dcm")
+    assert [c.after for c in changes if c.path == "PixelData"] == [
+        "blanked [0, 0, 3, 1] in 1 frame(s) of 3x3"]
+    got, original = _read(tmp_path / "out.dcm"), _read(sc)
+    assert got.BurnedInAnnotation == "NO" and got.PatientIdentityRemoved == "YES"
+    assert not got.pixel_array[0].any()
+    assert np.array_equal(got.pixel_array[1:], original.pixel_array[1:])
+    assert "redact Modality = 'OT', Columns = 3: [0, 0, 3, 1]" in redacting.describe()

@@ -89,6 +89,21 @@ def test_filter_errors_name_file_and_key(tmp_path: Path, table: str, message: st
      r"rules\[0\]\.keep: expected a list of DICOM keywords"),
     ('[[destinations.rules]]\nset = "PatientID"', r"rules\[0\]: expected exactly one of|"
                                                    r"rules\[0\]: set: "),
+    ('[[destinations.rules]]\nredact = "US"', r"rules\[0\]\.redact: expected a list of tables "
+                                             r"such as \{ Modality = \"US\""),
+    ('[[destinations.rules]]\nredact = [{ Modality = "US" }]',
+     r"rules\[0\]\.redact\[0\]\.regions: expected a list of \[x, y, width, height\]"),
+    ('[[destinations.rules]]\nredact = [{ Modality = "US", regions = [[0, 0, 0, 10]] }]',
+     r"redact\[0\]\.regions: expected \[x, y, width, height\]: four whole numbers"),
+    ('[[destinations.rules]]\nredact = [{ regions = [[0, 0, 10, 10]] }]',
+     r"redact\[0\]: expected at least one attribute the objects must match"),
+    ('[[destinations.rules]]\nredact = [{ Modaliti = "US", regions = [[0, 0, 10, 10]] }]',
+     r"redact\[0\]\.Modaliti: expected a DICOM keyword"),
+    ('[[destinations.rules]]\nredact = [{ Rows = 60, Columns = 80, regions = [[0, 50, 80, 20]] '
+     '}]', r"redact\[0\]\.regions: expected regions inside the 80 x 60 image"),
+    ('[[destinations.rules]]\nredact = [{ Modality = "US", regions = [[0, 0, 1, 1]] }]\n'
+     'deidentify = "basic"\nsecret_file = "k"', r"rules\[0\]\.redact: expected one of the known "
+                                            r"keys: deidentify, secret_file"),
 ])
 def test_destination_errors_name_file_and_key(tmp_path: Path, extra: str, message: str) -> None:
     (tmp_path / "k").write_bytes(b"k" * 32)
@@ -104,6 +119,14 @@ def test_deidentify_is_a_destination_rule_only(tmp_path: Path) -> None:
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[[rules]]\ndeidentify = "basic"\n')
     with pytest.raises(ConfigError, match=r"\[\[rules\]\]\[0\]\.deidentify: expected it in a "
+                       r"destination's own rules"):
+        load_config(cfg)
+
+
+def test_redact_is_a_destination_rule_only(tmp_path: Path) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[[rules]]\nredact = [{ Modality = "US", regions = [[0, 0, 1, 1]] }]\n')
+    with pytest.raises(ConfigError, match=r"\[\[rules\]\]\[0\]\.redact: expected it in a "
                        r"destination's own rules"):
         load_config(cfg)
 

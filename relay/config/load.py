@@ -44,6 +44,7 @@ from relay.config.model import (
     split_host_port,
 )
 from relay.config.reader import Table
+from relay.edit.burnedin import RedactEntry, Redaction, RedactRegion
 from relay.edit.deidentify import PROFILES, Deidentifier, DeidentifyError, read_secret
 from relay.edit.rules import KeywordRule, RuleError, XPathRule, XSLTRule
 from relay.route.filters import DestinationFilter, FilterError, key_filter
@@ -255,6 +256,59 @@ def _deidentify(t: Table) -> Deidentifier:
                         clean_descriptions=t.bool("clean_descriptions", False), profile=profile)
 
 
+_REDACT_EXAMPLE = ('a list of tables such as { Modality = "US", Manufacturer = "ACME*", '
+                   'Rows = 600, Columns = 800, regions = [[0, 0, 800, 60]] }')
+
+
+def _redact(t: Table) -> Redaction:
+    """A `redact = [...]` rule: entries of attributes to match and [x, y, width, height]
+    regions to blank."""
+    t.check_keys(["redact"])
+    value = t.data["redact"]
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise t.error("redact", _REDACT_EXAMPLE, value)
+    entries = []
+    for i, item in enumerate(value):
+        where = f"redact[{i}]"
+        regions = item.get("regions")
+        if not isinstance(regions, list) or not regions:
+            raise t.error(f"{where}.regions", "a list of [x, y, width, height] regions in "
+                          "pixels, e.g. [[0, 0, 800, 60]]", regions)
+        parsed = []
+        for region in regions:
+            if not (isinstance(region, list) and len(region) == 4
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                            for n in region) and region[2] > 0 and region[3] > 0):
+                raise t.error(f"{where}.regions", "[x, y, width, height]: four whole numbers, "
+                              "x and y from the top left corner, width and height above 0",
+                              region)
+            parsed.append(RedactRegion(*region))
+        keys = []
+        for key, patterns in item.items():
+            if key == "regions":
+                continue
+            if isinstance(patterns, int) and not isinstance(patterns, bool):
+                patterns = str(patterns)
+            try:
+                keys.append(key_filter(key, patterns))
+            except FilterError as exc:
+                raise t.error(f"{where}.{key}", str(exc), patterns) from None
+        if not keys:
+            raise t.error(where, "at least one attribute the objects must match besides "
+                          "regions (Modality, Manufacturer, Rows, Columns, …), so that no "
+                          "other image is blanked by accident", item)
+        size = {k: item[k] for k in ("Columns", "Rows") if isinstance(item.get(k), int)}
+        for r in parsed:
+            if r.x + r.width > size.get("Columns", r.x + r.width) or \
+                    r.y + r.height > size.get("Rows", r.y + r.height):
+                raise t.error(f"{where}.regions", f"regions inside the {item.get('Columns')}"
+                              f" x {item.get('Rows')} image the entry matches", str(r))
+        written = ", ".join(f"{k} = {item[k]!r}" for k in item if k != "regions")
+        entries.append(RedactEntry(DestinationFilter(tuple(keys)), tuple(parsed),
+                                   f"{written}: {', '.join(map(str, parsed))}"))
+    return Redaction(tuple(entries))
+
+
 def rule(t: Table) -> EditRule:
     """One rule of the three XML forms from a [[rules]] (or [[destinations.rules]]) table."""
     forms = [k for k in ("set", "xpath", "xslt") if t.has(k)]
@@ -301,7 +355,8 @@ def _destination_rules(t: Table) -> tuple[tuple[DestinationRule, ...], str]:
     rules: list[DestinationRule] = []
     for i, item in enumerate(value):
         rt = Table(t.file, f"{t.prefix}.rules[{i}]", item)
-        rules.append(_deidentify(rt) if rt.has("deidentify") else rule(rt))
+        rules.append(_deidentify(rt) if rt.has("deidentify") else
+                     _redact(rt) if rt.has("redact") else rule(rt))
     return tuple(rules), json.dumps(value, sort_keys=True, default=str) if value else ""
 
 
@@ -457,6 +512,10 @@ def _global_rules(top: Table) -> tuple[EditRule, ...]:
             raise t.error("deidentify", "it in a destination's own rules "
                           "([[destinations.rules]]): de-identified copies go to the "
                           "destinations that need them", show_got=False)
+        if t.has("redact"):
+            raise t.error("redact", "it in a destination's own rules ([[destinations.rules]]"
+                          "): it blanks the copies of the destinations that need it",
+                          show_got=False)
         rules.append(rule(t))
     return tuple(rules)
 

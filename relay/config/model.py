@@ -71,8 +71,20 @@ class Deidentification(Protocol):
     def describe(self) -> str: ...
 
 
-# A destination's own rules: the XML forms and de-identification, in their order.
-DestinationRule = EditRule | Deidentification
+@runtime_checkable
+class PixelRedaction(Protocol):
+    """A `redact` step of a destination's rules (relay.edit.burnedin.Redaction)."""
+
+    def apply(self, ds: Dataset, path: Path) -> str | None: ...
+
+    def regions_for(self, ds: Dataset) -> tuple[Any, ...]: ...
+
+    def describe(self) -> str: ...
+
+
+# A destination's own rules: the XML forms, de-identification and pixel redaction, in their
+# order.
+DestinationRule = EditRule | Deidentification | PixelRedaction
 
 
 class KeyMatch(Protocol):

@@ -53,7 +53,7 @@ IDENTITY_TAGS = {keyword: int(tag_for_keyword(keyword) or 0)
 # Reasons whose detail is the relay's own words, never a value of the object: the others may
 # quote one (a rule's value that cannot be encoded, a library's error about a value).
 PLAIN_REASONS = frozenset({"not-dicom", "truncated", "no-file-meta", "too-large",
-                           "missing-source"})
+                           "missing-source", "burned-in"})
 
 
 class BadInput(Exception):

@@ -105,6 +105,13 @@ class AuditLog(Subscriber):
         if e.destination is None:  # a destination's own edits: in the history, not here
             self.record("edited", e.obj, when=e.time, changes=self.changes(e.changes),
                         rules_skipped=len(e.skipped) or None)
+            return
+        # ... but pixels blanked for a destination (a redact rule) are: what left the
+        # relay with less in its image than it came with. Regions, never values.
+        for change in e.changes:
+            if change.attribute == "PixelData":
+                self.record("redacted", e.obj, when=e.time, destination=e.destination,
+                            done=change.after)
 
     def _routed(self, e: Routed) -> None:
         # Why not, with the value that decided it, unless the audit keeps no patient values

@@ -1,6 +1,8 @@
 """The router: which destinations get an object (their filters, on the object as the global
-rules left it) and each one's copy (its own rules: the three XML forms and de-identification,
-chained file to file; destinations whose rules are written the same share one file)."""
+rules left it) and each one's copy (its own rules: the three XML forms, de-identification and
+pixel redaction, chained file to file; destinations whose rules are written the same share one
+file). A destination that de-identifies never gets an object that may carry burned-in text
+(relay.edit.burnedin): failed/burned-in/ unless its redact rules blanked it."""
 
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from relay.config.model import Deidentification, Destination, DestinationRule, EditRule
+from relay.config.model import (
+    Deidentification,
+    Destination,
+    DestinationRule,
+    EditRule,
+    PixelRedaction,
+)
+from relay.edit.burnedin import burned_in_risk
 from relay.edit.dicomxml import AttributeChange
 from relay.edit.editor import BadInput, Editor, ToolkitConverter, read_dicom, write_dataset
 from relay.route.filters import Routing, route, value_as_text
@@ -105,14 +114,15 @@ def routing_values(path: Path, keywords: Sequence[str], association: Mapping[str
 
 class DestinationEdits:
     """A destination's own rules, in their order: runs of the three XML forms (an Editor
-    each) and de-identification steps, chained file to file."""
+    each), de-identification and redaction steps, chained file to file; with a
+    de-identification step, the burned-in gate after them all."""
 
     def __init__(self, rules: Sequence[DestinationRule],
                  converter: ToolkitConverter | None = None) -> None:
-        self.steps: list[Editor | Deidentification] = []
+        self.steps: list[Editor | Deidentification | PixelRedaction] = []
         run: list[EditRule] = []
         for rule in rules:
-            if isinstance(rule, Deidentification):
+            if isinstance(rule, Deidentification | PixelRedaction):
                 if run:
                     self.steps.append(Editor(run, converter))
                     run = []
@@ -121,6 +131,7 @@ class DestinationEdits:
                 run.append(rule)
         if run:
             self.steps.append(Editor(run, converter))
+        self.deidentifies = any(isinstance(s, Deidentification) for s in self.steps)
 
     def describe(self) -> list[str]:
         return [rule.describe() for step in self.steps
@@ -151,27 +162,49 @@ class DestinationEdits:
                 if isinstance(step, Editor):
                     changes += step.edit(current, out, sync=sync and last).changes
                 else:
-                    changes += deidentify_file(step, current, out, sync=sync and last)
+                    changes += dataset_step(step, current, out, sync=sync and last)
                 current = out
         finally:
             for tmp in temporaries:
                 tmp.unlink(missing_ok=True)
+        if self.deidentifies:
+            _burned_in_gate(current)
         return changes
 
 
-def deidentify_file(rule: Deidentification, src: Path, dst: Path | None, sync: bool = True
-                    ) -> list[AttributeChange]:
-    """One de-identification step from file to file; the top-level attributes it changed."""
+def _burned_in_gate(path: Path) -> None:
+    """A de-identified copy must not carry burned-in text: BadInput("burned-in") when it may
+    (its header says so, or says nothing on a kind of object where it is common)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(path, defer_size=1024)  # the header; pixel data stays on disk
+    risk = burned_in_risk(ds)
+    if risk is not None:
+        raise BadInput("burned-in", f"{risk}; a de-identified destination gets it only once "
+                       "its redact rules blank the text (docs/routing.md)")
+
+
+def dataset_step(rule: Deidentification | PixelRedaction, src: Path, dst: Path | None,
+                 sync: bool = True) -> list[AttributeChange]:
+    """One de-identification or redaction step from file to file; the top-level attributes
+    it changed (a redaction: the regions blanked, as a change of PixelData)."""
     ds = read_dicom(src)
     before = _top_level_text(ds)
+    blanked = None
     try:
-        rule.apply(ds)
+        if isinstance(rule, Deidentification):
+            rule.apply(ds)
+        else:
+            blanked = rule.apply(ds, src)
     except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
-        raise BadInput("deidentify-failed", f"{type(exc).__name__}: {exc}") from None
+        reason = "deidentify-failed" if isinstance(rule, Deidentification) else "redact-failed"
+        raise BadInput(reason, f"{type(exc).__name__}: {exc}") from None
     after = _top_level_text(ds)
     changes = [AttributeChange(keyword, before.get(keyword), after.get(keyword))
                for keyword in sorted(set(before) | set(after))
-               if before.get(keyword) != after.get(keyword)]
+               if before.get(keyword) != after.get(keyword) and keyword != "PixelData"]
+    if blanked is not None:
+        changes.append(AttributeChange("PixelData", "(as received)", blanked))
     if dst is not None:
         try:
             write_dataset(ds, dst, sync)
