@@ -115,18 +115,15 @@ def test_destination_errors_name_file_and_key(tmp_path: Path, extra: str, messag
         load_config(cfg)
 
 
-def test_deidentify_is_a_destination_rule_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("rule", "key"), [
+    ('deidentify = "basic"', "deidentify"),
+    ('redact = [{ Modality = "US", regions = [[0, 0, 1, 1]] }]', "redact"),
+])
+def test_deidentify_and_redact_are_destination_rules_only(tmp_path: Path, rule: str,
+                                                           key: str) -> None:
     cfg = tmp_path / "relay.toml"
-    cfg.write_text('[[rules]]\ndeidentify = "basic"\n')
-    with pytest.raises(ConfigError, match=r"\[\[rules\]\]\[0\]\.deidentify: expected it in a "
-                       r"destination's own rules"):
-        load_config(cfg)
-
-
-def test_redact_is_a_destination_rule_only(tmp_path: Path) -> None:
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text('[[rules]]\nredact = [{ Modality = "US", regions = [[0, 0, 1, 1]] }]\n')
-    with pytest.raises(ConfigError, match=r"\[\[rules\]\]\[0\]\.redact: expected it in a "
+    cfg.write_text(f"[[rules]]\n{rule}\n")
+    with pytest.raises(ConfigError, match=rf"\[\[rules\]\]\[0\]\.{key}: expected it in a "
                        r"destination's own rules"):
         load_config(cfg)
 
