@@ -172,14 +172,11 @@ def blank(ds: Dataset, path: Path, regions: tuple[RedactRegion, ...]) -> str:
         ds.PlanarConfiguration = 0  # pixel_array is colour-by-pixel
         if ds.PhotometricInterpretation == "YBR_FULL_422":
             ds.PhotometricInterpretation = "YBR_FULL"  # pixel_array is no longer subsampled
-    ds.PixelData = pixels.tobytes()
-    ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
     ds.BurnedInAnnotation = "NO"
     # JPEG 2000 lossless only for one sample per pixel: colour would need the YBR_RCT
     # transform, which validators expect and pydicom's encoder leaves to us.
     kept = before if before in KEPT_SYNTAXES and not (color and before == JPEG2000Lossless) \
         else ExplicitVRLittleEndian
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if kept.is_compressed:
         try:
             with warnings.catch_warnings():
@@ -187,10 +184,10 @@ def blank(ds: Dataset, path: Path, regions: tuple[RedactRegion, ...]) -> str:
                 ds.compress(kept, pixels, generate_instance_uid=False)
         except (ValueError, RuntimeError, NotImplementedError):
             kept = ExplicitVRLittleEndian  # what the encoder refuses (32-bit RLE) goes plain
-            ds.PixelData = pixels.tobytes()
-            ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
-    else:
+    if not kept.is_compressed:
         ds.file_meta.TransferSyntaxUID = kept
+        ds.PixelData = pixels.tobytes()
+        ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     done = f"blanked {', '.join(map(str, regions))} in {frames} frame(s) of {columns}x{rows}"
     return done if kept == before else f"{done}; {before.name} -> {kept.name}"
