@@ -38,13 +38,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import importlib.metadata
 import io
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ class Deidentifier:
             tag = tag_for_keyword(keyword)
             assert tag is not None
             rules[(tag >> 16, tag & 0xFFFF)] = _keep
-        in_table = set(_categories())
+        in_table = _categories()
 
         def anonymize(item: Dataset) -> None:
             anonymize_dataset(item, rules, delete_private_tags=True,
@@ -239,9 +240,11 @@ DUMMY_TEXT = "ANONYMIZED"
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC", "AE"})
 
 
-def _categories() -> dict[tuple[int, ...], str]:
+@functools.cache
+def _categories() -> Mapping[tuple[int, ...], str]:
     """The profile's table: tag -> its action code (D_TAGS -> "D", X_Z_U_STAR_TAGS ->
-    "X_Z_U_STAR", ...), the last one winning as in the library's own initialize_actions."""
+    "X_Z_U_STAR", ...), the last one winning as in the library's own initialize_actions.
+    Read once: the table is the edition's, the same for every object."""
     from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 
     out: dict[tuple[int, ...], str] = {}
