@@ -163,9 +163,14 @@ class Deidentifier:
             rules[(tag >> 16, tag & 0xFFFF)] = _keep
         in_table = _categories()
 
-        def anonymize(item: Dataset) -> None:
-            anonymize_dataset(item, rules, delete_private_tags=True,
-                              base_rules_gen=lambda: dict(base))
+        def anonymize(item: Dataset, top: bool = False) -> None:
+            # An item with nothing of the table's and nothing private is left as it is: the
+            # library would try each of the table's ~600 rules on each of an RT structure
+            # set's thousands of contours.
+            if top or any((e.tag.group, e.tag.element) in in_table or e.tag.is_private
+                          for e in item):
+                anonymize_dataset(item, rules, delete_private_tags=True,
+                                  base_rules_gen=lambda: dict(base))
             # The table's attributes inside the sequences it does not name are treated as at
             # the top (an RT plan's BeamSequence holds an InstitutionName).
             for element in item:
@@ -176,7 +181,7 @@ class Deidentifier:
 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            anonymize(ds)
+            anonymize(ds, top=True)
         _drop_overlays_without_data(ds)
         meta = getattr(ds, "file_meta", None)
         if meta is not None and "SOPInstanceUID" in ds:
