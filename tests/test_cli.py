@@ -165,3 +165,27 @@ def test_edit_dry_run_shows_routes_and_each_destinations_changes(tmp_path: Path)
     assert "       PatientID: 'EG-STUDY' -> 'ANON-" in out
     assert path.read_bytes() == before, "a dry run writes nothing"
     assert not (tmp_path / "spool").exists()
+
+
+def test_edit_dry_run_shows_burned_in_text_held_back_or_redacted(tmp_path: Path) -> None:
+    from dicomdata import bundled, copy_with_new_uids
+
+    sc = tmp_path / "sc.dcm"
+    copy_with_new_uids(bundled("SC_rgb_small_odd.dcm"), sc)  # a 3 x 3 capture, no flag
+    (tmp_path / "deid.key").write_bytes(b"k" * 32)
+    deid = f'[[destinations.rules]]\ndeidentify = "basic"\nsecret_file = "{tmp_path / "deid.key"}"'
+    cfg = relay_config(tmp_path / "relay.toml", port=free_port(), spool=tmp_path / "spool",
+                       destinations=[
+        ("plain", "PLAIN", 104, deid),
+        ("redacts", "REDACTS", 104, f'{deid}\n[[destinations.rules]]\n'
+         'redact = [{ Modality = "OT", Columns = 3, regions = [[0, 0, 3, 1]] }]')])
+    result = cli("edit", "--config", str(cfg), "--dry-run", str(sc))
+    out = result.stdout
+    assert result.returncode == 1, out  # one destination would not get it
+    assert "NOT RELAYABLE to plain (burned-in): BurnedInAnnotation is absent on this " \
+        "Secondary Capture object (Modality OT)" in out
+    assert "  -> redacts, with its own rules: deidentify basic; redact Modality = 'OT', " \
+        "Columns = 3: [0, 0, 3, 1]" in out
+    assert "       PixelData: '(as received)' -> 'blanked [0, 0, 3, 1] in 1 frame(s) of 3x3'" \
+        in out
+    assert "       BurnedInAnnotation: (absent) -> 'NO'" in out
