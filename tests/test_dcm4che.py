@@ -1,6 +1,6 @@
-"""The dcm4che adapter against what the real dcm4che 5.24.0 tools print (tests/data/dcm4che/,
-so that the parsing is checked on any machine), and against the real tools wherever a toolkit
-is found (peers.find_dcm4che: in CI, the real 5.24.0 toolkit beside the checkout)."""
+"""The dcm4che adapter's own logic on any machine: storescp's options and output (quoted from
+the real dcm4che 5.24.0 tools, tests/data/dcm4che/), and the results made of the JVM helper's
+answers. Against the real toolkit: tests/test_dcm4che_real.py."""
 
 from __future__ import annotations
 
@@ -21,13 +21,10 @@ from relay.edit.rules import KeywordRule, XPathRule
 from relay.send.results import Outcome, Outgoing
 from relay.spool import is_ready
 from relay.toolkits.dcm4che import (
-    Dcm4cheEngine,
-    parse_storescu_output,
     receiver_level,
-    results_from_output,
+    results_from_answers,
     storescp_argv,
     storescp_policy,
-    storescu_argv,
 )
 
 DATA = Path(__file__).parent / "data" / "dcm4che"
@@ -41,10 +38,6 @@ def recorded(name: str) -> str:
 
 def options_in_help(tool: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--?[\w-]+)", recorded(f"{tool}-help-lines.txt")))
-
-
-def uid_of(name: str) -> str:
-    return str(dcmread(bundled(name), stop_before_pixels=True).SOPInstanceUID)
 
 
 def named(name: str, path: Path | None = None) -> Outgoing:
@@ -62,112 +55,75 @@ def test_storescp_argv_uses_real_options(tmp_path: Path) -> None:
     assert {a for a in argv if a.startswith("-")} <= options_in_help("storescp")
 
 
-def test_storescu_argv_sends_many_files_on_one_association() -> None:
-    files = [Path("/spool/out/central/a.dcm"), Path("/spool/out/central/b.dcm")]
-    argv = storescu_argv(HOME / "bin", files, DEST, "DICOMRELAY", 30)
-    assert argv == [str(HOME / "bin/storescu"), "-b", "DICOMRELAY", "-c", "PACS@10.1.2.3:104",
-                    "--connect-timeout", "30000", "--accept-timeout", "30000",
-                    "/spool/out/central/a.dcm", "/spool/out/central/b.dcm"]
-    assert {a for a in argv if a.startswith("-")} <= options_in_help("storescu")
+BATCH = [named("CT_small.dcm", Path("ct.dcm")), named("MR_small.dcm", Path("mr.dcm")),
+         named("JPEG2000.dcm", Path("j2k.dcm"))]
 
 
-def test_xml2dcm_merges_into_the_original() -> None:
-    engine = Dcm4cheEngine.__new__(Dcm4cheEngine)
-    engine.bin_dir = HOME / "bin"
-    argv = engine.from_xml_argv(Path("orig.dcm"), Path("edit.xml"), Path("out.dcm"))
-    assert argv == [str(HOME / "bin/xml2dcm"), "-i", "orig.dcm", "-x", "edit.xml", "-o",
-                    "out.dcm"]
-    assert {a for a in argv if a.startswith("-")} <= options_in_help("xml2dcm")
-    assert "-B" in options_in_help("dcm2xml")
+def _results(*answers: dict[str, object]) -> list[tuple[str, Outcome, int | None, bool]]:
+    return [(r.path.name, r.outcome, r.status, r.in_flight)
+            for r in results_from_answers(BATCH, list(answers), DEST)]
 
 
-def test_failure_statuses_with_exit_0_are_not_success() -> None:
-    # The recording: CT answered 0000, MR A700, JPEG2000 A900 - and storescu exited 0.
-    output = recorded("storescu-failure-status.out") + recorded("storescu-failure-status.err")
-    assert "exit=0" in output
-    files = [named("CT_small.dcm"), named("MR_small.dcm"), named("JPEG2000.dcm")]
-    results = results_from_output(files, output, 0)
-    assert [(r.path.name, r.outcome, r.status) for r in results] == [
-        ("CT_small.dcm", Outcome.DELIVERED, 0x0000),
-        ("MR_small.dcm", Outcome.RETRY, 0xA700),
-        ("JPEG2000.dcm", Outcome.FAILED, 0xA900),
-    ]
+def test_each_status_as_it_arrives() -> None:
+    # CT answered 0000, MR A700 (the PACS is full: later), JPEG 2000 A900 (never).
+    assert _results({"ev": "sending", "i": 0}, {"ev": "result", "i": 0, "status": 0},
+                    {"ev": "sending", "i": 1}, {"ev": "result", "i": 1, "status": 0xA700},
+                    {"ev": "sending", "i": 2},
+                    {"ev": "result", "i": 2, "status": 0xA900, "comment": "no match"},
+                    {"ev": "done"}) == [
+        ("ct.dcm", Outcome.DELIVERED, 0x0000, False), ("mr.dcm", Outcome.RETRY, 0xA700, False),
+        ("j2k.dcm", Outcome.FAILED, 0xA900, False)]
 
 
-def test_success_recording() -> None:
-    statuses = parse_storescu_output(recorded("storescu-success.out"))
-    assert statuses == {uid_of("CT_small.dcm"): [0], uid_of("MR_small.dcm"): [0]}
-
-
-def test_refused_connection_keeps_files_queued() -> None:
-    output = recorded("storescu-refused.out") + recorded("storescu-refused.err")
-    [result] = results_from_output([named("CT_small.dcm")], output, 2)
-    assert result.outcome is Outcome.RETRY and "Connection refused" in result.detail
-    assert not result.local_failure
-
-
-def test_a_file_without_response_is_not_delivered() -> None:
-    # Only the first response made it (association aborted): the others are not stored.
-    text = recorded("storescu-failure-status.out")
-    cut = text[: text.index(">> 2:C-STORE-RSP")]
-    files = [named("CT_small.dcm"), named("MR_small.dcm")]
-    outcomes = [r.outcome for r in results_from_output(files, cut, 0)]
-    assert outcomes == [Outcome.DELIVERED, Outcome.RETRY]
-
-
-def test_what_storescu_cannot_send_is_told_apart() -> None:
-    # The recording: CT stored; the cut file not scanned; SOP class 1.2.3.999 without a
-    # context; JPEG 2000 sent as request 3, then the JVM died (no OpenCV) and MR never went.
-    output = recorded("storescu-cannot-send.out") + recorded("storescu-cannot-send.err")
-    files = [named("CT_small.dcm", Path("ct.dcm")),
-             Outgoing(Path("cut.dcm"), "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.7", ""),
-             Outgoing(Path("unknownclass.dcm"), "1.2.3.999", "1.2.3.4.6", ""),
-             named("JPEG2000.dcm", Path("j2k.dcm")), named("MR_small.dcm", Path("mr.dcm"))]
-    ct, cut, unknown, j2k, mr = results_from_output(files, output, 1)
+def test_the_object_on_the_wire_when_the_jvm_dies_is_the_one_in_flight() -> None:
+    results = list(results_from_answers(BATCH, [
+        {"ev": "sending", "i": 0}, {"ev": "result", "i": 0, "status": 0},
+        {"ev": "sending", "i": 1}, {"ev": "died", "message": "killed by signal 9"}], DEST))
+    ct, mr, j2k = results
     assert ct.outcome is Outcome.DELIVERED
-    assert cut.outcome is Outcome.FAILED
-    assert cut.detail == "storescu cannot read it: java.io.EOFException"
-    assert unknown.outcome is Outcome.FAILED and "SOP class 1.2.3.999" in unknown.detail
-    assert j2k.outcome is Outcome.RETRY and j2k.in_flight
-    assert "UnsatisfiedLinkError: no opencv_java" in j2k.detail
-    assert mr.outcome is Outcome.RETRY and not mr.in_flight and not mr.local_failure
+    assert mr.outcome is Outcome.RETRY and mr.in_flight and "JVM died" in mr.detail
+    assert "killed by signal 9" in mr.detail
+    assert j2k.outcome is Outcome.RETRY and not j2k.in_flight and not j2k.local_failure
 
 
-def test_the_object_the_jvm_died_on_before_its_request_is_the_one_in_flight() -> None:
-    # CT stored; then the JVM died transcoding the dose file (no C-STORE-RQ for it): that
-    # one is set aside (three times: quarantined), not taken for the destination being down.
-    output = (recorded("storescu-dies-before-request.out")
-              + recorded("storescu-dies-before-request.err"))
-    files = [named("CT_small.dcm"), Outgoing(Path("rtdose-class31.dcm"), "31", "31", ""),
-             named("MR_small.dcm")]
-    ct, dose, mr = results_from_output(files, output, 0)
-    assert ct.outcome is Outcome.DELIVERED
-    assert dose.outcome is Outcome.RETRY and dose.in_flight
-    assert "IllegalArgumentException" in dose.detail
-    assert mr.outcome is Outcome.RETRY and not mr.in_flight
+def test_a_broken_association_sets_aside_only_the_object_on_the_wire() -> None:
+    assert _results({"ev": "sending", "i": 0},
+                    {"ev": "result", "i": 0, "broke": "java.net.SocketException: reset"},
+                    {"ev": "lost", "i": 1, "message": "java.net.SocketException: reset"}) == [
+        ("ct.dcm", Outcome.RETRY, None, True), ("mr.dcm", Outcome.RETRY, None, False),
+        ("j2k.dcm", Outcome.RETRY, None, False)]
 
 
-def test_a_refused_connection_sets_nothing_aside() -> None:
-    output = recorded("storescu-refused.out") + recorded("storescu-refused.err")
-    [result] = results_from_output([named("CT_small.dcm")], output, 2)
-    assert result.outcome is Outcome.RETRY and not result.in_flight
-    assert not result.local_failure
+def test_what_cannot_be_sent_is_told_apart() -> None:
+    ct, mr, j2k = results_from_answers(BATCH, [
+        {"ev": "result", "i": 0, "unreadable": "java.io.EOFException"},
+        {"ev": "result", "i": 1, "refused": True},
+        {"ev": "sending", "i": 2}, {"ev": "result", "i": 2, "status": 0}, {"ev": "done"}],
+        DEST)
+    assert ct.outcome is Outcome.FAILED
+    assert ct.detail == "dcm4che cannot read it: java.io.EOFException"
+    assert mr.outcome is Outcome.FAILED and mr.refused_syntax
+    assert f"no presentation context for SOP class {BATCH[1].sop_class_uid}" in mr.detail
+    assert j2k.outcome is Outcome.DELIVERED
 
 
-def test_output_without_network_activity_is_a_local_failure() -> None:
-    output = "/opt/dcm4che-toolkit/bin/storescu: 105: exec: /usr/lib/jvm/bin/java: not found\n"
-    [result] = results_from_output([named("CT_small.dcm")], output, 127)
-    assert result.outcome is Outcome.RETRY and result.local_failure
-    assert result.detail.startswith("local tool failure: storescu stopped before connecting "
-                                    "(exit 127)")
-    assert "java: not found" in result.detail
+def test_a_refused_connection_keeps_everything_queued_and_sets_nothing_aside() -> None:
+    results = list(results_from_answers(BATCH, [
+        {"ev": "error", "kind": "unavailable",
+         "message": "java.net.ConnectException: Connection refused"}], DEST))
+    assert [r.outcome for r in results] == [Outcome.RETRY] * 3
+    assert not any(r.in_flight or r.local_failure for r in results)
+    assert "PACS@10.1.2.3:104" in results[0].detail and "Connection refused" in results[0].detail
 
 
-def test_echo_response_is_recognised() -> None:
-    from relay.toolkits.dcm4che import _ECHO_RE
-
-    match = _ECHO_RE.search(recorded("storescu-echo.out"))
-    assert match is not None and int(match.group(1), 16) == 0
+def test_our_own_failures_are_local_and_refused_contexts_fail() -> None:
+    local = list(results_from_answers(BATCH, [
+        {"ev": "error", "kind": "local", "message": "java.security.KeyStoreException: x"}],
+        DEST))
+    assert all(r.outcome is Outcome.RETRY and r.local_failure for r in local)
+    refused = list(results_from_answers(BATCH, [
+        {"ev": "error", "kind": "refused-all", "message": "accepts none"}], DEST))
+    assert all(r.outcome is Outcome.FAILED and r.refused_syntax for r in refused)
 
 
 def test_part_files_of_storescp_are_never_taken() -> None:

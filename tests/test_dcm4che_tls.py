@@ -19,8 +19,8 @@ from test_dcm4che import HOME, options_in_help
 
 from peers import free_port
 from relay.config.load import load_config
-from relay.config.model import ConfigError, Destination, TLSConfig
-from relay.toolkits.dcm4che import storescp_argv, storescu_argv, tls_args
+from relay.config.model import ConfigError, TLSConfig
+from relay.toolkits.dcm4che import java_tls, storescp_argv, tls_args
 from relay.toolkits.select import select_engine
 from relay.toolkits.tls import (
     JAVA_TLS_CIPHERS,
@@ -139,13 +139,14 @@ def test_tls_options_are_dcm4che_options(tmp_path: Path, pki: Pki) -> None:
                                    private_key=pki.server_key), tmp_path / "stores")
     tls = tls_args(stores, require_peer_certificate=False)
     scp = storescp_argv(HOME / "bin", "DICOMRELAY", "0.0.0.0", 11112, tmp_path, tls)  # noqa: S104
-    scu = storescu_argv(HOME / "bin", [Path("a.dcm")], Destination("c", "PACS", "h", 104),
-                        "ME", 30, tls_args(stores))
     assert {a for a in scp if a.startswith("-")} <= options_in_help("storescp")
-    assert {a for a in scu if a.startswith("-")} <= options_in_help("storescu")
-    assert "--tls-noauth" in scp and "--tls-noauth" not in scu
-    assert scu[scu.index("--trust-store") + 1] == str(stores.trust_store)
-    assert scu[-1] == "a.dcm"
+    assert "--tls-noauth" in scp
+    # The sender (dcm4che's Association API in the JVM helper) gets the same stores, suites
+    # and protocols, and always the trust store.
+    scu = java_tls(stores)
+    assert scu is not None and scu["trust_store"] == str(stores.trust_store)
+    assert scu["ciphers"] == list(JAVA_TLS_CIPHERS)
+    assert scu["protocols"] == list(JAVA_TLS_PROTOCOLS)
     # Option values never look like options (the tools' parser would take "-x…" for one).
     assert stores.key_store_pass.isalnum() and stores.trust_store_pass.isalnum()
 
@@ -153,8 +154,9 @@ def test_tls_options_are_dcm4che_options(tmp_path: Path, pki: Pki) -> None:
 def _config(tmp_path: Path, pki: Pki, dest_tls: str) -> Path:
     home = tmp_path / "dcm4che"
     (home / "bin").mkdir(parents=True)
-    for tool in ("storescp", "storescu"):
-        (home / "bin" / tool).write_text("#!/bin/sh\n")
+    (home / "bin" / "storescp").write_text("#!/bin/sh\n")
+    (home / "lib").mkdir()
+    (home / "lib" / "dcm4che-net-5.24.0.jar").write_bytes(b"")
     path = tmp_path / "relay.toml"
     path.write_text(f"""
 [toolkit]
@@ -178,7 +180,7 @@ def test_start_up_makes_the_stores_or_names_the_key(tmp_path: Path, pki: Pki) ->
     assert stores.trust_store is not None and stores.trust_store.stat().st_mode & 0o077 == 0
     assert stores.key_store.parent.stat().st_mode & 0o777 == 0o700
     with pytest.raises(ConfigError, match=r"\[\[destinations\]\]\[0\]\.tls\."
-                       "require_peer_certificate: dcm4che's storescu always verifies"):
+                       "require_peer_certificate: dcm4che's sender always verifies"):
         select_engine(load_config(_config(tmp_path / "b", pki,
                                           "require_peer_certificate = false")))
     bad = tmp_path / "not-a-cert.pem"

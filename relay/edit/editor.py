@@ -258,6 +258,23 @@ class ToolkitConverter(Protocol):
     def from_xml(self, root: etree._Element, original: Path, out: Path) -> None: ...
 
 
+def changed_only(root: etree._Element, before: etree._Element) -> etree._Element:
+    """The edited XML with only the top-level attributes the rules changed or added.
+
+    xml2dcm merges what the XML holds over the original; given everything, it rewrites every
+    attribute from its XML form, and that form is not exact: FD values keep 15 digits, a
+    person name's empty trailing components and a text's trailing CR/LF go, and bulk data
+    inside sequence items (left out of the XML) goes with the items it was in (an ECG's
+    waveform data). Given only what changed, everything else stays as received."""
+    as_read = {node.get("tag"): etree.tostring(node)
+               for node in before.iterchildren("DicomAttribute")}
+    pruned = etree.Element(root.tag, {str(k): str(v) for k, v in root.attrib.items()})
+    for node in root.iterchildren("DicomAttribute"):
+        if as_read.get(node.get("tag")) != etree.tostring(node):
+            pruned.append(copy.deepcopy(node))
+    return pruned
+
+
 class Editor:
     """Applies the configured rules to files; pure apart from reading and writing them."""
 
@@ -294,22 +311,22 @@ class Editor:
             source_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None,
             identity=identity_of(ds, beyond),
         )
-        root = None
+        root = before = None
         # The elements as read (before the rules change `ds`), for splicing the changes into
         # the original file; only the embedded converter writes that way.
         read = ({int(tag): ds.get_item(tag, keep_deferred=True)
                  for tag in ds.keys()}  # noqa: SIM118
                 if self.rules and self.converter is None else {})
         if self.rules:
-            root, outcome.changes, outcome.missing = self._apply_rules(src, ds)
+            root, before, outcome.changes, outcome.missing = self._apply_rules(src, ds)
         if dst is None:
             return outcome
         if not outcome.changes:
             os.link(src, dst)  # unchanged: the very same bytes, no copy
             return outcome
         if self.converter is not None:
-            assert root is not None
-            self._write_with_toolkit(root, outcome.changes, src, dst, sync)
+            assert root is not None and before is not None
+            self._write_with_toolkit(root, before, outcome.changes, src, dst, sync)
             return outcome
         self._sync_media_uids(ds, outcome.changes)
         top_level = {c.tag for c in outcome.changes}
@@ -335,8 +352,10 @@ class Editor:
                 raise BadInput("write-failed", f"{type(exc).__name__}: {exc}") from None
         return outcome
 
-    def _apply_rules(self, src: Path, ds: FileDataset
-                     ) -> tuple[etree._Element, list[AttributeChange], list[str]]:
+    def _apply_rules(self, src: Path, ds: FileDataset) -> tuple[
+            etree._Element, etree._Element, list[AttributeChange], list[str]]:
+        """(the edited XML, the XML as read, the changes, the rules whose source was
+        missing)."""
         if self.converter is None:
             root = dataset_to_xml(ds, self.only)
         else:
@@ -362,10 +381,11 @@ class Editor:
             changes = apply_xml_changes(target, before, root)
         except (ConversionError, ValueError, TypeError, KeyError) as exc:
             raise BadInput("rule-error", f"cannot write the edited header back: {exc}") from None
-        return root, changes, missing
+        return root, before, changes, missing
 
-    def _write_with_toolkit(self, root: etree._Element, changes: list[AttributeChange],
-                            src: Path, dst: Path, sync: bool) -> None:
+    def _write_with_toolkit(self, root: etree._Element, before: etree._Element,
+                            changes: list[AttributeChange], src: Path, dst: Path,
+                            sync: bool) -> None:
         assert self.converter is not None
         removed = [c.path for c in changes if c.after is None]
         if removed:
@@ -383,7 +403,7 @@ class Editor:
                 if value and meta is not None:
                     meta.text = value
         try:
-            self.converter.from_xml(root, src, dst)
+            self.converter.from_xml(changed_only(root, before), src, dst)
         except (ValueError, OSError) as exc:
             raise BadInput("write-failed", f"toolkit converter: {exc}") from None
         if sync:

@@ -2,36 +2,30 @@
 
 - storescp (`-b AET@host:port --directory incoming/`) writes `<uid>.part` in the directory
   root and renames it when complete: the watcher never takes a `.part` file.
-- storescu sends many files over one association (`-c AET@host:port f1 f2 …`). It exits 0
-  even when C-STORE responses carry a failure status (it prints
-  `ERROR: Received C-STORE-RSP with Status A700H for MR_small.dcm`): that is how the original
-  scripts lost studies. Per-file results come from its log of C-STORE-RSP lines, matched to
-  the files by SOP Instance UID; a file without a response line was not stored.
-- dcm2xml / xml2dcm are the `toolkit` converter; xml2dcm `-i original` merges the edited XML
-  into the original file, so bulk data is streamed from it and never becomes text.
+- Sending, C-ECHO and the `toolkit` converter run in one long-lived JVM, a helper process
+  (relay.toolkits.dcm4che_bridge, relay.toolkits.dcm4che_jvm) that drives dcm4che's own
+  classes: its Association API sends each batch over an association kept between batches,
+  and each C-STORE-RSP is a result as it arrives (storescu's results could only be read when
+  it exited, one JVM per batch: a kill -9 resent the whole batch). dcm2xml's SAX writer and
+  xml2dcm's merge convert in the same JVM. A JVM that dies or hangs is killed and started
+  again; the object that was on the wire is the one in flight (set aside after three breaks).
 
-- DICOM TLS: the tools take Java key stores, not PEM files. The engine makes PKCS12 stores
+- DICOM TLS: dcm4che takes Java key stores, not PEM files. The engine makes PKCS12 stores
   from the [tls] tables' PEM files at start-up (relay.tls.java_stores) in a private temporary
   folder, and names TLS 1.3/1.2 and forward-secret AEAD suites explicitly (`--tls` alone
-  would enable NULL/3DES/RSA suites). The tools always verify the destination's certificate
-  against the trust store (there is no switch to turn that off), and they check no host name.
+  would enable NULL/3DES/RSA suites). The destination's certificate is always verified
+  against the trust store (there is no switch to turn that off); no host name is checked.
 
-- Every tool is started with JAVA_LIBRARY_PATH set (tool_env): without it each `bin/`
-  launcher starts a first JVM only to name the platform, then, when the OpenCV codec library
-  is missing (as in a toolkit without lib/<platform>/libopencv_java.so), tries to download it
-  into the toolkit's folder and exits 1. With it: one JVM per call, nothing written there.
-- storescu reports problems in words, not exit codes, and the adapter reads them: a file it
-  cannot read ("Failed to scan file …") or whose SOP class the destination accepts in no
-  presentation context (NoPresentationContextException) is never sent and goes to failed/; a
-  tool that stops before any network activity (no Java, a broken launcher, a bad option) is
-  a local tool failure with its last lines, not "destination unavailable"; when the
-  association breaks (or the JVM dies, e.g. decompressing for a destination without OpenCV)
-  after a C-STORE-RQ went out unanswered, that object is the one in flight.
+- storescp is started with JAVA_LIBRARY_PATH set (tool_env), and the JVM helper gets it as
+  java.library.path: without it each `bin/` launcher starts a first JVM only to name the
+  platform, then, when the OpenCV codec library is missing (as in a toolkit without
+  lib/<platform>/libopencv_java.so), tries to download it into the toolkit's folder and exits
+  1. With it: one JVM, nothing written there.
 - storescp logs every PDU at DEBUG: its lines keep their own level in our log (receiver_level).
 
 Tests run the real toolkit wherever one is found (DCM4CHE_HOME, /opt/dcm4che-toolkit, or the
-copy beside the checkout in CI); the output parsing is also tested against quoted recordings
-(tests/data/dcm4che/) so that it is checked on a machine without dcm4che.
+copy beside the checkout in CI); storescp's output handling is also tested against quoted
+recordings (tests/data/dcm4che/) so that it is checked on a machine without dcm4che.
 """
 
 from __future__ import annotations
@@ -44,9 +38,9 @@ import shutil
 import subprocess
 import tempfile
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -61,10 +55,11 @@ from relay.send.results import (
     classify_status,
     local_failures,
     read_outgoing,
+    retry_all,
 )
 from relay.toolkits.base import Engine, Receiver
-from relay.toolkits.common import last_lines, plain_uids, tool_timeout
-from relay.toolkits.embedded import EmbeddedEngine
+from relay.toolkits.common import context_groups, tool_timeout
+from relay.toolkits.dcm4che_bridge import BridgeUnavailable, JvmBridge
 from relay.toolkits.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores, java_stores
 
 if TYPE_CHECKING:
@@ -73,28 +68,6 @@ if TYPE_CHECKING:
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcm4che")
-
-# `>> 2:C-STORE-RSP[pcid=9, status=a700H` then, on a following line, `iuid=<uid> - ?`
-_RSP_RE = re.compile(r">> \d+:C-STORE-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H\s*\n"
-                     r"(?:.*\n)*?\s*iuid=(\S+)")
-# `<< 2:C-STORE-RQ[pcid=7, prior=0` then `iuid=<uid> - ?`: the object went on the wire.
-_RQ_RE = re.compile(r"<< \d+:C-STORE-RQ\[pcid=\d+[^\n]*\n(?:.*\n)*?\s*iuid=(\S+)")
-_ECHO_RE = re.compile(r">> \d+:C-ECHO-RSP\[pcid=\d+, status=([0-9A-Fa-f]+)H")
-# An exception that is about the data, not the connection (java.net/java.io ones are the
-# peer's or the socket's doing).
-_JAVA_EXCEPTION_RE = re.compile(r"^(?:Exception in thread \S+ )?(?!java\.(?:net|io)\.)"
-                                r"(?:java|javax|org)\.[\w.$]+(?:Exception|Error)\b", re.M)
-# storescu failing to decompress: no OpenCV library (its JPEG and JPEG 2000 decoders), or a
-# raster its decoder cannot make.
-_DECODING_RE = re.compile(r"UnsatisfiedLinkError: .*opencv|incompatible with ColorModel|"
-                          r"Decompressor|ImageReader", re.I)
-_NO_CONTEXT_RE = re.compile(r"No Presentation Context for Abstract Syntax: ([0-9.]+)")
-# What storescu prints once it turns to the network; output without any of these means the
-# tool stopped on its own first (launcher, Java, options, files).
-_NETWORK_MARKS = ("Initiate connection", "Connected to ", "A-ASSOCIATE", "C-STORE-R",
-                  "C-ECHO-R")
-# Its one-line summary of what went wrong (`storescu: Connection refused`), or the JVM's.
-_PROBLEM_RE = re.compile(r'^(?:storescu: |Exception in thread "[^"]*" )(.+)$', re.M)
 
 # Names of weasis' NativeLibrary (the launchers' `lib/<os>-<arch>`) for platform.machine().
 _JAVA_ARCH = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64",
@@ -114,16 +87,6 @@ def tool_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("JAVA_LIBRARY_PATH", str(java_library_path(home)))
     return env
-
-
-def reached_network(output: str) -> bool:
-    return any(mark in output for mark in _NETWORK_MARKS)
-
-
-def problem_of(output: str, returncode: int) -> str:
-    """storescu's own summary of the failure, else its last lines."""
-    found = _PROBLEM_RE.findall(output)
-    return f"exit {returncode}: {found[-1] if found else last_lines(output, 2)}"
 
 
 # storescp's INFO lines per message and per object (requests, responses, the write of the
@@ -186,76 +149,6 @@ def storescp_argv(bin_dir: Path, ae_title: str, host: str, port: int,
             "--directory", str(incoming), "--filepath", FILE_NAME, "--accept-unknown",
             "--idle-timeout", str(int(idle_timeout * 1000)),
             "--request-timeout", str(int(negotiation * 1000)), *(tls or [])]
-
-
-def storescu_argv(bin_dir: Path, files: list[Path], destination: Destination,
-                  calling_ae: str, timeout: float, tls: list[str] | None = None) -> list[str]:
-    ms = str(int(timeout * 1000))
-    return [str(bin_dir / "storescu"), "-b", calling_ae,
-            "-c", f"{destination.ae_title}@{destination.host}:{destination.port}",
-            "--connect-timeout", ms, "--accept-timeout", ms, *(tls or []),
-            *[str(f) for f in files]]
-
-
-def parse_storescu_output(output: str) -> dict[str, list[int]]:
-    """SOP Instance UID → the statuses of its C-STORE responses, in order."""
-    statuses: dict[str, list[int]] = {}
-    for status, uid in _RSP_RE.findall(output):
-        statuses.setdefault(uid, []).append(int(status, 16))
-    return statuses
-
-
-def results_from_output(files: Sequence[Outgoing], output: str,
-                        returncode: int) -> list[SendResult]:
-    """Per-file results: from C-STORE-RSP lines and storescu's own words, never from the
-    exit code alone."""
-    if not reached_network(output):
-        return local_failures([item.path for item in files],
-                              f"storescu stopped before connecting (exit {returncode}): "
-                              f"{last_lines(output)}")
-    statuses = parse_storescu_output(output)
-    no_context = set(_NO_CONTEXT_RE.findall(output))
-    # storescu waits for every response before it releases: a C-STORE-RQ that went out and
-    # got none is the object on which the association broke off or the JVM died (it then
-    # still releases, e.g. after an UnsatisfiedLinkError decompressing without OpenCV).
-    requested = set(_RQ_RE.findall(output))
-    # The JVM can also die on an object before its C-STORE-RQ goes out (transcoding a data set
-    # it cannot decode: "IllegalArgumentException: Raster … incompatible with ColorModel"):
-    # storescu sends in the order given, so the first one without any answer was in its hands.
-    accepted_at = output.find(">> A-ASSOCIATE-AC")
-    died_on_next = (accepted_at >= 0
-                    and _JAVA_EXCEPTION_RE.search(output, accepted_at) is not None
-                    and not any(uid not in statuses for uid in requested))
-    decoding_failed = _DECODING_RE.search(output) is not None
-    problem = problem_of(output, returncode)
-    results = []
-    for item in files:
-        path, sop_class, uid = item.path, item.sop_class_uid, item.sop_instance_uid
-        answers = statuses.get(uid)
-        unread = re.search(rf"^Failed to scan file {re.escape(str(path))}: (.*)\n(.*)",
-                           output, re.M)
-        if answers:
-            code = answers.pop(0)  # two copies of one instance: one answer each, in order
-            results.append(SendResult(path, classify_status(code), code, "storescu"))
-        elif unread:
-            # `Failed to scan file x.dcm: null`, then the exception (java.io.EOFException)
-            why = unread.group(1) if unread.group(1) != "null" else unread.group(2).strip()
-            results.append(SendResult(path, Outcome.FAILED, None,
-                                      f"storescu cannot read it: {why}"))
-        elif sop_class in no_context:
-            results.append(SendResult(path, Outcome.FAILED, None,
-                                      "the destination accepts no presentation context for "
-                                      f"SOP class {sop_class}", refused_syntax=True))
-        else:
-            in_flight = uid in requested or died_on_next
-            died_on_next &= not in_flight
-            # storescu decompresses an object whose own syntax the peer refused; without
-            # OpenCV's library (or with a data set it cannot decode) it dies doing so.
-            results.append(SendResult(path, Outcome.RETRY, None,
-                                      f"storescu: no C-STORE-RSP for it ({problem})",
-                                      in_flight=in_flight,
-                                      refused_syntax=in_flight and decoding_failed))
-    return results
 
 
 def storescp_policy(incoming: Path) -> str:
@@ -343,21 +236,96 @@ class Dcm4cheReceiver(SupervisedReceiver, Receiver):
             "storescp stopped while writing it; the sender got no success and sends it again")
 
 
+def java_tls(stores: JavaStores | None) -> dict[str, object] | None:
+    """A destination's TLS for the JVM helper: its key stores, protocols and suites."""
+    if stores is None:
+        return None
+    return {"key_store": str(stores.key_store), "key_store_pass": stores.key_store_pass,
+            "trust_store": str(stores.trust_store) if stores.trust_store else None,
+            "trust_store_pass": stores.trust_store_pass,
+            "protocols": list(JAVA_TLS_PROTOCOLS), "ciphers": list(JAVA_TLS_CIPHERS)}
+
+
+def results_from_answers(batch: Sequence[Outgoing], answers: Iterable[dict[str, Any]],
+                         destination: Destination) -> Iterator[SendResult]:
+    """Per-file results from the JVM helper's answers to one send (pure: tested on its own).
+
+    Every file of the batch gets exactly one result: as its C-STORE-RSP arrives, or at the
+    end (connection refused, association lost, the JVM died or hung) RETRY, the one that
+    was on the wire (`sending` without a result) marked in flight."""
+    answered: set[int] = set()
+    on_wire: int | None = None
+    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    for answer in answers:
+        ev = answer["ev"]
+        if ev == "sending":
+            on_wire = int(answer["i"])
+            continue
+        if ev == "result":
+            i = int(answer["i"])
+            answered.add(i)
+            on_wire = None if on_wire == i else on_wire
+            yield result_of(batch[i], answer, destination)
+            continue
+        rest = [item for i, item in enumerate(batch) if i not in answered]
+        message = str(answer.get("message", ""))
+        if ev == "error" and answer.get("kind") == "refused-all":
+            for item in rest:
+                yield SendResult(item.path, Outcome.FAILED, None,
+                                 f"{destination.name} {message}: {item.sop_class_uid} in "
+                                 f"{item.transfer_syntax}", refused_syntax=True)
+        elif ev == "error" and answer.get("kind") == "local":
+            yield from local_failures([item.path for item in rest], f"dcm4che: {message}")
+        elif ev == "error":
+            yield from retry_all([item.path for item in rest], f"{where}: {message}")
+        elif ev in ("lost", "died"):
+            what = ("association lost" if ev == "lost" else "dcm4che's JVM died")
+            for i, item in enumerate(batch):
+                if i in answered:
+                    continue
+                if i == on_wire:
+                    yield SendResult(item.path, Outcome.RETRY, None,
+                                     f"no C-STORE response: {what} ({message})", in_flight=True)
+                else:
+                    yield SendResult(item.path, Outcome.RETRY, None, f"{what} ({message})")
+        return
+    # The answers stopped without a final one: nothing more is known of the others.
+    yield from retry_all([item.path for i, item in enumerate(batch) if i not in answered],
+                         "dcm4che's JVM gave no final answer")
+
+
+def result_of(item: Outgoing, answer: dict[str, Any], destination: Destination) -> SendResult:
+    """One file's result answer: a C-STORE status, or why it was not sent."""
+    if answer.get("refused"):
+        return SendResult(item.path, Outcome.FAILED, None,
+                          f"{destination.name} accepts no presentation context for SOP class "
+                          f"{item.sop_class_uid} in transfer syntax {item.transfer_syntax}",
+                          refused_syntax=True)
+    if answer.get("unreadable"):
+        return SendResult(item.path, Outcome.FAILED, None,
+                          f"dcm4che cannot read it: {answer['unreadable']}")
+    if answer.get("broke"):
+        return SendResult(item.path, Outcome.RETRY, None,
+                          f"no C-STORE response: {answer['broke']}", in_flight=True)
+    code = int(answer["status"])
+    return SendResult(item.path, classify_status(code), code, answer.get("comment") or "dcm4che")
+
+
 class Dcm4cheEngine(Engine):
     name = "dcm4che"
-    # Each storescu is a JVM start (0.5-0.9 s on our machines): gather more per batch.
-    batch_wait = 0.3
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
         self.bin_dir = self.home / "bin"
-        for tool in ("storescp", "storescu"):
-            if not (self.bin_dir / tool).exists():
-                raise FileNotFoundError(f"dcm4che's {tool} not found in {self.bin_dir} "
-                                        "(set [toolkit].dcm4che_home)")
+        if not (self.bin_dir / "storescp").exists():
+            raise FileNotFoundError(f"dcm4che's storescp not found in {self.bin_dir} "
+                                    "(set [toolkit].dcm4che_home)")
+        if not any((self.home / "lib").glob("dcm4che-net-*.jar")):
+            raise FileNotFoundError(f"dcm4che's jars (dcm4che-net-*.jar) not found in "
+                                    f"{self.home / 'lib'} (set [toolkit].dcm4che_home)")
         self.env = tool_env(self.home)
-        # For objects whose UIDs must not reach storescu's file list (plain_uids).
-        self.embedded = EmbeddedEngine()
+        self.jvm = JvmBridge(self.home, self.env)
+        weakref.finalize(self, self.jvm.close)
         self._stores: dict[TLSConfig, JavaStores] = {}
         self._private: Path | None = None
 
@@ -370,14 +338,16 @@ class Dcm4cheEngine(Engine):
 
     def private_folder(self) -> Path:
         """A folder only we can read (0700), made once per process, gone with the engine:
-        key stores and the receiver's security policy."""
+        key stores, the receiver's security policy, the converter's XML."""
         if self._private is None:
             self._private = Path(tempfile.mkdtemp(prefix="dicom-relay-dcm4che-"))
             weakref.finalize(self, shutil.rmtree, self._private, True)
         return self._private
 
-    def _tls(self, destination: Destination) -> list[str] | None:
-        return tls_args(self.stores(destination.tls)) if destination.tls is not None else None
+    def _destination(self, destination: Destination) -> dict[str, object]:
+        return {"ae_title": destination.ae_title, "host": destination.host,
+                "port": destination.port,
+                "tls": java_tls(self.stores(destination.tls)) if destination.tls else None}
 
     def describe(self) -> str:
         return f"dcm4che ({self.home})"
@@ -392,78 +362,76 @@ class Dcm4cheEngine(Engine):
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
-        # One tool process per call: nothing to keep open between calls.
-        outgoing, unreadable = read_outgoing(files)
+        ready, unreadable = read_outgoing(files)
         yield from unreadable
-        # storescu writes each file's UIDs into a list of its own, one line each, tab-
-        # separated: a UID holding a newline and tabs made it send a file of the relay's
-        # working directory to the PACS. Such objects go by pynetdicom.
-        ready = [item for item in outgoing if plain_uids(item)]
-        odd = [item.path for item in outgoing if not plain_uids(item)]
-        if odd:
-            yield from self.embedded.send(odd, destination, calling_ae, timeout)
-        if not ready:
-            return
-        argv = storescu_argv(self.bin_dir, [item.path for item in ready], destination,
-                             calling_ae, timeout, self._tls(destination))
-        try:
-            proc = run_tool(argv, timeout=tool_timeout(timeout, len(ready)), env=self.env)
-            output, code = proc.stdout + "\n" + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            output, code = _text(exc.stdout) + "\n" + _text(exc.stderr), -1
-        except OSError as exc:  # gone or not executable since start-up
-            yield from local_failures([item.path for item in ready],
-                                      f"cannot run {argv[0]}: {exc.strerror or exc}")
-            return
-        yield from results_from_output(ready, output, code)
+        groups = context_groups(ready, lambda item: item.context)
+        for i, (batch, contexts) in enumerate(groups):
+            try:
+                request = {"op": "send", "key": _key(destination, calling_ae),
+                           "dest": self._destination(destination), "calling_ae": calling_ae,
+                           "timeout": timeout, "contexts": contexts,
+                           "keep_open": keep_open and i == len(groups) - 1,
+                           "files": [{"path": str(item.path), "cuid": item.sop_class_uid,
+                                      "iuid": item.sop_instance_uid, "ts": item.transfer_syntax}
+                                     for item in batch]}
+                # A hung JVM: no answer for as long as connecting and one object may take.
+                answers = self.jvm.call(request, idle_limit=tool_timeout(timeout, 1))
+                yield from results_from_answers(batch, answers, destination)
+            except (BridgeUnavailable, OSError, ValueError) as exc:
+                # ValueError: a [tls] table's files unreadable since start-up (java_stores).
+                yield from local_failures([item.path for item in batch],
+                                          f"dcm4che's JVM: {exc}")
+
+    def release(self, destination: Destination) -> None:
+        request = {"op": "release", "prefix": _key(destination, "")}
+        for _ in self.jvm.call(request, idle_limit=30, start=False):
+            pass
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
-        argv = storescu_argv(self.bin_dir, [], destination, calling_ae, timeout,
-                             self._tls(destination))
-        limit = tool_timeout(timeout, 1)
         try:
-            proc = run_tool(argv, timeout=limit, env=self.env)
-        except subprocess.TimeoutExpired:
-            raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO timed out "
-                                         f"after {limit:.0f} s") from None
-        except OSError as exc:
-            raise ToolFailure(f"local tool failure: cannot run {argv[0]}: "
-                              f"{exc.strerror or exc}") from None
-        output = proc.stdout + "\n" + proc.stderr
-        if not reached_network(output):
-            raise ToolFailure(f"local tool failure: dcm4che's storescu stopped before "
-                              f"connecting (exit {proc.returncode}): {last_lines(output)}")
-        match = _ECHO_RE.search(proc.stdout)
-        if proc.returncode != 0 or match is None or int(match.group(1), 16) != 0:
-            raise DestinationUnavailable(f"{destination.name}: storescu C-ECHO failed "
-                                         f"({problem_of(output, proc.returncode)})")
+            request = {"op": "echo", "dest": self._destination(destination),
+                       "calling_ae": calling_ae, "timeout": timeout}
+            answers = list(self.jvm.call(request, idle_limit=tool_timeout(timeout, 1)))
+        except (BridgeUnavailable, OSError, ValueError) as exc:
+            raise ToolFailure(f"local tool failure: dcm4che's JVM: {exc}") from None
+        final = answers[-1] if answers else {"ev": "died", "message": "no answer"}
+        where = f"{destination.name} ({destination.ae_title}@{destination.host}:" \
+                f"{destination.port})"
+        if final["ev"] == "done" and final.get("status") == 0:
+            return
+        if final["ev"] == "done":
+            raise DestinationUnavailable(f"{where}: C-ECHO status {final.get('status')}")
+        if final["ev"] == "error" and final.get("kind") == "unavailable":
+            raise DestinationUnavailable(f"{where}: C-ECHO failed: {final.get('message')}")
+        raise ToolFailure(f"local tool failure: dcm4che's JVM: {final.get('message')}")
 
     # --- the `toolkit` converter -----------------------------------------------------------
 
-    def to_xml(self, path: Path) -> etree._Element:
-        """`dcm2xml -B`: the PS3.19 XML of the header, group 0002 included, no bulk data."""
-        proc = run_tool([str(self.bin_dir / "dcm2xml"), "-B", str(path)], timeout=120, text=False,
-                        env=self.env)
-        if proc.returncode != 0:
-            raise ValueError(f"dcm2xml failed: {proc.stderr.decode(errors='replace')[-300:]}")
-        return etree.fromstring(proc.stdout, safe_parser())
+    def _convert(self, request: dict[str, object], what: str) -> None:
+        try:
+            answers = list(self.jvm.call(request, idle_limit=120))
+        except BridgeUnavailable as exc:
+            raise ValueError(f"{what} failed: dcm4che's JVM: {exc}") from None
+        final = answers[-1] if answers else {"ev": "died", "message": "no answer"}
+        if final["ev"] != "done":
+            raise ValueError(f"{what} failed: {final.get('message')}")
 
-    def from_xml_argv(self, original: Path, xml: Path, out: Path) -> list[str]:
-        # -i original: bulk data streamed from it, attributes from the XML merged over it.
-        return [str(self.bin_dir / "xml2dcm"), "-i", str(original), "-x", str(xml),
-                "-o", str(out)]
+    def to_xml(self, path: Path) -> etree._Element:
+        """dcm2xml -B: the PS3.19 XML of the header, group 0002 included, no bulk data."""
+        with tempfile.NamedTemporaryFile(suffix=".xml", dir=self.private_folder()) as tmp:
+            self._convert({"op": "to_xml", "path": str(path), "out": tmp.name}, "dcm2xml")
+            return etree.parse(tmp.name, safe_parser()).getroot()
 
     def from_xml(self, root: etree._Element, original: Path, out: Path) -> None:
+        """xml2dcm -i original: bulk data streamed from it, the XML's attributes merged
+        over it."""
         with tempfile.NamedTemporaryFile(suffix=".xml", dir=out.parent) as tmp:
             tmp.write(to_string(root))
             tmp.flush()
-            proc = run_tool(self.from_xml_argv(original, Path(tmp.name), out), timeout=120,
-                            text=False, env=self.env)
-        if proc.returncode != 0:
-            raise ValueError(f"xml2dcm failed: {proc.stderr.decode(errors='replace')[-300:]}")
+            self._convert({"op": "from_xml", "original": str(original), "xml": tmp.name,
+                           "out": str(out)}, "xml2dcm")
 
 
-def _text(data: bytes | str | None) -> str:
-    if isinstance(data, bytes):
-        return data.decode("utf-8", "replace")
-    return data or ""
+def _key(destination: Destination, calling_ae: str) -> str:
+    """Which kept association a send may use: per destination and calling AE."""
+    return f"{destination.name}\x00{calling_ae}"

@@ -42,7 +42,7 @@ def _prepare_dcm4che_tls(config: Config, engine: Dcm4cheEngine) -> None:
             continue
         if key != "receiver.tls" and not tls.require_peer_certificate:
             raise ConfigError(f"{config.source}: {key}.require_peer_certificate: dcm4che's "
-                              "storescu always verifies the destination's certificate; "
+                              "sender always verifies the destination's certificate; "
                               "expected true, with ca")
         try:
             engine.stores(tls)
