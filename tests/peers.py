@@ -499,10 +499,12 @@ class ScriptedSCP:
         """Go down as a PACS does: stop listening and drop the associations still open (a
         sender may keep one between batches)."""
         if self.server is not None:
-            for assoc in list(self.server.active_associations):
+            # Stop listening first: a sender that reconnects at once (dcm4che's JVM does, in
+            # milliseconds) would otherwise get in between the aborts and the shutdown.
+            server, self.server = self.server, None
+            server.shutdown()
+            for assoc in list(server.active_associations):
                 assoc.abort()
-            self.server.shutdown()
-            self.server = None
 
 
 @dataclass
