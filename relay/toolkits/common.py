@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from relay.send.results import Context, Outcome, Outgoing, SendResult
+from relay.send.results import Context, Outcome, SendResult
 
 # A presentation context list holds at most 128 entries (odd IDs 1-255, PS3.8 9.3.2.2).
 MAX_CONTEXTS = 128
@@ -63,14 +63,6 @@ _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 def is_uid(text: str) -> bool:
     """A UID as PS3.5 9.1 has it: digits and dots, at most 64 characters."""
     return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
-
-
-def plain_uids(item: Outgoing) -> bool:
-    """Whether every UID a tool would read from the file (SOP class and instance, transfer
-    syntax) is a UID. Peer text that is not must never reach a tool's file list or argv: it
-    goes by pynetdicom instead, which sends the bytes as they are."""
-    return all(is_uid(uid) for uid in (item.sop_class_uid, item.sop_instance_uid,
-                                       item.transfer_syntax))
 
 
 def tool_timeout(timeout: float, files: int) -> float:

@@ -76,7 +76,7 @@ def _any_uid(value: str) -> tuple[bool, str]:
     """pynetdicom's validator of UI values, replaced: it refused (aborting the association)
     a C-STORE whose SOP Instance UID is not a UID, coming in or going out. Such an object is
     stored and forwarded as it came: the relay never makes a name, a path, a list entry or
-    an unescaped log line of a UID (relay.spool.safe_name, toolkits.common.plain_uids,
+    an unescaped log line of a UID (relay.spool.safe_name, toolkits.common.is_uid,
     ops.logs.shown), and the PACS judges the UID."""
     del value
     return True, ""
