@@ -74,6 +74,8 @@ def test_dcm4che_relay_end_to_end(tmp_path: Path, orthanc: Orthanc, dcmtk: Path,
     before = _tree(DCM4CHE_HOME)
     port, spool, relay = _relay(tmp_path, orthanc, converter)
     try:
+        # Its JVM is started with the relay, not on the first object's time.
+        wait_until(lambda: "dcm4che's JVM is up" in relay.output(), 60, what="the JVM up")
         sent = mixed_study(tmp_path / "study")
         assert dcmsend(sorted((tmp_path / "study").iterdir()), port, "DICOMRELAY").returncode == 0
         wait_until(lambda: orthanc.count() == len(sent), 120, what="all at Orthanc")

@@ -113,6 +113,9 @@ class Relay:
                 log.info("start-up: %d object(s) left in work/ by a previous run requeued",
                          recovered)
             self._subscribe_audit_and_history("history-backlog.jsonl")
+            if self.config.toolkit.converter == "toolkit" or \
+                    any(d.kind == "dimse" for d in self.config.destinations):
+                self.engine.prepare()
             self.senders = [self._sender(d, self.config) for d in self.config.destinations]
             for sender in self.senders:
                 self._start_sender(sender)

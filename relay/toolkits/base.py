@@ -69,6 +69,11 @@ class Engine(ABC):
         """C-ECHO; raise DestinationUnavailable with the reason when it fails (ToolFailure
         when the local tool failed before reaching the destination)."""
 
+    def prepare(self) -> None:
+        """Start, in the background, what sending and converting will need (a JVM), so that
+        the first object does not wait for it. Failures surface again where they matter."""
+        return  # engines whose tools start per call have nothing to start ahead
+
     def describe(self) -> str:
         return self.name
 

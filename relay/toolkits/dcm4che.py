@@ -355,6 +355,10 @@ class Dcm4cheEngine(Engine):
     def toolkit_converter(self) -> Dcm4cheEngine:
         return self
 
+    def prepare(self) -> None:
+        # Its JVM takes ~0.6 s to start: at relay start-up, not on the first object's time.
+        self.jvm.start_soon()
+
     def receiver(self, config: Config, spool: Spool, beside_work: bool = False,
                  services: Services | None = None) -> Receiver:
         del services  # storescp stores only: the services are on their own port

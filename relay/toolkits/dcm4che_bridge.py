@@ -52,6 +52,7 @@ class JvmBridge:
         self._lock = threading.Lock()  # starting the helper, writing requests
         self._table = threading.Lock()  # the pending table
         self._stderr: collections.deque[str] = collections.deque(maxlen=12)
+        self._closed = False  # close() was called: start_soon() must not start one after it
 
     @property
     def pid(self) -> int | None:
@@ -136,6 +137,21 @@ class JvmBridge:
         lines = [line for line in self._stderr if not line.lstrip().startswith("at ")]
         return f"{how}: {' | '.join(lines[-3:])}" if lines else how
 
+    def start_soon(self) -> None:
+        """Start the helper in the background: the first send then finds its JVM up. A
+        failure is logged here, and told again (a local tool failure) by the send needing it."""
+        threading.Thread(target=self._start_if_needed, daemon=True,
+                         name="dcm4che-jvm-start").start()
+
+    def _start_if_needed(self) -> None:
+        with self._lock:
+            if self._closed or (self._proc is not None and self._proc.poll() is None):
+                return
+            try:
+                self._proc = self._start()
+            except BridgeUnavailable as exc:
+                log.warning("dcm4che's JVM could not start: %s", exc)
+
     # --- requests --------------------------------------------------------------------------
 
     def call(self, request: dict[str, Any], idle_limit: float,
@@ -180,6 +196,7 @@ class JvmBridge:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             assert proc.stdin is not None
