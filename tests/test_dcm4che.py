@@ -168,6 +168,22 @@ def test_toolkit_converter_applies_rules_to_dcm2xml_output(tmp_path: Path) -> No
     assert _value(converter.written, "MediaStorageSOPInstanceUID") == ["1.2.3.4"]
 
 
+def test_keyword_rules_give_xml2dcm_only_what_they_changed(tmp_path: Path) -> None:
+    # Keyword rules name what they touch: the diff looks at those attributes alone (and the
+    # file meta's SOP UIDs), and xml2dcm gets exactly the changed ones to merge.
+    converter = RecordedConverter()
+    rules = [KeywordRule("StudyID", copy_from="PatientID"),  # the same value: no change
+             KeywordRule("PatientID", copy_from="InstitutionName"),
+             KeywordRule("SOPInstanceUID", value="1.2.3.4")]
+    outcome = Editor(rules, converter).edit(bundled("CT_small.dcm"), tmp_path / "out.dcm")
+    assert [c.path for c in outcome.changes] == ["SOPInstanceUID", "PatientID"]
+    assert converter.written is not None
+    assert [n.get("keyword") for n in converter.written] == [
+        "MediaStorageSOPInstanceUID", "SOPInstanceUID", "PatientID"]
+    assert _value(converter.written, "PatientID") == ["JFK IMAGING CENTER"]
+    assert _value(converter.written, "MediaStorageSOPInstanceUID") == ["1.2.3.4"]
+
+
 def test_toolkit_converter_refuses_deletions(tmp_path: Path) -> None:
     editor = Editor([KeywordRule("InstitutionName", delete=True)], RecordedConverter())
     with pytest.raises(BadInput, match="cannot remove attributes"):

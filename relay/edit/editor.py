@@ -258,8 +258,22 @@ class ToolkitConverter(Protocol):
     def from_xml(self, root: etree._Element, original: Path, out: Path) -> None: ...
 
 
-def changed_only(root: etree._Element, before: etree._Element) -> etree._Element:
-    """The edited XML with only the top-level attributes the rules changed or added.
+def scoped(root: etree._Element, scope: frozenset[str] | None) -> etree._Element:
+    """A copy of `root` with only its top-level attributes whose tags (as the XML writes them:
+    "00100020") are in `scope`; all of them when scope is None."""
+    if scope is None:
+        return copy.deepcopy(root)
+    out = etree.Element(root.tag, {str(k): str(v) for k, v in root.attrib.items()})
+    for node in root.iterchildren("DicomAttribute"):
+        if node.get("tag") in scope:
+            out.append(copy.deepcopy(node))
+    return out
+
+
+def changed_only(root: etree._Element, before: etree._Element,
+                 scope: frozenset[str] | None = None) -> etree._Element:
+    """The edited XML with only the top-level attributes the rules changed or added (looking
+    only at those in `scope`, the rules' own, when given: nothing else can have changed).
 
     xml2dcm merges what the XML holds over the original; given everything, it rewrites every
     attribute from its XML form, and that form is not exact: FD values keep 15 digits, a
@@ -270,6 +284,8 @@ def changed_only(root: etree._Element, before: etree._Element) -> etree._Element
                for node in before.iterchildren("DicomAttribute")}
     pruned = etree.Element(root.tag, {str(k): str(v) for k, v in root.attrib.items()})
     for node in root.iterchildren("DicomAttribute"):
+        if scope is not None and node.get("tag") not in scope:
+            continue
         if as_read.get(node.get("tag")) != etree.tostring(node):
             pruned.append(copy.deepcopy(node))
     return pruned
@@ -293,6 +309,12 @@ class Editor:
         # character set their values are decoded with (the embedded converter only).
         self.up_to = (max(*self.only, 0x00080005) if self.only and converter is None
                       else None)
+        # The toolkit's XML holds the whole header: the diff after the rules looks only at
+        # what they can have touched, and at the file meta's SOP UIDs, kept in step with them.
+        # (Comparing every attribute twice cost more than the conversion itself.)
+        self.scope: frozenset[str] | None = (
+            None if self.only is None or converter is None
+            else frozenset(f"{tag:08X}" for tag in self.only | {0x00020002, 0x00020003}))
 
     def edit(self, src: Path, dst: Path | None, sync: bool = True,
              whole: bool = False) -> EditOutcome:
@@ -363,7 +385,7 @@ class Editor:
                 root = self.converter.to_xml(src)
             except (ValueError, OSError, etree.XMLSyntaxError) as exc:
                 raise BadInput("unreadable", f"toolkit converter: {exc}") from None
-        before = copy.deepcopy(root)
+        before = scoped(root, self.scope)
         missing: list[str] = []
         for rule in self.rules:
             try:
@@ -377,8 +399,9 @@ class Editor:
         # With the embedded converter the changes are set on `ds` as they are found; the
         # toolkit writes the whole edited XML back itself.
         target = ds if self.converter is None else None
+        after = root if self.scope is None else scoped(root, self.scope)
         try:
-            changes = apply_xml_changes(target, before, root)
+            changes = apply_xml_changes(target, before, after)
         except (ConversionError, ValueError, TypeError, KeyError) as exc:
             raise BadInput("rule-error", f"cannot write the edited header back: {exc}") from None
         return root, before, changes, missing
@@ -403,7 +426,7 @@ class Editor:
                 if value and meta is not None:
                     meta.text = value
         try:
-            self.converter.from_xml(changed_only(root, before), src, dst)
+            self.converter.from_xml(changed_only(root, before, self.scope), src, dst)
         except (ValueError, OSError) as exc:
             raise BadInput("write-failed", f"toolkit converter: {exc}") from None
         if sync:

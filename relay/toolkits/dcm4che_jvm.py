@@ -19,6 +19,7 @@ Java's own System.out goes to stderr (which the relay logs): stdout is the answe
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -405,10 +406,14 @@ def main(argv: list[str]) -> int:
             return 1
         version = str(jpype.JClass("java.lang.System").getProperty("java.version"))
         answers(0, "ready", java=version, jvm=str(libjvm))
+        # Requests run side by side (a send per destination, conversions per edit worker) on
+        # threads that stay: a new thread would attach itself to the JVM for every request,
+        # which cost more CPU than the conversion it ran. More requests at once than
+        # threads (a relay with dozens of destinations all hanging) wait in the queue.
+        workers = concurrent.futures.ThreadPoolExecutor(max_workers=64,
+                                                        thread_name_prefix="request")
         for line in sys.stdin.buffer:
-            request = json.loads(line)
-            threading.Thread(target=bridge.handle, args=(request,), daemon=True,
-                             name=f"request-{request.get('id')}").start()
+            workers.submit(bridge.handle, json.loads(line))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # The end of our input: the relay closed it, or died (kill -9 too: the pipe's only writer
