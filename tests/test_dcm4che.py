@@ -26,6 +26,7 @@ from relay.toolkits.dcm4che import (
     storescp_argv,
     storescp_policy,
 )
+from relay.toolkits.dcm4che_jvm import jvm_options
 
 DATA = Path(__file__).parent / "data" / "dcm4che"
 HOME = Path("/opt/dcm4che-toolkit")  # for argv checks: the path in our Docker image
@@ -220,3 +221,17 @@ def test_storescp_may_write_only_in_incoming() -> None:
     for bad in ('/srv/a"b', "/srv/a\\b", "/srv/${user.home}"):
         with pytest.raises(ValueError, match="a Java policy cannot name it"):
             storescp_policy(Path(bad))
+
+
+def test_the_jvm_gets_the_launchers_options_ours_and_then_the_users(tmp_path: Path) -> None:
+    env = {"JAVA_LIBRARY_PATH": "/toolkit/lib/linux-x86_64", "JAVA_OPTS": "-Xmx256m"}
+    options = jvm_options(Path("/toolkit"), env, tmp_path)
+    assert options[0] == "-Djava.library.path=/toolkit/lib/linux-x86_64"
+    assert "-XX:TieredStopAtLevel=1" in options and "-XX:+UseSerialGC" in options
+    assert options[-1] == "-Xmx256m", "the user's options come last: theirs win"
+    assert (tmp_path / "log4j.properties").exists()
+    # A collector of the user's own replaces ours: the JVM refuses to start with two.
+    env["JAVA_OPTS"] = "-XX:+UseG1GC -XX:TieredStopAtLevel=4"
+    options = jvm_options(Path("/toolkit"), env, tmp_path)
+    assert "-XX:+UseSerialGC" not in options
+    assert options[-2:] == ["-XX:+UseG1GC", "-XX:TieredStopAtLevel=4"]
