@@ -10,6 +10,8 @@ Scenarios (sink: DCMTK storescp unless said otherwise):
   relay-dcmtk      the same on the DCMTK engine
   relay-dcm4che    the same on the dcm4che engine, wherever a toolkit is found (DCM4CHE_HOME,
                    /opt/dcm4che-toolkit, or ../shared/dcm4che-5.24.0 beside the checkout)
+  dcm4che-toolkit  the dcm4che engine with converter = "toolkit" (dcm2xml -> rules -> xml2dcm
+                   in its JVM), small objects
   per-file         the original relay's shape, rebuilt with the installed toolkit: storescp
                    receives; per file dcm2xml -> xmllint (read EthnicGroup) -> dcmodify (write
                    PatientID) -> storescu (send one file) -> delete
@@ -213,13 +215,15 @@ def direct_to_orthanc(folder: Path, files: list[Path], data: str, scenario: str)
 
 
 def run_relay(work: Path, engine: str, files: list[Path], data: str,
-              backlog: bool = False, stream: float | None = None) -> Row:
-    tag = f"{engine}-{data}"
+              backlog: bool = False, stream: float | None = None,
+              converter: str = "embedded") -> Row:
+    tag = f"{engine}-{converter}-{data}"
     sink = Sink(work / f"sink-{tag}")
     port = free_port()
     spool = work / f"spool-{tag}"
     cfg = relay_config(work / f"relay-{tag}.toml", port=port, spool=spool, engine=engine,
-                       rules=EG_RULE, destinations=[("sink", "SINK", sink.port)])
+                       converter=converter, rules=EG_RULE,
+                       destinations=[("sink", "SINK", sink.port)])
     first_forwarded = None
     if backlog:
         # Already queued at start-up: put into incoming/ as a receiver would have.
@@ -243,7 +247,8 @@ def run_relay(work: Path, engine: str, files: list[Path], data: str,
     assert relay.proc is not None
     rss, cpu = proc_stats(relay.proc.pid)
     relay.stop()
-    row = Row(f"relay ({engine})", data, len(files), seconds, megabytes(files), rss_mb=rss,
+    name = engine if converter == "embedded" else f"{engine}, converter {converter}"
+    row = Row(f"relay ({name})", data, len(files), seconds, megabytes(files), rss_mb=rss,
               cpu_s=cpu, sender_cpu_s=sender_cpu, sink_cpu_s=proc_stats(sink.proc.pid)[1],
               latency=None if backlog else latencies(spool / "audit.jsonl", sink))
     if first_forwarded is not None:
@@ -437,8 +442,8 @@ def main() -> None:
                         "large scenario, the median reported (default 3, 1 with --smoke): "
                         "these machines are noisy")
     parser.add_argument("--only", action="append", help="run only the scenarios whose "
-                        "name starts with this (direct, embedded, dcmtk, dcm4che, per-file, "
-                        "orthanc-router, stow); repeatable")
+                        "name starts with this (direct, embedded, dcmtk, dcm4che, dcm4che-toolkit, "
+                        "per-file, orthanc-router, stow); repeatable")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.smoke else 3)
     small_n, large_n, large_mb, backlog_n, perfile_n, stream_n = (
@@ -469,6 +474,10 @@ def main() -> None:
                       repeat),
                      (f"{engine} backlog", lambda e=engine: run_relay(
                          work, e, backlog, "backlog", backlog=True), 1)]
+        if "dcm4che" in engines:
+            # The original scripts' own shape (dcm2xml -> XPath -> xml2dcm) in dcm4che's JVM.
+            plan += [("dcm4che-toolkit small", lambda: run_relay(
+                work, "dcm4che", small, "small", converter="toolkit"), repeat)]
         plan += [("per-file", lambda: run_per_file(work, small[:perfile_n], "small"), 1),
                  ("orthanc-router", lambda: run_orthanc_router(work, small, "small"), 1),
                  ("stow", lambda: run_stow(work, small, "small"), repeat)]
