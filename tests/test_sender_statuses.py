@@ -4,13 +4,15 @@ refused)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
 from dicomdata import ct_series
-from peers import Link, free_port, wait_until
+from peers import Link, ScriptedSCP, free_port, wait_until, with_dcm4che
 from relay.config.model import SenderConfig
 from relay.send.results import DestinationUnavailable, Outcome
 from relay.send.sender import DestinationSender
@@ -147,3 +149,39 @@ def test_batches_in_a_row_share_one_association(tmp_path: Path) -> None:
         worker.join(timeout=30)
         scp.close()
     assert spool.queued("scp") == []
+
+
+class HoldingSCP(ScriptedSCP):
+    """Holds its answer to InstanceNumber 3 until released (a PACS slow on one object)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        super().__init__()
+
+    def on_store(self, event: Any) -> int:
+        if event.dataset.get("InstanceNumber") == 3:
+            self.release.wait(30)
+        return super().on_store(event)
+
+
+@pytest.mark.parametrize("link", ["embedded", "dcmtk", *with_dcm4che("dcm4che")],
+                         indirect=True)
+def test_each_result_comes_as_its_response_arrives(tmp_path: Path, link: Link) -> None:
+    # The sender deletes a confirmed object as its result comes: results that came only when
+    # the batch ended (dcmsend's report) made a relay killed mid-batch send all of it again.
+    ct_series(tmp_path / "ct", 4)  # InstanceNumber 1..4
+    files = sorted((tmp_path / "ct").iterdir())
+    scp = HoldingSCP()
+    try:
+        results = link.engine.send(files, link.destination("SCRIPTED", scp.port), "RELAY", 60)
+        first = [next(results), next(results)]
+        stored_then = len(scp.received)  # the third's answer is still held
+        scp.release.set()
+        rest = list(results)
+    finally:
+        scp.release.set()
+        scp.close()
+    assert stored_then == 2
+    assert [(r.path, r.outcome) for r in first] == [(f, Outcome.DELIVERED) for f in files[:2]]
+    assert sorted((r.path, r.outcome) for r in rest) == [
+        (f, Outcome.DELIVERED) for f in files[2:]]

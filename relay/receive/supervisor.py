@@ -23,7 +23,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,49 @@ def run_tool(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None 
     return subprocess.run(  # noqa: PLW1509 - prctl only, no Python in the child
         [str(a) for a in argv], capture_output=True, text=text, env=env, timeout=timeout,
         check=False, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+
+class ToolLines:
+    """A toolkit command whose output (stdout and stderr together) is read line by line while
+    it runs: argv list, killed at `timeout` seconds (then `timed_out`), ending with the relay
+    if the relay is killed, as run_tool's. Iterate it to the end, or close() it."""
+
+    def __init__(self, argv: Sequence[str], *, timeout: float,
+                 env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(  # noqa: PLW1509 - prctl only, no Python in the child
+            [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=env, text=True, errors="replace",
+            preexec_fn=_die_with_parent)
+        self.timed_out = False
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self.proc.kill()
+
+    def __iter__(self) -> Iterator[str]:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                yield line.rstrip("\n")
+            self.proc.wait()  # its output ended: it is exiting (the timer still stands)
+        finally:
+            self.close()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """Stop it if it still runs (a caller that gave up), and reap it."""
+        self._timer.cancel()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -21,7 +21,10 @@ Facts it is built on (measured here, see design.md):
   [A-Za-z0-9._] to '_' in any case.
 - dcmsend keeps going after a failure (--no-halt), never decompresses (--decompress-never,
   so each file keeps its transfer syntax), and its report file gives a status per file.
-  Its exit code alone proves nothing about single files.
+  Its exit code alone proves nothing about single files. The report comes when it ends, so
+  successes are read from its --debug output as they arrive (the file is named before each
+  request, the status printed after its response): a relay killed mid-batch sends again
+  only what was not confirmed.
 - dcmsend has no TLS. To a TLS destination storescu sends (+tls/+tla). Left to itself it
   proposes only uncompressed syntaxes and, having no codecs, fails every compressed object;
   so it gets an association profile (--config-file) proposing exactly each object's own
@@ -42,7 +45,7 @@ import tempfile
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -52,7 +55,7 @@ from pydicom.tag import BaseTag
 
 from relay.edit.editor import BadInput, read_dicom
 from relay.edit.scan import leading_values
-from relay.receive.supervisor import SupervisedReceiver, run_tool
+from relay.receive.supervisor import SupervisedReceiver, ToolLines, run_tool
 from relay.receive.warden import Warden
 from relay.send.results import (
     Context,
@@ -179,7 +182,9 @@ def dcmsend_argv(dcmsend: Path, files: list[Path], destination: Destination, cal
         "--aetitle", calling_ae,
         "--call", destination.ae_title,
         "--no-halt",
-        "--verbose", "--verbose-pc",  # the A-ASSOCIATE-AC: which contexts the peer refused
+        # --debug: each file's name before its request and its response's status after it,
+        # read while it runs; --verbose-pc: the A-ASSOCIATE-AC (which contexts were refused).
+        "--debug", "--verbose-pc",
         "--decompress-never",
         "--no-uid-checks",       # the PACS judges the UIDs, not the sender
         "--timeout", seconds,
@@ -208,6 +213,27 @@ def reached_network(output: str) -> bool:
     """Whether a DCMTK network tool run with --verbose got as far as asking for an
     association (dcmsend, storescu and echoscu all print this line before connecting)."""
     return "Requesting Association" in output
+
+
+_DCMSEND_FILE_RE = re.compile(r"^D: sending SOP instance from file: (.*)$")
+
+
+def successes_as_sent(output: Iterable[str], files: list[Path],
+                      lines: list[str]) -> Iterator[Path]:
+    """The files dcmsend's debug output confirms, as their C-STORE responses arrive: it names
+    the file before each request ("sending SOP instance from file: …") and prints the
+    response's status after it. Only a success (0x0000) of the file just named counts; every
+    other outcome is read from the report at the end. Every line is kept in `lines`."""
+    by_name = {str(path): path for path in files}
+    current: Path | None = None
+    for line in output:
+        lines.append(line)
+        if (named := _DCMSEND_FILE_RE.match(line)) is not None:
+            current = by_name.get(named.group(1))
+        elif (status := _DIMSE_STATUS_RE.match(line)) is not None and current is not None:
+            if int(status.group(1), 16) == 0:
+                yield current
+            current = None
 
 
 def refused_contexts(output: str) -> dict[tuple[int, int], str]:
@@ -551,20 +577,32 @@ class DcmtkEngine(Engine):
         files = sendable
         if not files:
             return
+        confirmed: set[Path] = set()  # answered with success while dcmsend still ran
         with tempfile.TemporaryDirectory(prefix="dicom-relay-dcmsend-") as tmp:
             report = Path(tmp) / "report.txt"
             argv = dcmsend_argv(self.dcmsend, files, destination, calling_ae, timeout, report)
             code: int | None = None
             try:
-                proc = run_tool(argv, env=dcmtk_env(), timeout=tool_timeout(timeout, len(files)))
-                output, code = (proc.stdout + proc.stderr).strip(), proc.returncode
-            except subprocess.TimeoutExpired:
-                output = "dcmsend timed out"
+                run = ToolLines(argv, env=dcmtk_env(), timeout=tool_timeout(timeout, len(files)))
             except OSError as exc:  # gone or not executable since start-up
                 yield from local_failures(files, f"cannot run {self.dcmsend}: "
                                           f"{exc.strerror or exc}")
                 return
+            lines: list[str] = []
+            # Each success leaves the spool as it arrives (the report comes only at the end):
+            # a relay killed mid-batch then sends again only what was not confirmed.
+            for path in successes_as_sent(run, files, lines):
+                confirmed.add(path)
+                yield SendResult(path, Outcome.DELIVERED, 0, "0x0000: Success")
+            output = "\n".join(lines).strip()
+            if run.timed_out:
+                output = "dcmsend timed out"
+            else:
+                code = run.returncode
             text = report.read_text(errors="replace") if report.exists() else None
+        files = [path for path in files if path not in confirmed]
+        if not files:
+            return
         if text is None and code is not None and not reached_network(output):
             # It stopped before any network activity: a broken installation, a bad option, a
             # TLS or report file it could not use. Not the destination's fault.
