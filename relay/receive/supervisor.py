@@ -66,7 +66,8 @@ def run_tool(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None 
 class ToolLines:
     """A toolkit command whose output (stdout and stderr together) is read line by line while
     it runs: argv list, killed at `timeout` seconds (then `timed_out`), ending with the relay
-    if the relay is killed, as run_tool's. Iterate it to the end, or close() it."""
+    if the relay is killed, as run_tool's. Iterate it to the end, or close() it; `lines`
+    holds every line read."""
 
     def __init__(self, argv: Sequence[str], *, timeout: float,
                  env: dict[str, str] | None = None) -> None:
@@ -75,6 +76,7 @@ class ToolLines:
             stderr=subprocess.STDOUT, env=env, text=True, errors="replace",
             preexec_fn=_die_with_parent)
         self.timed_out = False
+        self.lines: list[str] = []
         self._timer = threading.Timer(timeout, self._expire)
         self._timer.daemon = True
         self._timer.start()
@@ -86,8 +88,10 @@ class ToolLines:
     def __iter__(self) -> Iterator[str]:
         assert self.proc.stdout is not None
         try:
-            for line in self.proc.stdout:
-                yield line.rstrip("\n")
+            for raw in self.proc.stdout:
+                line = raw.rstrip("\n")
+                self.lines.append(line)
+                yield line
             self.proc.wait()  # its output ended: it is exiting (the timer still stands)
         finally:
             self.close()

@@ -218,16 +218,14 @@ def reached_network(output: str) -> bool:
 _DCMSEND_FILE_RE = re.compile(r"^D: sending SOP instance from file: (.*)$")
 
 
-def successes_as_sent(output: Iterable[str], files: list[Path],
-                      lines: list[str]) -> Iterator[Path]:
+def successes_as_sent(output: Iterable[str], files: list[Path]) -> Iterator[Path]:
     """The files dcmsend's debug output confirms, as their C-STORE responses arrive: it names
     the file before each request ("sending SOP instance from file: …") and prints the
     response's status after it. Only a success (0x0000) of the file just named counts; every
-    other outcome is read from the report at the end. Every line is kept in `lines`."""
+    other outcome is read from the report at the end."""
     by_name = {str(path): path for path in files}
     current: Path | None = None
     for line in output:
-        lines.append(line)
         if (named := _DCMSEND_FILE_RE.match(line)) is not None:
             current = by_name.get(named.group(1))
         elif (status := _DIMSE_STATUS_RE.match(line)) is not None and current is not None:
@@ -238,7 +236,7 @@ def successes_as_sent(output: Iterable[str], files: list[Path],
 
 def refused_contexts(output: str) -> dict[tuple[int, int], str]:
     """(association number, context ID) → why the peer refused it, from the A-ASSOCIATE-AC
-    sections dcmsend prints with --verbose --verbose-pc."""
+    sections dcmsend prints with --verbose-pc (and --verbose or --debug)."""
     refused: dict[tuple[int, int], str] = {}
     association = 0
     in_ac = False
@@ -588,13 +586,12 @@ class DcmtkEngine(Engine):
                 yield from local_failures(files, f"cannot run {self.dcmsend}: "
                                           f"{exc.strerror or exc}")
                 return
-            lines: list[str] = []
             # Each success leaves the spool as it arrives (the report comes only at the end):
             # a relay killed mid-batch then sends again only what was not confirmed.
-            for path in successes_as_sent(run, files, lines):
+            for path in successes_as_sent(run, files):
                 confirmed.add(path)
                 yield SendResult(path, Outcome.DELIVERED, 0, "0x0000: Success")
-            output = "\n".join(lines).strip()
+            output = "\n".join(run.lines).strip()
             if run.timed_out:
                 output = "dcmsend timed out"
             else:
