@@ -1,9 +1,11 @@
 """Query/retrieve through the relay, measured (nothing asserted):
 
   C-MOVE of 500 small instances (one study) to a DCMTK storescp, asked by DCMTK's movescu of
-  Orthanc directly, and of the relay in front of the same Orthanc (embedded engine, retrieving
-  by C-GET and by C-MOVE to itself; the DCMTK engine's SCP on [query].port), alternating
-  runs, the median kept (goal: relay >= 0.5x the direct throughput).
+  Orthanc directly, and of the relay in front of the same Orthanc, alternating runs, the
+  median kept (goal: relay >= 0.5x the direct throughput). Asked on [query].port, where the
+  relay serves C-MOVE itself: the embedded engine (retrieving by C-GET and by C-MOVE to
+  itself), DCMTK (getscu fetches, dcmsend stores), dcm4che where a toolkit is found
+  (pynetdicom fetches, its JVM stores).
   C-FIND at IMAGE level of the same study (500 matches), the same way.
 
     .venv/bin/python bench/query.py            # the full run (about a minute)
@@ -28,6 +30,7 @@ from run import Sink  # noqa: E402
 
 from dicomdata import ct_series  # noqa: E402
 from peers import (  # noqa: E402
+    DCM4CHE_HOME,
     DCMTK_BIN,
     Orthanc,
     RelayProcess,
@@ -119,6 +122,8 @@ def main() -> None:
         setups = [("relay (embedded, retrieve = get)", "embedded", "get"),
                   ("relay (embedded, retrieve = move)", "embedded", "move"),
                   ("relay (dcmtk, [query].port, retrieve = get)", "dcmtk", "get")]
+        if DCM4CHE_HOME is not None:
+            setups.append(("relay (dcm4che, [query].port, retrieve = get)", "dcm4che", "get"))
         relays = {name: relay(work, f"r{i}", pacs, sink, engine, retrieve)
                   for i, (name, engine, retrieve) in enumerate(setups)}
         asks: dict[str, tuple[int, str]] = {"direct: movescu -> Orthanc": (pacs.dicom_port,

@@ -622,3 +622,117 @@ def test_only_the_pacs_sub_operations_of_our_move_are_taken_from_the_routing_pat
     assert store("ORTHANC", msg_id, "DICOMRELAY") == 0x0000
     assert store("ORTHANC", None, only_inbox=True) == 0x0000  # [query].port: the one inbox
     assert len(list(folder.iterdir())) == 2
+
+
+# --- a C-MOVE served by the relay: the engine's sender stores, DCMTK's getscu fetches ----------
+
+
+@pytest.mark.parametrize("engine", ["embedded", "dcmtk", *with_dcm4che("dcm4che")])
+def test_a_move_on_the_query_port_goes_through_the_engines_own_tools(world: World,
+                                                                     engine: str) -> None:
+    """On [query].port the relay serves C-MOVE itself (relay.services.move): the engine's
+    sender stores to the move destination; on DCMTK, getscu fetches from the PACS. Complete
+    with the right counts; an unknown destination and one that is down get A801."""
+    down = free_port()
+    relay = start_relay(world, f"served-{engine}", engine, extra=f"""
+[[modalities]]
+ae_title = "DOWN"
+host = "127.0.0.1"
+port = {down}
+""")
+    try:
+        world.viewer.clear()
+        move = movescu(relay.query_port, world.viewer.aet, world.study)
+        out = move.stdout + move.stderr
+        assert final_counts(out) == {"completed": STUDY_SIZE, "failed": 0, "warning": 0}, out
+        assert final_status(out) == "0x0000", out
+        wait_until(lambda: len(world.viewer.stored()) == STUDY_SIZE, 30, what="all at the viewer")
+        assert instance_uids(world.viewer.folder) == world.instances
+        assert ("own C-GET SCU" in relay.process.output()) == (engine == "dcmtk")
+        unknown = movescu(relay.query_port, "NOBODY", world.study)
+        assert final_status(unknown.stdout + unknown.stderr) == "0xa801"
+        gone = movescu(relay.query_port, "DOWN", world.study)
+        assert final_status(gone.stdout + gone.stderr) == "0xa801", gone.stdout + gone.stderr
+        lines = wait_until(lambda: (lambda found: found if len(found) == 3 else None)(
+            relay.audit("retrieve")), 10, what="three retrieves audited")
+        assert [(e["move_destination"], e["status"]) for e in lines] == [
+            ("VIEWER", "0x0000"), ("NOBODY", "0xA801"), ("DOWN", "0xA801")], lines
+        assert lines[0]["completed"] == STUDY_SIZE
+        assert "cannot store to the move destination DOWN" in lines[2]["detail"]
+        wait_until(lambda: not list((relay.spool / "retrieving").iterdir()), 30,
+                   what="the retrieves' folders removed")
+        assert not list((relay.spool / "incoming").iterdir())
+    finally:
+        relay.process.stop()
+
+
+def test_a_cancelled_move_stops_the_toolkits_get(world: World, big_study: BigStudy) -> None:
+    """A workstation (pynetdicom) cancels its C-MOVE at the first pending response: the relay
+    stops getscu and its sender, answers Cancel with what was done, and cleans up."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
+
+    relay = start_relay(world, "cancel-dcmtk", "dcmtk")
+    try:
+        ae = AE("WORKSTATION")
+        ae.add_requested_context(Move)
+        assoc = ae.associate("127.0.0.1", relay.query_port, ae_title="DICOMRELAY")
+        assert assoc.is_established
+        request = Dataset()
+        request.QueryRetrieveLevel = "STUDY"
+        request.StudyInstanceUID = big_study.uid
+        final = None
+        for rsp, _ in assoc.send_c_move(request, world.viewer.aet, Move, msg_id=1):
+            if "Status" not in rsp:
+                break
+            if int(rsp.Status) in (0xFF00, 0xFF01):
+                assoc.send_c_cancel(1, assoc.accepted_contexts[0].context_id)
+            else:
+                final = rsp
+        assoc.release()
+        assert final is not None and int(final.Status) == 0xFE00, final
+        assert int(final.NumberOfCompletedSuboperations) < BIG_SIZE
+        assert int(final.NumberOfRemainingSuboperations) > 0
+        wait_until(lambda: not list((relay.spool / "retrieving").iterdir()), 30,
+                   what="the retrieve's folder removed")
+        line = wait_until(lambda: relay.audit("retrieve"), 10)[-1]
+        assert line["status"] == "0xFE00"
+    finally:
+        relay.process.stop()
+
+
+def test_getscus_debug_output_names_each_stored_object_and_the_counts(tmp_path: Path) -> None:
+    """getscu --debug as it prints (lines of a real run): a success names a file of the
+    folder; a failed C-STORE response names none; each C-GET response gives its counts."""
+    from relay.toolkits.dcmtk import getscu_updates
+
+    uid_a, uid_b = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
+    (tmp_path / uid_a).write_bytes(b"x")  # --bit-preserving: named by its UID
+    (tmp_path / f"CT.{uid_b}").write_bytes(b"x")  # without: <modality>.<UID>
+
+    def store_rsp(uid: str, status: str) -> list[str]:
+        return ["I: Sending C-STORE Response",
+                "D: Message Type                  : C-STORE RSP",
+                f"D: Affected SOP Instance UID     : {uid}",
+                f"D: DIMSE Status                  : {status}"]
+
+    def get_rsp(remaining: str, completed: int, failed: int, status: str) -> list[str]:
+        return ["D: Message Type                  : C-GET RSP",
+                f"D: Remaining Suboperations       : {remaining}",
+                f"D: Completed Suboperations       : {completed}",
+                f"D: Failed Suboperations          : {failed}",
+                "D: Warning Suboperations         : 0",
+                f"D: DIMSE Status                  : {status}"]
+
+    lines = [*store_rsp(uid_a, "0x0000: Success"),
+             *get_rsp("2", 1, 0, "0xff00: Pending: Sub-operations are continuing"),
+             *store_rsp("1.2.3.4", "0xa700: Failure: Out of resources"),
+             *store_rsp(uid_b, "0x0000: Success"),
+             *store_rsp("../../etc/passwd", "0x0000: Success"),
+             *get_rsp("none", 2, 1, "0xb000: Warning: Sub-operations complete")]
+    updates = list(getscu_updates(lines, tmp_path))
+    assert [(u.path, u.uid) for u in updates if u.path] == [
+        (tmp_path / uid_a, uid_a), (tmp_path / f"CT.{uid_b}", uid_b)]
+    assert [(u.status, u.remaining, u.completed, u.failed) for u in updates if u.status] == [
+        (0xFF00, 2, 1, 0), (0xB000, 0, 2, 1)]

@@ -141,7 +141,8 @@ class Relay:
             # they are audited and in the history from here as well.
             self._subscribe_audit_and_history("history-backlog-receive.jsonl")
         if self.config.query is not None:
-            self.services.query = QueryRetrieve(self.config, self.spool.root, self.events)
+            self.services.query = QueryRetrieve(self.config, self.spool.root, self.events,
+                                                self.engine if self.do_process else None)
         if self.config.commitment is not None:
             self.ledger = Ledger(self.spool.root)
             if self.do_process:

@@ -19,9 +19,9 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -50,7 +50,11 @@ from relay.services.find import CANCEL, PENDING
 from relay.services.upstream import PacsUnavailable, Upstream
 from relay.spool import safe_name
 from relay.toolkits.associations import file_head
-from relay.toolkits.common import MAX_CONTEXTS
+from relay.toolkits.common import MAX_CONTEXTS, ToolGet
+
+if TYPE_CHECKING:
+    from relay.config.model import Destination
+    from relay.send.results import SendResult
 
 log = logging.getLogger("relay.services")
 
@@ -72,6 +76,22 @@ GET_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicit
                 ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
                 JPEG2000Lossless, JPEG2000, RLELossless]
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+
+
+class ToolkitEngine(Protocol):
+    """What query/retrieve uses of the engine (relay.toolkits.base.Engine): its C-GET SCU,
+    and its sender for a C-MOVE's objects. A protocol: the toolkits depend on the services
+    (the embedded receiver answers them), not the other way round."""
+
+    name: str
+
+    def send(self, files: list[Path], destination: Destination, calling_ae: str,
+             timeout: float, keep_open: bool = False) -> Iterator[SendResult]: ...
+
+    def release(self, destination: Destination) -> None: ...
+
+    def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
+                    folder: Path, timeout: float) -> ToolGet | None: ...
 
 
 class StoredObject(Dataset):
@@ -225,13 +245,18 @@ def pid_alive(pid: int) -> bool:
 
 class Fetch:
     """One retrieve from the PACS, in a thread of its own: objects land in a folder and are
-    queued as they arrive; the PACS's counts and final status are kept."""
+    queued as they arrive; the PACS's counts and final status are kept. By C-GET, the
+    engine's own toolkit SCU fetches when it has one that fits (DCMTK's getscu: the objects
+    never pass through Python), else pynetdicom."""
 
     _serial = itertools.count(1)
 
     def __init__(self, upstream: Upstream, identifier: Dataset, model: str, *, mode: str,
-                 inboxes: Inboxes, move_ae_title: str) -> None:
+                 inboxes: Inboxes, move_ae_title: str,
+                 engine: ToolkitEngine | None = None) -> None:
         self.upstream = upstream
+        self.engine = engine
+        self._tool: ToolGet | None = None
         self.identifier = identifier
         self.mode = mode
         self.inboxes = inboxes
@@ -250,6 +275,7 @@ class Fetch:
         self.first: tuple[str, str] | None = None  # (SOP class, transfer syntax) of the first
         self._arrived: queue.Queue[Path] = queue.Queue()
         self._seen: set[str] = set()
+        self.uids: dict[Path, str] = {}  # the SOP Instance UID of each object queued
         self._ready = threading.Event()  # the total is known, or the fetch is over
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -274,6 +300,17 @@ class Fetch:
         except queue.Empty:
             return None
 
+    def arrived(self, timeout: float) -> list[Path]:
+        """Every object queued now, waiting up to `timeout` for a first one."""
+        first = self.next_object(timeout)
+        if first is None:
+            return []
+        taken = [first]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                taken.append(self._arrived.get_nowait())
+        return taken
+
     @property
     def finished(self) -> bool:
         """The PACS has answered its last and every object it sent is queued."""
@@ -281,10 +318,12 @@ class Fetch:
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self._tool is not None:
+            self._tool.stop()
 
     def close(self) -> None:
         """Stop (a C-CANCEL to the PACS if it is still sending) and remove the folder."""
-        self._cancel.set()
+        self.cancel()
         if self._thread.is_alive():
             self._thread.join(timeout=self.upstream.timeout + 5)
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -293,6 +332,8 @@ class Fetch:
 
     def _run(self) -> None:
         try:
+            if self.mode == "get" and self._get_by_tool():
+                return
             if self.mode == "get":
                 contexts, roles = get_contexts(self.model)
                 assoc = self.upstream.associate(contexts, [(evt.EVT_C_STORE, self._on_store)],
@@ -317,6 +358,51 @@ class Fetch:
             self._collect()
             self._done.set()
             self._ready.set()
+
+    def _get_by_tool(self) -> bool:
+        """The C-GET by the engine's own SCU; False when it has none that fits."""
+        if self.engine is None:
+            return False
+        query = self.folder / ".query.dcm"  # the identifier, as the tool reads it
+        dcmwrite(query, self.identifier, implicit_vr=True, little_endian=True)
+        source = self.upstream.destination
+        try:
+            tool = self.engine.get_by_tool(source, query, self.model, self.upstream.calling_ae,
+                                           self.folder, self.upstream.timeout)
+        except OSError as exc:  # the tool is gone or not executable since start-up
+            self.error = f"cannot run the toolkit's C-GET SCU: {exc.strerror or exc}"
+            return True
+        if tool is None:
+            return False
+        log.info("retrieve from %s by the %s engine's own C-GET SCU", self.upstream.describe(),
+                 self.engine.name)
+        self._tool = tool
+        if self._cancel.is_set():
+            tool.stop()
+        for update in tool:
+            if update.path is not None:
+                self._queue(update.path, None, update.uid)
+            elif update.error:
+                if self._cancel.is_set():
+                    log.info("retrieve cancelled: the C-GET from %s was aborted",
+                             self.upstream.describe())
+                else:
+                    self.error = f"retrieve from {self.upstream.describe()} failed: " \
+                                 f"{update.error}"
+            elif update.status is not None:
+                counts = update.remaining + update.completed + update.failed + update.warning
+                if update.status in PENDING:
+                    if self.total is None:
+                        self.total = counts
+                        self._ready.set()
+                    continue
+                self.failed = update.failed
+                if self.total is None:
+                    self.total = counts
+                if update.status not in (SUCCESS, WARNING_SOME_FAILED, CANCEL) \
+                        and not self._seen:
+                    self.error = f"{self.upstream.describe()} answered 0x{update.status:04X}"
+        return True
 
     def _follow(self, assoc: Any, responses: Iterator[tuple[Dataset, Dataset | None]]) -> None:
         cancel_sent = False
@@ -364,7 +450,8 @@ class Fetch:
                       shown(str(request.AffectedSOPInstanceUID)), exc.strerror or exc)
             return OUT_OF_RESOURCES
         self._queue(path, (str(request.AffectedSOPClassUID),
-                           str(event.context.transfer_syntax)))
+                           str(event.context.transfer_syntax)),
+                    str(request.AffectedSOPInstanceUID))
         return SUCCESS
 
     def _collect(self) -> None:
@@ -381,10 +468,11 @@ class Fetch:
                         meta = dcmread(path, stop_before_pixels=True).file_meta
                         first = (str(meta.MediaStorageSOPClassUID),
                                  str(meta.TransferSyntaxUID))
-                self._queue(path, first)
+                self._queue(path, first, path.name.split("~", 1)[0])
 
-    def _queue(self, path: Path, first: tuple[str, str] | None) -> None:
+    def _queue(self, path: Path, first: tuple[str, str] | None, uid: str) -> None:
         self._seen.add(path.name)
+        self.uids[path] = uid
         if self.first is None:
             self.first = first
         self._arrived.put(path)

@@ -30,18 +30,33 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from relay.config.model import Destination
 from relay.events import EventBus, Queried, Retrieved
 from relay.ops.logs import shown
-from relay.services.find import PENDING, forward_find, status
-from relay.services.retrieve import RETRIEVING, Fetch, Inboxes, serve_objects, store_contexts
-from relay.services.upstream import PacsUnavailable, Upstream
+from relay.services.find import CANCEL, PENDING, forward_find, status
+from relay.services.move import (
+    MOVE_DESTINATION_UNKNOWN,
+    SERVE_MOVE,
+    MoveProgress,
+    forward_objects,
+)
+from relay.services.retrieve import (
+    RETRIEVING,
+    SUCCESS,
+    Fetch,
+    Inboxes,
+    ToolkitEngine,
+    serve_objects,
+    store_contexts,
+)
+from relay.services.upstream import UNABLE_TO_PROCESS, PacsUnavailable, Upstream
 from relay.toolkits.associations import prefer_requestor_syntax, refused_host, set_nodelay
 from relay.toolkits.tls import client_context, server_context
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from relay.config.model import Config
+    from relay.config.model import Config, Modality
     from relay.services.commitment import StorageCommitment
 
 log = logging.getLogger("relay.services")
@@ -89,11 +104,17 @@ class Request:
 
 class QueryRetrieve:
     """The query/retrieve service: forwards to the [query] destination. One per process; the
-    SCP on [query].port and the embedded receiver bind its handlers."""
+    SCP on [query].port and the embedded receiver bind its handlers.
 
-    def __init__(self, config: Config, spool_root: Path, events: EventBus) -> None:
+    engine: in the process that also sends (the services SCP's), the engine's toolkit takes
+    part: its C-GET SCU fetches (when it has one) and its sender stores a C-MOVE's objects
+    (`serve_move`); without one, pynetdicom does both (the embedded receiver's process)."""
+
+    def __init__(self, config: Config, spool_root: Path, events: EventBus,
+                 engine: ToolkitEngine | None = None) -> None:
         assert config.query is not None
         self.config = config
+        self.engine = engine
         self.query = config.query
         self.upstream = Upstream(config)
         self.events = events
@@ -208,13 +229,8 @@ class QueryRetrieve:
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         request, identifier = self._begin(event, "C-MOVE")
-        destination = str(event.move_destination or "").strip()
-        request.move_destination = destination
-        modality = self.config.modality(destination)
+        modality = self._move_destination(event, request)
         if modality is None:
-            request.detail = f"move destination {destination!r} is not a [[modalities]] entry"
-            log.warning("C-MOVE from %s: %s: refused (A801)", shown(request.requester),
-                        shown(request.detail))
             yield None, None
             return
         if identifier is None:
@@ -234,6 +250,58 @@ class QueryRetrieve:
         finally:
             fetch.close()
 
+    def serve_move(self, event: evt.Event) -> Iterator[MoveProgress]:
+        """A C-MOVE served by the relay (relay.services.move): as on_move, but the objects go
+        to the move destination through the engine's sender."""
+        assert self.engine is not None
+        request, identifier = self._begin(event, "C-MOVE")
+        modality = self._move_destination(event, request)
+        if modality is None:
+            yield MoveProgress(MOVE_DESTINATION_UNKNOWN, comment="unknown move destination")
+            return
+        if identifier is None:
+            yield MoveProgress(STATUS_CANNOT_UNDERSTAND, comment="identifier not decodable")
+            return
+        seen_cancel: list[bool] = []
+
+        def cancelled() -> bool:  # pynetdicom answers True once per C-CANCEL: kept here
+            if not seen_cancel and event.is_cancelled:
+                seen_cancel.append(True)
+            return bool(seen_cancel)
+
+        fetch = self._fetch(identifier, str(event.context.abstract_syntax))
+        try:
+            try:
+                total = self._count(fetch, request, cancelled)
+            except PacsUnavailable as exc:
+                yield MoveProgress(CANCEL if cancelled() else UNABLE_TO_PROCESS,
+                                   comment=str(exc))
+                return
+            if total == 0:
+                yield MoveProgress(SUCCESS)
+                return
+            target = Destination(name=f"move destination {modality.ae_title}",
+                                 ae_title=modality.ae_title, host=modality.host,
+                                 port=modality.port, tls=modality.tls)
+            for progress in forward_objects(fetch, total, self.engine, target,
+                                            self.config.receiver.ae_title,
+                                            self.upstream.timeout, cancelled):
+                if progress.status == MOVE_DESTINATION_UNKNOWN:
+                    request.detail = f"cannot store to the move destination {modality.describe()}"
+                yield progress
+        finally:
+            fetch.close()
+
+    def _move_destination(self, event: evt.Event, request: Request) -> Modality | None:
+        destination = str(event.move_destination or "").strip()
+        request.move_destination = destination
+        modality = self.config.modality(destination)
+        if modality is None:
+            request.detail = f"move destination {destination!r} is not a [[modalities]] entry"
+            log.warning("C-MOVE from %s: %s: refused (A801)", shown(request.requester),
+                        shown(request.detail))
+        return modality
+
     @staticmethod
     def _count(fetch: Fetch, request: Request, cancelled: Callable[[], bool]) -> int:
         """The number of objects, once the PACS said it; raise when it cannot (pynetdicom
@@ -249,7 +317,8 @@ class QueryRetrieve:
 
     def _fetch(self, identifier: Dataset, model: str) -> Fetch:
         return Fetch(self.upstream, identifier, model, mode=self.query.retrieve,
-                     inboxes=self.inboxes, move_ae_title=self.query.move_ae_title).start()
+                     inboxes=self.inboxes, move_ae_title=self.query.move_ae_title,
+                     engine=self.engine).start()
 
     def on_sent(self, event: evt.Event) -> None:
         """EVT_DIMSE_SENT: a final response ends its request: the event."""
@@ -345,6 +414,8 @@ class ServicesServer:
         if self.commitment is not None:
             self.commitment.add_contexts(ae)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        if self.query is not None and self.query.engine is not None:
+            setattr(ae, SERVE_MOVE, self.query.serve_move)  # see relay.services.move
         ae.require_called_aet = (self.query is None
                                  or not self.query.answers_two_titles(rc.ae_title))
         ae.require_calling_aet = self._allowed_calling_aets()

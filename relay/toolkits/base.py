@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay.toolkits.common import ToolGet
+
 if TYPE_CHECKING:
     from relay.config.model import Config, Destination
     from relay.edit.editor import ToolkitConverter
@@ -76,6 +78,15 @@ class Engine(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
+                    folder: Path, timeout: float) -> ToolGet | None:
+        """A C-GET from `source` by the toolkit's own SCU (query: the identifier as a DICOM
+        file; model: the Q/R model's Get SOP class), objects stored into `folder`. None: the
+        engine has none that fits (no such tool, or TLS it cannot speak): the relay's own
+        C-GET (pynetdicom) fetches then."""
+        del source, query, model, calling_ae, folder, timeout
+        return None
 
     def toolkit_converter(self) -> ToolkitConverter | None:
         """The toolkit's own DICOM ⇄ XML tools, for `converter = "toolkit"` (None: none)."""

@@ -7,9 +7,10 @@ One place for these, so that the engines handle the same situations the same way
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from relay.send.results import Context, Outcome, SendResult
 
@@ -76,3 +77,28 @@ def last_lines(output: str, count: int = 4) -> str:
     lines = [line.strip() for line in output.splitlines()
              if line.strip() and not line.lstrip().startswith("at ")]
     return " | ".join(lines[-count:]) or "no output"
+
+
+@dataclass(frozen=True)
+class GetUpdate:
+    """What a toolkit's C-GET SCU reported while it ran: an object it stored (`path`, whole),
+    or a C-GET response from the PACS (`status` and the sub-operation counts), or `error`:
+    it could not ask (no association, the tool failed)."""
+
+    path: Path | None = None
+    uid: str = ""  # the stored object's SOP Instance UID
+    status: int | None = None
+    remaining: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    error: str = ""
+
+
+class ToolGet(Protocol):
+    """A C-GET by a toolkit's own SCU, running: iterate its updates; stop() from another
+    thread ends it (the association is aborted)."""
+
+    def __iter__(self) -> Iterator[GetUpdate]: ...
+
+    def stop(self) -> None: ...

@@ -35,6 +35,7 @@ Facts it is built on (measured here, see design.md):
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -69,6 +70,7 @@ from relay.send.results import (
 )
 from relay.toolkits.base import Engine, Receiver
 from relay.toolkits.common import (
+    GetUpdate,
     context_groups,
     is_uid,
     last_lines,
@@ -537,6 +539,112 @@ def _whole(path: Path) -> bool:
     return True
 
 
+# getscu's option for each Q/R model it can ask with (Get SOP classes).
+GETSCU_MODELS = {"1.2.840.10008.5.1.4.1.2.1.3": "--patient",  # Patient Root, GET
+                 "1.2.840.10008.5.1.4.1.2.2.3": "--study"}  # Study Root, GET
+# A retrieve has at most 65535 sub-operations (US counts); getscu's own timeouts (connect,
+# ACSE, DIMSE) end one the PACS stops answering long before this limit.
+MOST_SUB_OPERATIONS = 65535
+
+
+def getscu_argv(getscu: Path, query: Path, model: str, source: Destination, calling_ae: str,
+                folder: Path, timeout: float) -> list[str]:
+    seconds = str(max(1, int(timeout)))
+    return [
+        str(getscu),
+        "--aetitle", calling_ae,
+        "--call", source.ae_title,
+        GETSCU_MODELS[model],
+        # --debug: each C-STORE response (the instance UID and status of an object it
+        # stored) and each C-GET response (the counts), read while it runs.
+        "--debug",
+        "--bit-preserving",  # each object written as it came, straight to disk
+        "--max-pdu", "131072",
+        "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
+        "--output-directory", str(folder),
+        source.host, str(source.port), str(query),
+    ]
+
+
+_MESSAGE_TYPE_RE = re.compile(r"^D: Message Type\s*:\s*(\S+ \S+)")
+_AFFECTED_INSTANCE_RE = re.compile(r"^D: Affected SOP Instance UID\s*:\s*(\S+)\s*$")
+_SUB_OPERATIONS_RE = re.compile(
+    r"^D: (Remaining|Completed|Failed|Warning) Suboperations\s*:\s*(\d+)")
+
+
+def stored_by_getscu(folder: Path, uid: str) -> Path | None:
+    """The file getscu stored an instance in: named by its SOP Instance UID with
+    --bit-preserving (`<modality>.<UID>` without)."""
+    if "/" in uid or uid in (".", "..") or not uid:
+        return None  # not a name in the folder, whatever the PACS sent
+    if (folder / uid).is_file():
+        return folder / uid
+    found = [p for p in folder.glob("*." + glob.escape(uid)) if p.parent == folder]
+    return found[0] if len(found) == 1 else None
+
+
+def getscu_updates(output: Iterable[str], folder: Path) -> Iterator[GetUpdate]:
+    """What getscu's --debug output says as it runs: each object stored (getscu writes it,
+    then prints the C-STORE response it answers with: a success names a whole file), and
+    each C-GET response (its counts, then its status)."""
+    kind = ""
+    uid = ""
+    counts: dict[str, int] = {}
+    for line in output:
+        if (message := _MESSAGE_TYPE_RE.match(line)) is not None:
+            kind, uid, counts = message.group(1), "", {}
+        elif kind == "C-STORE RSP":
+            if (affected := _AFFECTED_INSTANCE_RE.match(line)) is not None:
+                uid = affected.group(1)
+            elif (status := _DIMSE_STATUS_RE.match(line)) is not None and uid:
+                if int(status.group(1), 16) == 0:
+                    path = stored_by_getscu(folder, uid)
+                    if path is not None:
+                        yield GetUpdate(path=path, uid=uid)
+                kind = ""
+        elif kind == "C-GET RSP":
+            if (count := _SUB_OPERATIONS_RE.match(line)) is not None:
+                counts[count.group(1).lower()] = int(count.group(2))
+            elif (status := _DIMSE_STATUS_RE.match(line)) is not None:
+                yield GetUpdate(status=int(status.group(1), 16),
+                                remaining=counts.get("remaining", 0),
+                                completed=counts.get("completed", 0),
+                                failed=counts.get("failed", 0),
+                                warning=counts.get("warning", 0))
+                kind = ""
+
+
+class GetscuRun:
+    """getscu running (engine.get_by_tool): its updates as they come; when it ends without a
+    final C-GET response, one last update says why."""
+
+    def __init__(self, argv: list[str], folder: Path, timeout: float) -> None:
+        self.folder = folder
+        self.run = ToolLines(argv, env=dcmtk_env(), timeout=timeout)
+
+    def __iter__(self) -> Iterator[GetUpdate]:
+        final = False
+        for update in getscu_updates(self.run, self.folder):
+            final = update.status is not None and not 0xFF00 <= update.status <= 0xFF01
+            yield update
+        if final:
+            return
+        output = "\n".join(self.run.lines)
+        if self.run.timed_out:
+            why = "timed out"
+        elif not reached_network(output):
+            why = f"stopped before connecting (exit {self.run.returncode}): {last_lines(output)}"
+        else:
+            why = next((ln for ln in output.splitlines() if ln.startswith(("F:", "E:"))),
+                       last_lines(output))
+        yield GetUpdate(error=f"getscu: {why}")
+
+    def stop(self) -> None:
+        """End it from another thread (a cancelled retrieve): the association goes with it."""
+        with contextlib.suppress(OSError):
+            self.run.proc.kill()
+
+
 class DcmtkEngine(Engine):
     name = "dcmtk"
     knows_called_ae = False  # storescp accepts any called AE title
@@ -548,6 +656,10 @@ class DcmtkEngine(Engine):
         self.dcmsend = find_tool(self.bin_dir, "dcmsend")
         self.echoscu = find_tool(self.bin_dir, "echoscu")
         self.storescu = find_tool(self.bin_dir, "storescu")  # for TLS destinations
+        try:  # query/retrieve fetches with it; pynetdicom does without
+            self.getscu: Path | None = find_tool(self.bin_dir, "getscu")
+        except FileNotFoundError:
+            self.getscu = None
         # For objects whose UIDs must not reach storescu's association profile.
         self.embedded = EmbeddedEngine()
 
@@ -701,6 +813,14 @@ class DcmtkEngine(Engine):
                                       f"storescu: {answer.detail}",
                                       refused_syntax=answer.refused_syntax))
         yield from mark_in_flight(results, any(marker in output for marker in _ABORT_MARKERS))
+
+    def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
+                    folder: Path, timeout: float) -> GetscuRun | None:
+        # getscu has no TLS, and asks with the two common models only.
+        if self.getscu is None or source.tls is not None or model not in GETSCU_MODELS:
+            return None
+        argv = getscu_argv(self.getscu, query, model, source, calling_ae, folder, timeout)
+        return GetscuRun(argv, folder, tool_timeout(timeout, MOST_SUB_OPERATIONS))
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))
