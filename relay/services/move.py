@@ -1,14 +1,15 @@
 """C-MOVE served by the relay itself, not by pynetdicom's Q/R service class: what a Fetch
 brings from the PACS goes to the move destination through the engine's own sender (dcmsend,
-dcm4che's JVM, pynetdicom), in batches of whatever has arrived, and the requester gets a
-pending response with the counts after each result.
+dcm4che's JVM, pynetdicom), in batches of whatever has arrived, and the requester gets
+pending responses with the counts as they change.
 
 Why: pynetdicom's C-MOVE SCP stores each object itself, one pynetdicom C-STORE at a time
 (with the C-GET from the PACS, ~4.6 ms of Python per object: bench/query.py); a toolkit
-sends them for a fraction of that, and with the toolkit's own C-GET SCU (DCMTK's getscu) no
-object passes through Python at all. pynetdicom picks a service class by SOP class; the
-subclass below is the one it gets for the Q/R models, and serves a C-MOVE itself only on an
-AE that carries SERVE_MOVE (the relay's services SCP): elsewhere it is pynetdicom's own.
+sends them for a fraction of that, and with the toolkit's own C-GET SCU (DCMTK's getscu,
+dcm4che's in its JVM) no object passes through Python at all. pynetdicom picks a service
+class by SOP class; the subclass below is the one it gets for the Q/R models, and serves a
+C-MOVE itself only on an AE that carries SERVE_MOVE (the relay's services SCP): elsewhere it
+is pynetdicom's own.
 """
 
 from __future__ import annotations
@@ -139,57 +140,56 @@ pynetdicom.association.uid_to_service_class = _service_class
 def forward_objects(fetch: Fetch, total: int, engine: ToolkitEngine, target: Destination,
                     calling_ae: str, timeout: float, cancelled: Callable[[], bool]
                     ) -> Iterator[MoveProgress]:
-    """Store what the fetch brings to `target` by the engine's sender, a pending response
-    after each result, then the final one. Each object leaves its folder once answered.
-    A batch the destination took none of, unreachable, ends the move (the PACS is told to
-    stop): the rest would only wait on it in turn."""
+    """Store what the fetch brings to `target` by the engine's sender, pending responses as
+    results come (at most every REPORT_EVERY seconds), then the final one. Each object
+    leaves its folder once answered. A batch the destination took none of, unreachable, ends
+    the move (the PACS is told to stop): the rest would only wait on it in turn."""
     remaining, completed, failed, warning = total, 0, 0, 0
     failed_uids: list[str] = []
     reported = 0.0
-    try:
-        while remaining > 0:
-            if cancelled():
-                fetch.cancel()
-                yield MoveProgress(CANCEL, remaining, completed, failed, warning,
-                                   tuple(failed_uids))
-                return
-            batch = fetch.arrived(0.1)
-            if not batch:
-                if fetch.finished:
-                    break
-                continue
-            unreachable = ""
-            delivered = 0
-            for result in engine.send(batch, target, calling_ae, timeout, keep_open=True):
-                remaining = max(0, remaining - 1)
-                if result.outcome is Outcome.DELIVERED:
-                    delivered += 1
-                    if result.status:
-                        warning += 1
-                    else:
-                        completed += 1
-                else:
-                    failed += 1
-                    failed_uids.append(fetch.uids.get(result.path, ""))
-                    if result.outcome is Outcome.RETRY:
-                        unreachable = result.detail
-                result.path.unlink(missing_ok=True)
-                if cancelled():
-                    break  # the rest of the batch stays remaining (its sender stops)
-                now = time.monotonic()
-                if now - reported >= REPORT_EVERY:
-                    reported = now
-                    yield MoveProgress(PENDING[0], remaining, completed, failed, warning)
-            if unreachable and not delivered:
-                fetch.cancel()
-                log.error("C-MOVE to %s stopped: %s", target.ae_title, unreachable)
-                if not completed + warning:
-                    yield MoveProgress(MOVE_DESTINATION_UNKNOWN,
-                                       comment=f"cannot store to {target.ae_title}")
-                    return
+    while remaining > 0:
+        if cancelled():
+            fetch.cancel()
+            yield MoveProgress(CANCEL, remaining, completed, failed, warning,
+                               tuple(failed_uids))
+            return
+        batch = fetch.arrived(0.1)
+        if not batch:
+            if fetch.finished:
                 break
-    finally:
-        engine.release(target)
+            continue
+        unreachable = ""
+        delivered = 0
+        # An association per batch (a few per move): none is left open to the move
+        # destination, whichever way the move ends.
+        for result in engine.send(batch, target, calling_ae, timeout):
+            remaining = max(0, remaining - 1)
+            if result.outcome is Outcome.DELIVERED:
+                delivered += 1
+                if result.status:
+                    warning += 1
+                else:
+                    completed += 1
+            else:
+                failed += 1
+                failed_uids.append(fetch.uids.get(result.path, ""))
+                if result.outcome is Outcome.RETRY:
+                    unreachable = result.detail
+            result.path.unlink(missing_ok=True)
+            if cancelled():
+                break  # the rest of the batch stays remaining (its sender stops)
+            now = time.monotonic()
+            if now - reported >= REPORT_EVERY:
+                reported = now
+                yield MoveProgress(PENDING[0], remaining, completed, failed, warning)
+        if unreachable and not delivered:
+            fetch.cancel()
+            log.error("C-MOVE to %s stopped: %s", target.ae_title, unreachable)
+            if not completed + warning:
+                yield MoveProgress(MOVE_DESTINATION_UNKNOWN,
+                                   comment=f"cannot store to {target.ae_title}")
+                return
+            break
     failed += remaining  # announced by the PACS, never brought (or never sent)
     failed_uids += fetch.failed_uids
     if failed or warning:

@@ -88,10 +88,9 @@ class ToolkitEngine(Protocol):
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
              timeout: float, keep_open: bool = False) -> Iterator[SendResult]: ...
 
-    def release(self, destination: Destination) -> None: ...
-
     def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
-                    folder: Path, timeout: float) -> ToolGet | None: ...
+                    folder: Path, timeout: float, storage: list[tuple[str, list[str]]]
+                    ) -> ToolGet | None: ...
 
 
 class StoredObject(Dataset):
@@ -246,8 +245,8 @@ def pid_alive(pid: int) -> bool:
 class Fetch:
     """One retrieve from the PACS, in a thread of its own: objects land in a folder and are
     queued as they arrive; the PACS's counts and final status are kept. By C-GET, the
-    engine's own toolkit SCU fetches when it has one that fits (DCMTK's getscu: the objects
-    never pass through Python), else pynetdicom."""
+    engine's own toolkit SCU fetches when it has one that fits (DCMTK's getscu, dcm4che's
+    in its JVM: the objects never pass through Python), else pynetdicom."""
 
     _serial = itertools.count(1)
 
@@ -367,10 +366,14 @@ class Fetch:
         dcmwrite(query, self.identifier, implicit_vr=True, little_endian=True)
         source = self.upstream.destination
         try:
+            contexts, _ = get_contexts(self.model)
+            storage = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+                       for cx in contexts[1:]]
             tool = self.engine.get_by_tool(source, query, self.model, self.upstream.calling_ae,
-                                           self.folder, self.upstream.timeout)
-        except OSError as exc:  # the tool is gone or not executable since start-up
-            self.error = f"cannot run the toolkit's C-GET SCU: {exc.strerror or exc}"
+                                           self.folder, self.upstream.timeout, storage)
+        except (OSError, ValueError) as exc:  # the tool is gone since start-up; TLS files
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self.error = f"cannot run the {self.engine.name} engine's C-GET SCU: {why}"
             return True
         if tool is None:
             return False
@@ -379,29 +382,21 @@ class Fetch:
         self._tool = tool
         if self._cancel.is_set():
             tool.stop()
+        final: int | None = None
         for update in tool:
             if update.path is not None:
                 self._queue(update.path, None, update.uid)
             elif update.error:
-                if self._cancel.is_set():
-                    log.info("retrieve cancelled: the C-GET from %s was aborted",
-                             self.upstream.describe())
-                else:
+                if not self._cancel.is_set():  # else: the end of the stop() below
                     self.error = f"retrieve from {self.upstream.describe()} failed: " \
                                  f"{update.error}"
-            elif update.status is not None:
-                counts = update.remaining + update.completed + update.failed + update.warning
-                if update.status in PENDING:
-                    if self.total is None:
-                        self.total = counts
-                        self._ready.set()
-                    continue
-                self.failed = update.failed
-                if self.total is None:
-                    self.total = counts
-                if update.status not in (SUCCESS, WARNING_SOME_FAILED, CANCEL) \
-                        and not self._seen:
-                    self.error = f"{self.upstream.describe()} answered 0x{update.status:04X}"
+            elif update.status is not None and not self._response(update.status, [
+                    update.remaining, update.completed, update.failed, update.warning]):
+                final = update.status
+        if self._cancel.is_set() and final in (None, CANCEL):
+            log.info("retrieve cancelled: the %s engine's C-GET from %s stopped (%s)",
+                     self.engine.name, self.upstream.describe(),
+                     "cancelled by the PACS" if final == CANCEL else "association ended")
         return True
 
     def _follow(self, assoc: Any, responses: Iterator[tuple[Dataset, Dataset | None]]) -> None:
@@ -416,27 +411,35 @@ class Fetch:
                 "NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
                 "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")]
             self._collect()
-            if code in PENDING:
-                if self.total is None:
-                    self.total = sum(counts)
-                    self._ready.set()
+            if self._response(code, counts):
                 if self._cancel.is_set() and not cancel_sent and assoc.accepted_contexts:
                     log.info("retrieve cancelled: C-CANCEL passed on to %s",
                              self.upstream.describe())
                     assoc.send_c_cancel(self.msg_id, assoc.accepted_contexts[0].context_id)
                     cancel_sent = True
                 continue
-            self.failed = counts[2]
             if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
                 uids = identifier.FailedSOPInstanceUIDList
                 self.failed_uids = [str(u) for u in (uids if isinstance(uids, list) else [uids])
                                     if u]
-            if self.total is None:
-                self.total = counts[1] + counts[2] + counts[3]
-            if code not in (SUCCESS, WARNING_SOME_FAILED, CANCEL) and not self._seen:
-                self.error = f"{self.upstream.describe()} answered 0x{code:04X}"
             return
         self.error = f"{self.upstream.describe()} gave no final response"
+
+    def _response(self, code: int, counts: list[int]) -> bool:
+        """A C-GET or C-MOVE response of the PACS (counts: remaining, completed, failed,
+        warning): the total from the first pending one, the failures and status from the
+        final one. True while pending."""
+        if code in PENDING:
+            if self.total is None:
+                self.total = sum(counts)
+                self._ready.set()
+            return True
+        self.failed = counts[2]
+        if self.total is None:
+            self.total = counts[1] + counts[2] + counts[3]
+        if code not in (SUCCESS, WARNING_SOME_FAILED, CANCEL) and not self._seen:
+            self.error = f"{self.upstream.describe()} answered 0x{code:04X}"
+        return False
 
     def _on_store(self, event: evt.Event) -> int:
         """EVT_C_STORE on the C-GET association: a matching object from the PACS."""

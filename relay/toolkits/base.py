@@ -80,12 +80,14 @@ class Engine(ABC):
         return self.name
 
     def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
-                    folder: Path, timeout: float) -> ToolGet | None:
+                    folder: Path, timeout: float, storage: list[tuple[str, list[str]]]
+                    ) -> ToolGet | None:
         """A C-GET from `source` by the toolkit's own SCU (query: the identifier as a DICOM
-        file; model: the Q/R model's Get SOP class), objects stored into `folder`. None: the
-        engine has none that fits (no such tool, or TLS it cannot speak): the relay's own
+        file; model: the Q/R model's Get SOP class), objects stored into `folder`; storage:
+        the classes and transfer syntaxes to take them in, for a tool that is told. None:
+        the engine has none that fits (no such tool, or TLS it cannot speak): the relay's own
         C-GET (pynetdicom) fetches then."""
-        del source, query, model, calling_ae, folder, timeout
+        del source, query, model, calling_ae, folder, timeout, storage
         return None
 
     def toolkit_converter(self) -> ToolkitConverter | None:

@@ -9,6 +9,8 @@
   it exited, one JVM per batch: a kill -9 resent the whole batch). dcm2xml's SAX writer and
   xml2dcm's merge convert in the same JVM. A JVM that dies or hangs is killed and started
   again; the object that was on the wire is the one in flight (set aside after three breaks).
+  Query/retrieve's C-GET from the PACS runs there too (get_by_tool: GetSCU's way, each
+  object written into the retrieve's folder by Java, a C-CANCEL when the requester cancels).
 
 - DICOM TLS: dcm4che takes Java key stores, not PEM files. The engine makes PKCS12 stores
   from the [tls] tables' PEM files at start-up (relay.tls.java_stores) in a private temporary
@@ -30,6 +32,7 @@ recordings (tests/data/dcm4che/) so that it is checked on a machine without dcm4
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
@@ -58,7 +61,7 @@ from relay.send.results import (
     retry_all,
 )
 from relay.toolkits.base import Engine, Receiver
-from relay.toolkits.common import context_groups, tool_timeout
+from relay.toolkits.common import GetUpdate, context_groups, tool_timeout
 from relay.toolkits.dcm4che_bridge import BridgeUnavailable, JvmBridge
 from relay.toolkits.tls import JAVA_TLS_CIPHERS, JAVA_TLS_PROTOCOLS, JavaStores, java_stores
 
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
     from relay.spool import Spool
 
 log = logging.getLogger("relay.dcm4che")
+_GETS = itertools.count(1)  # C-GETs asked of the JVM: each one's key
 
 # Names of weasis' NativeLibrary (the launchers' `lib/<os>-<arch>`) for platform.machine().
 _JAVA_ARCH = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64",
@@ -391,6 +395,15 @@ class Dcm4cheEngine(Engine):
         for _ in self.jvm.call(request, idle_limit=30, start=False):
             pass
 
+    def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
+                    folder: Path, timeout: float, storage: list[tuple[str, list[str]]]
+                    ) -> JvmGet:
+        request = {"op": "get", "key": f"get-{next(_GETS)}", "dest": self._destination(source),
+                   "calling_ae": calling_ae, "timeout": timeout, "model": model,
+                   "query": str(query), "folder": str(folder), "storage": storage}
+        # A hung JVM: no answer for as long as connecting and one object may take.
+        return JvmGet(self.jvm, request, idle_limit=tool_timeout(timeout, 1))
+
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         try:
             request = {"op": "echo", "dest": self._destination(destination),
@@ -434,6 +447,38 @@ class Dcm4cheEngine(Engine):
             tmp.flush()
             self._convert({"op": "from_xml", "original": str(original), "xml": tmp.name,
                            "out": str(out)}, "xml2dcm")
+
+
+class JvmGet:
+    """A C-GET running in the JVM (engine.get_by_tool): its answers as updates; stop() asks
+    the JVM to send a C-CANCEL."""
+
+    def __init__(self, jvm: JvmBridge, request: dict[str, Any], idle_limit: float) -> None:
+        self.jvm = jvm
+        self.request = request
+        self.idle_limit = idle_limit
+
+    def __iter__(self) -> Iterator[GetUpdate]:
+        try:
+            for answer in self.jvm.call(self.request, idle_limit=self.idle_limit):
+                ev = answer["ev"]
+                if ev == "stored":
+                    yield GetUpdate(path=Path(answer["path"]), uid=str(answer["uid"]))
+                elif ev == "rsp":
+                    yield GetUpdate(status=int(answer["status"]),
+                                    remaining=int(answer["remaining"]),
+                                    completed=int(answer["completed"]),
+                                    failed=int(answer["failed"]),
+                                    warning=int(answer["warning"]))
+                elif ev != "done":
+                    yield GetUpdate(error=f"dcm4che: {answer.get('message')}")
+        except (BridgeUnavailable, OSError) as exc:
+            yield GetUpdate(error=f"dcm4che's JVM: {exc}")
+
+    def stop(self) -> None:
+        for _ in self.jvm.call({"op": "cancel_get", "key": self.request["key"]},
+                               idle_limit=30, start=False):
+            pass
 
 
 def _key(destination: Destination, calling_ae: str) -> str:

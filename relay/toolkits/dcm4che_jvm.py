@@ -6,10 +6,13 @@ Run as `python -m relay.toolkits.dcm4che_jvm DCM4CHE_HOME` by relay.toolkits.dcm
 never by hand. JPype starts the JVM inside this process on the toolkit's own jars (lib/);
 the relay talks to it over a pipe, one JSON object per line:
 
-- requests on stdin: {"id": n, "op": "send" | "release" | "echo" | "to_xml" | "from_xml", …}
+- requests on stdin: {"id": n, "op": "send" | "release" | "echo" | "get" | "cancel_get" |
+  "to_xml" | "from_xml", …}
 - answers on the original stdout: {"id": n, "ev": …}; a send answers "sending" before each
   C-STORE-RQ goes out (so that the relay knows which object was on the wire if this process
-  dies), "result" as each C-STORE-RSP arrives, then "done"; any request can end in "error".
+  dies), "result" as each C-STORE-RSP arrives, then "done"; a get (a C-GET for query/retrieve)
+  answers "stored" for each object written whole into its folder and "rsp" for each C-GET
+  response, then "done"; any request can end in "error".
 
 Why a process of its own: a JVM cannot be restarted inside a process, and one that crashes
 (a native codec) or hangs must not take the relay down. The relay kills and restarts this
@@ -20,6 +23,7 @@ Java's own System.out goes to stderr (which the relay logs): stdout is the answe
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import os
 import shutil
@@ -118,6 +122,10 @@ class Toolkit:
         self.SAXWriter = JClass("org.dcm4che3.io.SAXWriter")
         self.Xml2Dcm = JClass("org.dcm4che3.tool.xml2dcm.Xml2Dcm")
         self.Tag = JClass("org.dcm4che3.data.Tag")
+        self.Dimse = JClass("org.dcm4che3.net.Dimse")
+        self.Commands = JClass("org.dcm4che3.net.Commands")
+        self.RoleSelection = JClass("org.dcm4che3.net.pdu.RoleSelection")
+        self.DicomOutputStream = JClass("org.dcm4che3.io.DicomOutputStream")
         self.UID = JClass("org.dcm4che3.data.UID")
         self.File = JClass("java.io.File")
         self.FileInputStream = JClass("java.io.FileInputStream")
@@ -152,16 +160,74 @@ class Kept:
         self.lock = threading.Lock()
 
 
+def store_handler_class() -> type:
+    """The C-STORE side of a get: a Java DimseRQHandler implemented in Python (JPype), made
+    once the JVM is up."""
+    from jpype import JImplements, JOverride
+
+    @JImplements("org.dcm4che3.net.DimseRQHandler")
+    class Handler:
+        def __init__(self, bridge: Bridge, rid: int, folder: Path) -> None:
+            self.bridge = bridge
+            self.rid = rid
+            self.folder = folder
+            self.count = itertools.count(1)
+
+        @JOverride  # type: ignore[untyped-decorator]
+        def onDimseRQ(  # noqa: N802 - Java's name
+                self, association: Any, pc: Any, dimse: Any, command: Any, data: Any) -> None:
+            j = self.bridge.java
+            if dimse != j.Dimse.C_STORE_RQ:
+                association.tryWriteDimseRSP(pc, j.Commands.mkRSP(command, 0x0211, dimse))
+                return
+            iuid = str(command.getString(j.Tag.AffectedSOPInstanceUID) or "")
+            cuid = str(command.getString(j.Tag.AffectedSOPClassUID) or "")
+            n = next(self.count)
+            part, whole = self.folder / f".{n}.part", self.folder / f"{n}.dcm"
+            status = 0x0000
+            try:
+                out = j.DicomOutputStream(j.File(str(part)))
+                try:
+                    out.writeFileMetaInformation(association.createFileMetaInformation(
+                        iuid, cuid, pc.getTransferSyntax()))
+                    data.copyTo(out)
+                finally:
+                    out.close()
+                os.replace(part, whole)
+            except Exception as exc:  # noqa: BLE001 - a failed sub-operation, told
+                print(f"get: cannot keep {iuid!r}: {java_error(exc)}", file=sys.stderr,
+                      flush=True)
+                status = 0xA700  # out of resources
+            association.tryWriteDimseRSP(pc, j.Commands.mkCStoreRSP(command, status))
+            if status == 0x0000:
+                self.bridge.answer(self.rid, "stored", path=str(whole), uid=iuid)
+
+        @JOverride  # type: ignore[untyped-decorator]
+        def onClose(self, association: Any) -> None:  # noqa: N802
+            return
+
+    return Handler
+
+
+StoreHandler: Any = None  # store_handler_class(), once the JVM is up
+
+
 class Bridge:
     def __init__(self, answer: Answers) -> None:
         self.answer = answer
         self.java = Toolkit()
         self.kept: dict[str, Kept] = {}
+        self.gets: dict[str, tuple[Any, Any]] = {}  # key → (association, its C-GET's DimseRSP)
         self.lock = threading.Lock()
 
     # --- associations ----------------------------------------------------------------------
 
-    def connect(self, request: dict[str, Any], contexts: list[tuple[str, str]]) -> Any:
+    def connect(self, request: dict[str, Any], contexts: list[tuple[str, str]],
+                scp_roles: list[str] | None = None, handler: Any = None,
+                offered: list[tuple[str, list[str]]] | None = None) -> Any:
+        """An association to request["dest"] proposing `contexts` (a transfer syntax each),
+        then `offered` (several each); for the classes in scp_roles, the SCP role too,
+        with `handler` taking what the peer sends (the C-STOREs of a C-GET)."""
         j = self.java
         dest, ms = request["dest"], int(request["timeout"] * 1000)
         device = j.Device("dicom-relay")
@@ -176,6 +242,7 @@ class Bridge:
             conn.setConnectTimeout(ms)
             conn.setAcceptTimeout(ms)
             conn.setResponseTimeout(ms)
+            conn.setRetrieveTimeout(ms)  # a C-GET: between two of its responses
             conn.setReleaseTimeout(ms)
         remote = j.Connection()
         remote.setHostname(dest["host"])
@@ -193,10 +260,16 @@ class Bridge:
                 device.setTrustStoreURL(Path(tls["trust_store"]).as_uri())
                 device.setTrustStoreType("PKCS12")
                 device.setTrustStorePin(tls["trust_store_pass"])
+        if handler is not None:
+            device.setDimseRQHandler(handler)
         rq = j.AAssociateRQ()
         rq.setCalledAET(dest["ae_title"])
         for i, (sop_class, syntax) in enumerate(contexts):
             rq.addPresentationContext(j.PresentationContext(2 * i + 1, sop_class, syntax))
+        for i, (sop_class, syntaxes) in enumerate(offered or [], start=len(contexts)):
+            rq.addPresentationContext(j.PresentationContext(2 * i + 1, sop_class, *syntaxes))
+        for sop_class in scp_roles or []:
+            rq.addRoleSelection(j.RoleSelection(sop_class, False, True))
         return ae.connect(remote, rq)
 
     def association_for(self, request: dict[str, Any], contexts: list[tuple[str, str]]
@@ -337,6 +410,57 @@ class Bridge:
             self.close(association)
         self.answer(rid, "done", status=status)
 
+    def get(self, rid: int, request: dict[str, Any]) -> None:
+        """A C-GET (GetSCU's way, with dcm4che's Association API): each object the PACS
+        stores on the association is written whole into request["folder"] (a dot name,
+        renamed when complete; named by a counter, never by the peer's UID) before its
+        success goes back; each C-GET response is told with its counts."""
+        j = self.java
+        keys_in = j.DicomInputStream(j.File(request["query"]))
+        try:
+            keys = keys_in.readDataset(-1, -1)
+        finally:
+            keys_in.close()
+        offered = [(str(c), [str(t) for t in ts]) for c, ts in request["storage"]]
+        handler = StoreHandler(self, rid, Path(request["folder"]))
+        try:
+            association = self.connect(request, [(request["model"], "1.2.840.10008.1.2")],
+                                       [c for c, _ in offered], handler, offered)
+        except Exception as exc:  # noqa: BLE001 - every way of not connecting is told apart
+            self.answer(rid, "error", kind=self.connect_failure(exc), message=java_error(exc))
+            return
+        try:
+            rsp = association.cget(request["model"], 0, keys, None)
+            with self.lock:
+                self.gets[request["key"]] = (association, rsp)
+            while rsp.next():
+                command = rsp.getCommand()
+                counts = {name: int(command.getInt(getattr(j.Tag, f"NumberOf{name.title()}"
+                                                                  "Suboperations"), 0))
+                          for name in ("remaining", "completed", "failed", "warning")}
+                self.answer(rid, "rsp", status=int(command.getInt(j.Tag.Status, -1)),
+                            **counts)
+        except Exception as exc:  # noqa: BLE001 - the association broke, or was aborted
+            self.answer(rid, "error", kind="unavailable", message=java_error(exc))
+            return
+        finally:
+            with self.lock:
+                self.gets.pop(request["key"], None)
+            self.close(association)
+        self.answer(rid, "done")
+
+    def cancel_get(self, rid: int, request: dict[str, Any]) -> None:
+        """A C-CANCEL for a get in progress (none: it ended already)."""
+        with self.lock:
+            running = self.gets.get(request["key"])
+        if running is not None:
+            association, rsp = running
+            try:
+                rsp.cancel(association)
+            except Exception:  # noqa: BLE001 - gone meanwhile: nothing left to cancel
+                association.abort()
+        self.answer(rid, "done")
+
     def to_xml(self, rid: int, request: dict[str, Any]) -> None:
         """`dcm2xml -B FILE > OUT`: the PS3.19 XML, bulk data left out, as dcm2xml writes it
         (its SAX writer, keywords on, no namespace declaration, not indented)."""
@@ -410,6 +534,8 @@ def main(argv: list[str]) -> int:
             jpype.startJVM(str(libjvm), *jvm_options(home, env, scratch), classpath=jars,
                            convertStrings=True, interrupt=False)
             bridge = Bridge(answers)
+            global StoreHandler  # noqa: PLW0603 - a Java class: defined once the JVM is up
+            StoreHandler = store_handler_class()
         except Exception as exc:  # noqa: BLE001 - told to the relay as a local failure
             answers(0, "failed", message=java_error(exc))
             return 1

@@ -815,7 +815,9 @@ class DcmtkEngine(Engine):
         yield from mark_in_flight(results, any(marker in output for marker in _ABORT_MARKERS))
 
     def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
-                    folder: Path, timeout: float) -> GetscuRun | None:
+                    folder: Path, timeout: float, storage: list[tuple[str, list[str]]]
+                    ) -> GetscuRun | None:
+        del storage  # getscu proposes its own list of storage classes, uncompressed
         # getscu has no TLS, and asks with the two common models only.
         if self.getscu is None or source.tls is not None or model not in GETSCU_MODELS:
             return None
