@@ -713,8 +713,9 @@ def test_getscus_debug_output_names_each_stored_object_and_the_counts(tmp_path: 
     from relay.toolkits.dcmtk import getscu_updates
 
     uid_a, uid_b = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
-    (tmp_path / uid_a).write_bytes(b"x")  # --bit-preserving: named by its UID
-    (tmp_path / f"CT.{uid_b}").write_bytes(b"x")  # without: <modality>.<UID>
+    (tmp_path / f"MR.{uid_a}").write_bytes(b"x")  # <modality>.<UID>
+    (tmp_path / f"CT.{uid_b}").write_bytes(b"x")
+    (tmp_path / "CT..._x").write_bytes(b"x")  # getscu's name for a UID "../x"
 
     def store_rsp(uid: str, status: str) -> list[str]:
         return ["I: Sending C-STORE Response",
@@ -734,10 +735,52 @@ def test_getscus_debug_output_names_each_stored_object_and_the_counts(tmp_path: 
              *get_rsp("2", 1, 0, "0xff00: Pending: Sub-operations are continuing"),
              *store_rsp("1.2.3.4", "0xa700: Failure: Out of resources"),
              *store_rsp(uid_b, "0x0000: Success"),
-             *store_rsp("../../etc/passwd", "0x0000: Success"),
+             *store_rsp("../x", "0x0000: Success"),
              *get_rsp("none", 2, 1, "0xb000: Warning: Sub-operations complete")]
     updates = list(getscu_updates(lines, tmp_path))
     assert [(u.path, u.uid) for u in updates if u.path] == [
-        (tmp_path / uid_a, uid_a), (tmp_path / f"CT.{uid_b}", uid_b)]
+        (tmp_path / f"MR.{uid_a}", uid_a), (tmp_path / f"CT.{uid_b}", uid_b)]
     assert [(u.status, u.remaining, u.completed, u.failed) for u in updates if u.status] == [
         (0xFF00, 2, 1, 0), (0xB000, 0, 2, 1)]
+
+
+@pytest.mark.parametrize("engine", ["dcmtk", *with_dcm4che("dcm4che")])
+def test_a_pacs_uid_that_is_a_path_writes_nothing_outside_the_retrieve(world: World,
+                                                                      engine: str) -> None:
+    """A PACS (pynetdicom, scripted) answers the relay's C-GET with two objects, one whose
+    SOP Instance UID is "../escaped": the toolkit's C-GET writes nothing outside the
+    retrieve's folder (getscu's bit-preserving mode would have), and the move accounts for
+    both objects."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    good = dcmread(world.workdir / "a" / "ct00000.dcm")
+    hostile = dcmread(world.workdir / "a" / "ct00001.dcm")
+    hostile.SOPInstanceUID = "../escaped"
+
+    def on_get(event: Any) -> Iterator[Any]:
+        yield 2
+        yield 0xFF00, good
+        yield 0xFF00, hostile
+
+    pacs = AE("HOSTILE")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    for cx in StoragePresentationContexts:
+        pacs.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    relay = start_relay(world, f"hostile-{engine}", engine, query_destination_port=port)
+    try:
+        world.viewer.clear()
+        move = movescu(relay.query_port, world.viewer.aet, world.study)
+        counts = final_counts(move.stdout + move.stderr)
+        assert counts["completed"] + counts["failed"] == 2, move.stdout + move.stderr
+        assert counts["completed"] >= 1
+        assert str(good.SOPInstanceUID) in instance_uids(world.viewer.folder)
+        wait_until(lambda: not list((relay.spool / "retrieving").iterdir()), 30,
+                   what="the retrieve's folder removed")
+        assert not list(relay.spool.parent.rglob("*escaped*"))
+    finally:
+        relay.process.stop()
+        server.shutdown()

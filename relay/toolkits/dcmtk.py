@@ -558,7 +558,9 @@ def getscu_argv(getscu: Path, query: Path, model: str, source: Destination, call
         # --debug: each C-STORE response (the instance UID and status of an object it
         # stored) and each C-GET response (the counts), read while it runs.
         "--debug",
-        "--bit-preserving",  # each object written as it came, straight to disk
+        # Not --bit-preserving: that mode names each file by the PACS's SOP Instance UID
+        # unchecked, and a UID such as "../x" writes outside the folder (tried on 3.6.7);
+        # the normal mode makes the name safe ("CT..._x") and writes it as DCMTK encodes it.
         "--max-pdu", "131072",
         "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
         "--output-directory", str(folder),
@@ -573,12 +575,10 @@ _SUB_OPERATIONS_RE = re.compile(
 
 
 def stored_by_getscu(folder: Path, uid: str) -> Path | None:
-    """The file getscu stored an instance in: named by its SOP Instance UID with
-    --bit-preserving (`<modality>.<UID>` without)."""
-    if "/" in uid or uid in (".", "..") or not uid:
-        return None  # not a name in the folder, whatever the PACS sent
-    if (folder / uid).is_file():
-        return folder / uid
+    """The file getscu stored an instance in: `<modality>.<SOP Instance UID>`. None for a
+    UID getscu had to change to make a file name of it (a path): that object is not taken."""
+    if "/" in uid or not uid:
+        return None
     found = [p for p in folder.glob("*." + glob.escape(uid)) if p.parent == folder]
     return found[0] if len(found) == 1 else None
 
