@@ -784,3 +784,85 @@ def test_a_pacs_uid_that_is_a_path_writes_nothing_outside_the_retrieve(world: Wo
     finally:
         relay.process.stop()
         server.shutdown()
+
+
+class _FakeFetch:
+    """What forward_objects reads of a Fetch: objects arriving in two batches."""
+
+    def __init__(self, batches: list[list[Path]]) -> None:
+        self.batches = batches
+        self.uids = {p: f"uid-{p.name}" for batch in batches for p in batch}
+        self.failed_uids: list[str] = []
+        self.error = ""
+        self.cancelled = False
+
+    def arrived(self, timeout: float) -> list[Path]:
+        return self.batches.pop(0) if self.batches else []
+
+    @property
+    def finished(self) -> bool:
+        return not self.batches
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeEngine:
+    """An engine whose sender answers each file as `answers` says (a unit test's fake)."""
+
+    def __init__(self, answers: dict[str, tuple[Any, int | None]]) -> None:
+        self.answers = answers
+        self.batches: list[int] = []
+
+    def send(self, files: list[Path], destination: Any, calling_ae: str, timeout: float,
+             keep_open: bool = False) -> Iterator[Any]:
+        from relay.send.results import SendResult
+
+        self.batches.append(len(files))
+        for path in files:
+            outcome, status = self.answers[path.name]
+            yield SendResult(path, outcome, status, "test")
+
+
+def test_a_served_move_counts_each_result_and_ends_with_the_right_status(tmp_path: Path) -> None:
+    from relay.config.model import Destination
+    from relay.send.results import Outcome
+    from relay.services.move import forward_objects
+
+    files = [tmp_path / name for name in ("a", "b", "c", "d")]
+    for path in files:
+        path.write_bytes(b"x")
+    target = Destination("VIEWER", "VIEWER", "127.0.0.1", 1)
+
+    def run(answers: dict[str, tuple[Any, int | None]], total: int = 4,
+            cancel_after: int | None = None) -> tuple[list[Any], _FakeFetch]:
+        for path in files:
+            path.write_bytes(b"x")
+        fetch = _FakeFetch([files[:1], files[1:]])
+        asked = [0]
+
+        def cancelled() -> bool:
+            asked[0] += 1
+            return cancel_after is not None and asked[0] > cancel_after
+
+        return list(forward_objects(fetch, total, _FakeEngine(answers), target,  # type: ignore[arg-type]
+                                    "RELAY", 5, cancelled)), fetch
+
+    ok = (Outcome.DELIVERED, 0)
+    progress, _ = run({"a": ok, "b": (Outcome.DELIVERED, 0xB007), "c": ok,
+                       "d": (Outcome.FAILED, 0xA900)})
+    final = progress[-1]
+    assert (final.status, final.completed, final.warning, final.failed) == (0xB000, 2, 1, 1)
+    assert final.failed_uids == ("uid-d",)
+    assert all(p.pending for p in progress[:-1]) and progress[0].remaining == 3
+    assert not any(path.exists() for path in files)  # each left once answered
+
+    progress, _ = run({name: ok for name in "abcd"}, total=5)  # the PACS brought one less
+    assert (progress[-1].status, progress[-1].completed, progress[-1].failed) == (0xB000, 4, 1)
+
+    progress, fetch = run({name: (Outcome.RETRY, None) for name in "abcd"})
+    assert (progress[-1].status, fetch.cancelled) == (0xA801, True)  # nothing stored: stop
+
+    progress, fetch = run({name: ok for name in "abcd"}, cancel_after=2)
+    assert progress[-1].status == 0xFE00 and fetch.cancelled
+    assert progress[-1].remaining > 0 and progress[-1].completed < 4
