@@ -714,8 +714,9 @@ def test_getscus_debug_output_names_each_stored_object_and_the_counts(tmp_path: 
 
     uid_a, uid_b = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
     (tmp_path / f"MR.{uid_a}").write_bytes(b"x")  # <modality>.<UID>
-    (tmp_path / f"CT.{uid_b}").write_bytes(b"x")
+    (tmp_path / uid_b).write_bytes(b"x")  # --bit-preserving: the UID alone
     (tmp_path / "CT..._x").write_bytes(b"x")  # getscu's name for a UID "../x"
+    (tmp_path / ".query.dcm").write_bytes(b"x")  # the relay's identifier file
 
     def store_rsp(uid: str, status: str) -> list[str]:
         return ["I: Sending C-STORE Response",
@@ -736,10 +737,11 @@ def test_getscus_debug_output_names_each_stored_object_and_the_counts(tmp_path: 
              *store_rsp("1.2.3.4", "0xa700: Failure: Out of resources"),
              *store_rsp(uid_b, "0x0000: Success"),
              *store_rsp("../x", "0x0000: Success"),
+             *store_rsp(".query.dcm", "0x0000: Success"),
              *get_rsp("none", 2, 1, "0xb000: Warning: Sub-operations complete")]
     updates = list(getscu_updates(lines, tmp_path))
     assert [(u.path, u.uid) for u in updates if u.path] == [
-        (tmp_path / f"MR.{uid_a}", uid_a), (tmp_path / f"CT.{uid_b}", uid_b)]
+        (tmp_path / f"MR.{uid_a}", uid_a), (tmp_path / uid_b, uid_b)]
     assert [(u.status, u.remaining, u.completed, u.failed) for u in updates if u.status] == [
         (0xFF00, 2, 1, 0), (0xB000, 0, 2, 1)]
 

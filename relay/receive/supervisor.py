@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from relay.receive import landlock
 from relay.receive.floor import FloorKeeper, floor_of
 
 if TYPE_CHECKING:
@@ -70,11 +71,19 @@ class ToolLines:
     holds every line read."""
 
     def __init__(self, argv: Sequence[str], *, timeout: float,
-                 env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(  # noqa: PLW1509 - prctl only, no Python in the child
+                 env: dict[str, str] | None = None, confine_to: Path | None = None) -> None:
+        """confine_to: the tool may write only under this folder (landlock.confine_writes;
+        the caller checked landlock.available())."""
+
+        def before_exec() -> None:
+            _die_with_parent()
+            if confine_to is not None:
+                landlock.confine_writes(confine_to)
+
+        self.proc = subprocess.Popen(  # noqa: PLW1509 - prctl and Landlock, then exec
             [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, env=env, text=True, errors="replace",
-            preexec_fn=_die_with_parent)
+            preexec_fn=before_exec)
         self.timed_out = False
         self.lines: list[str] = []
         self._timer = threading.Timer(timeout, self._expire)

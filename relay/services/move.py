@@ -176,10 +176,10 @@ def forward_objects(fetch: Fetch, total: int, engine: ToolkitEngine, target: Des
                 if result.outcome is Outcome.RETRY:
                     unreachable = result.detail
             result.path.unlink(missing_ok=True)
-            if cancelled():
-                break  # the rest of the batch stays remaining (its sender stops)
             now = time.monotonic()
-            if now - reported >= REPORT_EVERY:
+            if now - reported >= REPORT_EVERY:  # asking pynetdicom per object cost too
+                if cancelled():
+                    break  # the rest of the batch stays remaining (its sender stops)
                 reported = now
                 yield MoveProgress(PENDING[0], remaining, completed, failed, warning)
         if unreachable and not delivered:

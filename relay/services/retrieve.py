@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -371,7 +372,8 @@ class Fetch:
                        for cx in contexts[1:]]
             tool = self.engine.get_by_tool(source, query, self.model, self.upstream.calling_ae,
                                            self.folder, self.upstream.timeout, storage)
-        except (OSError, ValueError) as exc:  # the tool is gone since start-up; TLS files
+        # The tool gone since start-up; TLS files; a confinement the kernel refused.
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             self.error = f"cannot run the {self.engine.name} engine's C-GET SCU: {why}"
             return True

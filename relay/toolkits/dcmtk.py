@@ -56,6 +56,7 @@ from pydicom.tag import BaseTag
 
 from relay.edit.editor import BadInput, read_dicom
 from relay.edit.scan import leading_values
+from relay.receive import landlock
 from relay.receive.supervisor import SupervisedReceiver, ToolLines, run_tool
 from relay.receive.warden import Warden
 from relay.send.results import (
@@ -548,7 +549,12 @@ MOST_SUB_OPERATIONS = 65535
 
 
 def getscu_argv(getscu: Path, query: Path, model: str, source: Destination, calling_ae: str,
-                folder: Path, timeout: float) -> list[str]:
+                folder: Path, timeout: float, bit_preserving: bool) -> list[str]:
+    """bit_preserving: each object written as it came, straight to disk (twice as fast,
+    half the CPU, measured), but named by the PACS's SOP Instance UID unchecked, so that a
+    UID such as "../x" writes outside the folder (tried on 3.6.7): only for a getscu
+    confined to the folder (Landlock). Without it getscu makes the name safe ("CT..._x")
+    and writes the object as DCMTK encodes it."""
     seconds = str(max(1, int(timeout)))
     return [
         str(getscu),
@@ -558,9 +564,7 @@ def getscu_argv(getscu: Path, query: Path, model: str, source: Destination, call
         # --debug: each C-STORE response (the instance UID and status of an object it
         # stored) and each C-GET response (the counts), read while it runs.
         "--debug",
-        # Not --bit-preserving: that mode names each file by the PACS's SOP Instance UID
-        # unchecked, and a UID such as "../x" writes outside the folder (tried on 3.6.7);
-        # the normal mode makes the name safe ("CT..._x") and writes it as DCMTK encodes it.
+        *(["--bit-preserving"] if bit_preserving else []),
         "--max-pdu", "131072",
         "--timeout", seconds, "--acse-timeout", seconds, "--dimse-timeout", seconds,
         "--output-directory", str(folder),
@@ -575,10 +579,13 @@ _SUB_OPERATIONS_RE = re.compile(
 
 
 def stored_by_getscu(folder: Path, uid: str) -> Path | None:
-    """The file getscu stored an instance in: `<modality>.<SOP Instance UID>`. None for a
-    UID getscu had to change to make a file name of it (a path): that object is not taken."""
-    if "/" in uid or not uid:
+    """The file getscu stored an instance in: named by its SOP Instance UID in bit-preserving
+    mode, `<modality>.<UID>` in the other. None for a UID that is no plain name (a path):
+    that object is not taken, wherever getscu put it."""
+    if not uid or "/" in uid or uid.startswith("."):  # dot names are the relay's own
         return None
+    if (folder / uid).is_file():
+        return folder / uid
     found = [p for p in folder.glob("*." + glob.escape(uid)) if p.parent == folder]
     return found[0] if len(found) == 1 else None
 
@@ -591,8 +598,14 @@ def getscu_updates(output: Iterable[str], folder: Path) -> Iterator[GetUpdate]:
     uid = ""
     counts: dict[str, int] = {}
     for line in output:
-        if (message := _MESSAGE_TYPE_RE.match(line)) is not None:
-            kind, uid, counts = message.group(1), "", {}
+        # ~45 lines per object: only the sections of the two responses are read further.
+        if line.startswith("D: Message Type"):
+            message = _MESSAGE_TYPE_RE.match(line)
+            kind = message.group(1) if message is not None else ""
+            kind = kind if kind in ("C-STORE RSP", "C-GET RSP") else ""
+            uid, counts = "", {}
+        elif not kind:
+            continue
         elif kind == "C-STORE RSP":
             if (affected := _AFFECTED_INSTANCE_RE.match(line)) is not None:
                 uid = affected.group(1)
@@ -618,9 +631,11 @@ class GetscuRun:
     """getscu running (engine.get_by_tool): its updates as they come; when it ends without a
     final C-GET response, one last update says why."""
 
-    def __init__(self, argv: list[str], folder: Path, timeout: float) -> None:
+    def __init__(self, argv: list[str], folder: Path, timeout: float,
+                 confined: bool) -> None:
         self.folder = folder
-        self.run = ToolLines(argv, env=dcmtk_env(), timeout=timeout)
+        self.run = ToolLines(argv, env=dcmtk_env(), timeout=timeout,
+                             confine_to=folder if confined else None)
 
     def __iter__(self) -> Iterator[GetUpdate]:
         final = False
@@ -821,8 +836,11 @@ class DcmtkEngine(Engine):
         # getscu has no TLS, and asks with the two common models only.
         if self.getscu is None or source.tls is not None or model not in GETSCU_MODELS:
             return None
-        argv = getscu_argv(self.getscu, query, model, source, calling_ae, folder, timeout)
-        return GetscuRun(argv, folder, tool_timeout(timeout, MOST_SUB_OPERATIONS))
+        # Bit-preserving only where getscu can be kept from writing outside the folder.
+        confined = landlock.available()
+        argv = getscu_argv(self.getscu, query, model, source, calling_ae, folder, timeout,
+                           bit_preserving=confined)
+        return GetscuRun(argv, folder, tool_timeout(timeout, MOST_SUB_OPERATIONS), confined)
 
     def echo(self, destination: Destination, calling_ae: str, timeout: float) -> None:
         seconds = str(max(1, int(timeout)))
