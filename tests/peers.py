@@ -745,3 +745,24 @@ class PostgreSQL:
     def close(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def scripted_get_pacs(objects: list[Any]) -> tuple[Any, int]:
+    """A PACS (pynetdicom, scriptable) answering any C-GET with these data sets in order,
+    whatever their UIDs say: (its server, to shut down; its port)."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    def on_get(event: Any) -> Any:
+        yield len(objects)
+        for ds in objects:
+            yield 0xFF00, ds
+
+    ae = AE("SCRIPTED")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    for cx in StoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_GET, on_get)])
+    return server, port

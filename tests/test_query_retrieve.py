@@ -35,6 +35,7 @@ from peers import (
     free_port,
     proc_stats,
     relay_config,
+    scripted_get_pacs,
     wait_for_port,
     wait_until,
     with_dcm4che,
@@ -753,25 +754,10 @@ def test_a_pacs_uid_that_is_a_path_writes_nothing_outside_the_retrieve(world: Wo
     SOP Instance UID is "../escaped": the toolkit's C-GET writes nothing outside the
     retrieve's folder (getscu's bit-preserving mode would have), and the move accounts for
     both objects."""
-    from pynetdicom import AE, StoragePresentationContexts, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
-
     good = dcmread(world.workdir / "a" / "ct00000.dcm")
     hostile = dcmread(world.workdir / "a" / "ct00001.dcm")
     hostile.SOPInstanceUID = "../escaped"
-
-    def on_get(event: Any) -> Iterator[Any]:
-        yield 2
-        yield 0xFF00, good
-        yield 0xFF00, hostile
-
-    pacs = AE("HOSTILE")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    for cx in StoragePresentationContexts:
-        pacs.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    server, port = scripted_get_pacs([good, hostile])
     relay = start_relay(world, f"hostile-{engine}", engine, query_destination_port=port)
     try:
         world.viewer.clear()

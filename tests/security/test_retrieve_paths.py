@@ -9,16 +9,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
 
 from dicomdata import ct_series
-from peers import free_port
+from peers import scripted_get_pacs
 from relay.config.model import Destination
 from relay.receive import landlock
 from relay.receive.supervisor import ToolLines
@@ -32,19 +30,7 @@ def hostile_pacs(tmp_path: Path) -> Iterator[tuple[int, str]]:
     ct_series(tmp_path / "objects", 2, PatientID="HOSTILE")
     good, bad = (dcmread(p) for p in sorted((tmp_path / "objects").iterdir()))
     bad.SOPInstanceUID = "../escaped"
-
-    def on_get(event: Any) -> Iterator[Any]:
-        yield 2
-        yield 0xFF00, good
-        yield 0xFF00, bad
-
-    ae = AE("HOSTILE")
-    ae.add_supported_context(Get)
-    for cx in StoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_GET, on_get)])
+    server, port = scripted_get_pacs([good, bad])
     yield port, str(good.SOPInstanceUID)
     server.shutdown()
 
@@ -65,7 +51,7 @@ def test_getscu_writes_nothing_outside_the_retrieve_whatever_the_uid(
     identifier.StudyInstanceUID = "1.2.3"
     identifier.save_as(query, implicit_vr=True, little_endian=True)
     argv = getscu_argv(find_tool(dcmtk, "getscu"), query, Get,
-                       Destination("pacs", "HOSTILE", "127.0.0.1", port), "RELAY", folder, 30,
+                       Destination("pacs", "SCRIPTED", "127.0.0.1", port), "RELAY", folder, 30,
                        bit_preserving=confined)
     updates = list(GetscuRun(argv, folder, 60, confined))
     stored = [(u.path, u.uid) for u in updates if u.path is not None]
