@@ -126,15 +126,19 @@ class RelayQueryRetrieveServiceClass(QueryRetrieveServiceClass):  # type: ignore
                 self.dimse.send_msg(move_response(req, failure, *encoding), cx_id)
 
 
-_uid_to_service_class = pynetdicom.association.uid_to_service_class
+# Where pynetdicom looks its service class up (3.0; 2.x alike). A pynetdicom without it
+# keeps its own C-MOVE (pynetdicom then stores each object: slower, as correct).
+_uid_to_service_class = getattr(pynetdicom.association, "uid_to_service_class", None)
 
 
 def _service_class(uid: str) -> Any:
+    assert _uid_to_service_class is not None
     found = _uid_to_service_class(uid)
     return RelayQueryRetrieveServiceClass if found is QueryRetrieveServiceClass else found
 
 
-pynetdicom.association.uid_to_service_class = _service_class
+if _uid_to_service_class is not None:
+    pynetdicom.association.uid_to_service_class = _service_class
 
 
 def forward_objects(fetch: Fetch, total: int, engine: ToolkitEngine, target: Destination,
