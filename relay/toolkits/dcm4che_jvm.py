@@ -209,13 +209,11 @@ def store_handler_class() -> type:
     return Handler
 
 
-StoreHandler: Any = None  # store_handler_class(), once the JVM is up
-
-
 class Bridge:
     def __init__(self, answer: Answers) -> None:
         self.answer = answer
         self.java = Toolkit()
+        self.store_handler = store_handler_class()  # the JVM is up: a Java class can be made
         self.kept: dict[str, Kept] = {}
         self.gets: dict[str, tuple[Any, Any]] = {}  # key → (association, its C-GET's DimseRSP)
         self.lock = threading.Lock()
@@ -422,7 +420,7 @@ class Bridge:
         finally:
             keys_in.close()
         offered = [(str(c), [str(t) for t in ts]) for c, ts in request["storage"]]
-        handler = StoreHandler(self, rid, Path(request["folder"]))
+        handler = self.store_handler(self, rid, Path(request["folder"]))
         try:
             association = self.connect(request, [(request["model"], "1.2.840.10008.1.2")],
                                        [c for c, _ in offered], handler, offered)
@@ -534,8 +532,6 @@ def main(argv: list[str]) -> int:
             jpype.startJVM(str(libjvm), *jvm_options(home, env, scratch), classpath=jars,
                            convertStrings=True, interrupt=False)
             bridge = Bridge(answers)
-            global StoreHandler  # noqa: PLW0603 - a Java class: defined once the JVM is up
-            StoreHandler = store_handler_class()
         except Exception as exc:  # noqa: BLE001 - told to the relay as a local failure
             answers(0, "failed", message=java_error(exc))
             return 1
