@@ -122,13 +122,26 @@ def by(kind: str, value: str) -> tuple[str, str]:
 
 def click(driver: Any, kind: str, value: str) -> None:
     """Click what submits a form or follows a link, and wait for the next page: a click
-    returns before the browser has it."""
-    from selenium.webdriver.support import expected_conditions
+    returns before the browser has it.
+
+    The old page is marked in its window object, which a new document does not inherit:
+    waiting for the old <html> element to go stale instead depends on how the driver
+    reports a detached node (ChromeDriver 156 answers "Node with given id does not belong
+    to the document", an unknown error, not a stale element)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.wait import WebDriverWait
 
-    page = driver.find_element(*by("css", "html"))
+    driver.execute_script("window.relayTestOldPage = true;")
     driver.find_element(*by(kind, value)).click()
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+
+    def next_page(d: Any) -> bool:
+        try:
+            return bool(d.execute_script(
+                "return document.readyState === 'complete' && !window.relayTestOldPage;"))
+        except WebDriverException:  # the old document went while the script ran
+            return False
+
+    WebDriverWait(driver, 30).until(next_page)
 
 
 def shot(driver: Any, name: str) -> None:
