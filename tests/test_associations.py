@@ -1,8 +1,9 @@
-"""relay.toolkits.associations: the file head written for each received object, and the gate
-that pauses an association's reactor."""
+"""relay.toolkits.associations: the file head written for each received object, the gate
+that pauses an association's reactor, the supported contexts' per-association copy."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from relay.toolkits.associations import ReactorGate, file_head
+from relay.toolkits.associations import ReactorGate, cheap_to_copy, file_head
 
 
 def received(sop_class: str, sop_instance: str, syntax: str, calling: str) -> Event:
@@ -116,3 +117,33 @@ def test_an_even_presentation_context_id_is_taken() -> None:
     for bad in (0, 256):
         with pytest.raises(ValueError, match="between 1 and 255"):
             cx.context_id = bad
+
+
+def test_a_cheap_copy_of_the_supported_contexts_is_what_a_deep_copy_gives() -> None:
+    """The server's per-association deepcopy of cheap_to_copy's contexts: the same
+    contexts (syntaxes, roles), none of its lists shared with the server's own, so that one
+    association's negotiation cannot change what the next is offered."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:20]:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+    ae.add_supported_context("1.2.840.10008.1.1")  # no roles: None, None
+    served = cheap_to_copy(ae.supported_contexts)
+    deep, cheap = copy.deepcopy(ae.supported_contexts), copy.deepcopy(served)
+
+    def seen(cx: object) -> tuple[object, ...]:
+        c: object = cx
+        return (c.abstract_syntax, list(c.transfer_syntax), c.scu_role,  # type: ignore[attr-defined]
+                c.scp_role, c.context_id, c.as_scu, c.as_scp)  # type: ignore[attr-defined]
+
+    assert [seen(cx) for cx in cheap] == [seen(cx) for cx in deep]
+    before = [seen(cx) for cx in served]
+    for cx in cheap:  # what a negotiation may do to its copy
+        del cx.transfer_syntax[1:]  # the getter gives the list itself
+        cx.context_id = 7
+        cx.scu_role, cx.scp_role = False, False
+    assert [seen(cx) for cx in served] == before
+    assert len(served[-1].transfer_syntax) == len(ALL_TRANSFER_SYNTAXES)
+    assert type(copy.deepcopy(cheap)[0]) is type(served[0])  # cheap again the next time

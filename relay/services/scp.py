@@ -50,7 +50,12 @@ from relay.services.retrieve import (
     store_contexts,
 )
 from relay.services.upstream import UNABLE_TO_PROCESS, PacsUnavailable, Upstream
-from relay.toolkits.associations import prefer_requestor_syntax, refused_host, set_nodelay
+from relay.toolkits.associations import (
+    cheap_to_copy,
+    prefer_requestor_syntax,
+    refused_host,
+    set_nodelay,
+)
 from relay.toolkits.tls import client_context, server_context
 
 if TYPE_CHECKING:
@@ -464,6 +469,7 @@ class ServicesServer:
         try:
             self.server = ae.make_server(
                 address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+                contexts=cheap_to_copy(ae.supported_contexts),
                 ssl_context=server_context(rc.tls) if rc.tls else None)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:

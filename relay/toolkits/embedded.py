@@ -51,6 +51,7 @@ from relay.send.results import (
 )
 from relay.spool import PARTIAL_SUFFIX, safe_name
 from relay.toolkits.associations import (
+    cheap_to_copy,
     file_head,
     prefer_requestor_syntax,
     refused_host,
@@ -311,7 +312,8 @@ class EmbeddedReceiver(Receiver):
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         try:
             self.server = ae.start_server(address, block=False, evt_handlers=handlers,
-                                          ssl_context=ssl_context)
+                                          ssl_context=ssl_context,
+                                          contexts=cheap_to_copy(ae.supported_contexts))
             self._guard_connections(self.server, self.guard)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
