@@ -104,3 +104,33 @@ def test_leading_values_agree_with_pydicom(path: Path) -> None:
             assert values[tag].rstrip(b"\x00 ").decode() == str(ds[tag].value)
         else:
             assert tag not in values
+
+
+@pytest.mark.parametrize("path", readable_bundled_files(), ids=lambda p: p.name)
+def test_read_outgoing_answers_what_pydicom_reads(path: Path) -> None:
+    # The senders name each file's SOP class, instance and transfer syntax from its file meta,
+    # read without pydicom where the head allows (file_meta_values): the same answer, or the
+    # same failure, as pydicom's read_file_meta_info.
+    from pydicom.filereader import read_file_meta_info
+
+    from relay.send.results import Outcome, read_outgoing
+
+    ready, failed = read_outgoing([path])
+    try:
+        meta = read_file_meta_info(path)
+        expected = (str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                    str(meta.TransferSyntaxUID))
+    except Exception:  # noqa: BLE001 - pydicom cannot: neither may read_outgoing
+        assert not ready
+        assert [r.outcome for r in failed] == [Outcome.FAILED]
+        return
+    assert not failed
+    assert [(o.sop_class_uid, o.sop_instance_uid, o.transfer_syntax) for o in ready] == [expected]
+
+
+@pytest.mark.parametrize("keep", [0, 100, 131, 139, 150, 170, 190, 210, 260])
+def test_read_outgoing_of_a_head_cut_short_fails_as_pydicom_does(tmp_path: Path,
+                                                                 keep: int) -> None:
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(bundled("CT_small.dcm").read_bytes()[:keep])
+    test_read_outgoing_answers_what_pydicom_reads(cut)

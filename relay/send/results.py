@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydicom.filereader import read_file_meta_info
 
+from relay.edit.scan import file_meta_values
+
 if TYPE_CHECKING:
     from relay.config.model import Destination
 
@@ -101,6 +103,11 @@ class Outgoing:
         return self.sop_class_uid, self.transfer_syntax
 
 
+# Media Storage SOP Class UID, Media Storage SOP Instance UID, Transfer Syntax UID: in the
+# order Outgoing takes them.
+_OUTGOING_META = (0x00020002, 0x00020003, 0x00020010)
+
+
 def read_outgoing(files: Iterable[Path]) -> tuple[list[Outgoing], list[SendResult]]:
     """Each file's file meta information; a file whose meta cannot be read fails alone
     (FAILED: sending it again will not make it readable)."""
@@ -108,6 +115,12 @@ def read_outgoing(files: Iterable[Path]) -> tuple[list[Outgoing], list[SendResul
     failed: list[SendResult] = []
     for path in files:
         try:
+            quick = file_meta_values(path, set(_OUTGOING_META))
+            uids = [quick.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+                    for tag in _OUTGOING_META] if quick is not None else []
+            if uids and all(uids):
+                ready.append(Outgoing(path, *uids))
+                continue
             meta = read_file_meta_info(path)
             ready.append(Outgoing(path, str(meta.MediaStorageSOPClassUID),
                                   str(meta.MediaStorageSOPInstanceUID),
