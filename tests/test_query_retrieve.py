@@ -803,9 +803,10 @@ class _FakeEngine:
         self.batches: list[int] = []
 
     def send(self, files: list[Path], destination: Any, calling_ae: str, timeout: float,
-             keep_open: bool = False) -> Iterator[Any]:
+             keep_open: bool = False, confirm_each: bool = True) -> Iterator[Any]:
         from relay.send.results import SendResult
 
+        assert not confirm_each  # a move's objects are never sent again: no need
         self.batches.append(len(files))
         for path in files:
             outcome, status = self.answers[path.name]

@@ -185,3 +185,31 @@ def test_each_result_comes_as_its_response_arrives(tmp_path: Path, link: Link) -
     assert [(r.path, r.outcome) for r in first] == [(f, Outcome.DELIVERED) for f in files[:2]]
     assert sorted((r.path, r.outcome) for r in rest) == [
         (f, Outcome.DELIVERED) for f in files[2:]]
+
+
+@pytest.mark.parametrize("link", ["embedded", "dcmtk", "dcmtk-tls",
+                                  *with_dcm4che("dcm4che")], indirect=True)
+def test_results_at_the_end_of_the_call_say_what_each_response_said(tmp_path: Path,
+                                                                    link: Link) -> None:
+    # confirm_each=False (a served C-MOVE's sending): DCMTK's dcmsend then runs without
+    # --debug and every result comes from its report; the same statuses, the same outcomes.
+    from relay.toolkits.dcmtk import dcmsend_argv
+
+    ct_series(tmp_path / "ct", 6)  # InstanceNumber 1..6
+    files = sorted((tmp_path / "ct").iterdir())
+    scp = link.scp({2: 0xA700, 3: 0xA900, 4: 0xC000, 5: 0xB000})
+    try:
+        results = list(link.engine.send(files, link.destination("SCRIPTED", scp.port),
+                                        "RELAY", 30, confirm_each=False))
+    finally:
+        scp.close()
+    by_path = {r.path: r for r in results}
+    assert len(results) == len(files)
+    assert [by_path[f].status for f in files] == [0x0000, 0xA700, 0xA900, 0xC000, 0xB000,
+                                                  0x0000]
+    assert [by_path[f].outcome for f in files] == [
+        Outcome.DELIVERED, Outcome.RETRY, Outcome.FAILED, Outcome.FAILED,
+        Outcome.DELIVERED, Outcome.DELIVERED]
+    quiet = dcmsend_argv(Path("dcmsend"), files, link.destination("X", 1), "RELAY", 30,
+                         tmp_path / "report", each_response=False)
+    assert "--verbose" in quiet and "--debug" not in quiet

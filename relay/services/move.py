@@ -166,7 +166,9 @@ def forward_objects(fetch: Fetch, total: int, engine: ToolkitEngine, target: Des
         delivered = 0
         # An association per batch (a few per move): none is left open to the move
         # destination, whichever way the move ends.
-        for result in engine.send(batch, target, calling_ae, timeout):
+        # confirm_each off: a relay killed mid-move never sends these again (its retrieve
+        # folders go at start-up), so results at the end of each batch do.
+        for result in engine.send(batch, target, calling_ae, timeout, confirm_each=False):
             remaining = max(0, remaining - 1)
             if result.outcome is Outcome.DELIVERED:
                 delivered += 1

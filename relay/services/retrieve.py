@@ -87,7 +87,8 @@ class ToolkitEngine(Protocol):
     name: str
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float, keep_open: bool = False) -> Iterator[SendResult]: ...
+             timeout: float, keep_open: bool = False,
+             confirm_each: bool = True) -> Iterator[SendResult]: ...
 
     def get_by_tool(self, source: Destination, query: Path, model: str, calling_ae: str,
                     folder: Path, timeout: float, storage: list[tuple[str, list[str]]]

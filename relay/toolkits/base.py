@@ -56,11 +56,16 @@ class Engine(ABC):
 
     @abstractmethod
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False,
+             confirm_each: bool = True) -> Iterator[SendResult]:
         """Send files over as few associations as possible; yield one result per file, in any
         order, for every file given (connection problems yield RETRY results).
         keep_open: the caller has more to send soon; an engine that can may keep the
-        association for the next call instead of releasing it (then `release` ends it)."""
+        association for the next call instead of releasing it (then `release` ends it).
+        confirm_each: each success as its response arrives (a relay killed mid-batch then
+        sends again only what was not confirmed); False: the caller needs the results only
+        when the call is done (a served C-MOVE, whose objects a restart never sends again),
+        and an engine may spare what following each response costs it."""
 
     def release(self, destination: Destination) -> None:
         """Release an association `send(keep_open=True)` kept for this destination."""

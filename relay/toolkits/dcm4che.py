@@ -369,7 +369,9 @@ class Dcm4cheEngine(Engine):
         return Dcm4cheReceiver(self, config, spool)
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False,
+             confirm_each: bool = True) -> Iterator[SendResult]:
+        del confirm_each  # each result comes with its response anyway
         ready, unreadable = read_outgoing(files)
         yield from unreadable
         groups = context_groups(ready, lambda item: item.context)

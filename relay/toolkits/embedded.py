@@ -452,7 +452,9 @@ class EmbeddedEngine(Engine):
         return assoc
 
     def send(self, files: list[Path], destination: Destination, calling_ae: str,
-             timeout: float, keep_open: bool = False) -> Iterator[SendResult]:
+             timeout: float, keep_open: bool = False,
+             confirm_each: bool = True) -> Iterator[SendResult]:
+        del confirm_each  # each result comes with its response anyway
         ready, unreadable = read_outgoing(files)
         yield from unreadable
         # One association per batch, split only when it needs over 128 contexts.
