@@ -93,6 +93,10 @@ def make_app(control: Control, users: UsersFile, *, secure_cookies: bool = False
     return app
 
 
+# Seconds a stopping console waits for its connections to close.
+STOP_GRACE = 2.0
+
+
 class ConsoleServer:
     def __init__(self, relay: Relay) -> None:
         cfg = relay.config
@@ -107,7 +111,7 @@ class ConsoleServer:
         self.app = make_app(self.control, self.users, secure_cookies=tls is not None)
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host=self.host, port=self.port, log_level="warning",
-            access_log=False, timeout_keep_alive=5, limit_concurrency=64,
+            access_log=False, timeout_keep_alive=5, limit_concurrency=64, lifespan="off",
             ssl_certfile=str(tls.certificate) if tls and tls.certificate else None,
             ssl_keyfile=str(tls.private_key) if tls and tls.private_key else None))
         self.thread: threading.Thread | None = None
@@ -128,6 +132,13 @@ class ConsoleServer:
     def stop(self) -> None:
         self.server.should_exit = True
         if self.thread is not None:
-            self.thread.join(timeout=10)
+            # A response under way gets a moment to finish. An idle keep-alive connection
+            # over TLS closes only once the client answers close_notify, which a client
+            # that is not reading never does: uvicorn would wait for it until our join
+            # timed out (10 s at every stop, past `docker stop`'s own 10 s grace).
+            self.thread.join(timeout=STOP_GRACE)
+            if self.thread.is_alive():
+                self.server.force_exit = True  # stop waiting for those connections
+                self.thread.join(timeout=5)
         if self.control.store is not None:
             self.control.store.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,13 @@ def test_logins_are_limited_and_served_over_tls_with_secure_cookies(tmp_path: Pa
         assert _login(other, base, "right-pass-1", verify=str(pki.ca)).status_code == 429
         audit = (tmp_path / "spool" / "audit.jsonl")
         assert not audit.exists() or '"action": "login"' not in audit.read_text()
+        # Both sessions keep their TLS connections open and read nothing: the relay still
+        # stops within `docker stop`'s 10 s grace (it had waited 10 s for the console alone,
+        # for a close_notify these clients never send), by itself and without a traceback.
+        asked = time.monotonic()
+        assert relay.stop() == 0
+        assert time.monotonic() - asked < 8, "the console held the stop"
+        assert "Traceback" not in relay.output()
     finally:
         relay.stop()
         scp.close()
