@@ -22,7 +22,7 @@ from relay.console.api import api_router
 from relay.console.control import Control
 from relay.console.pages import LoginRequired, pages_router
 from relay.console.sessions import LoginLimiter, Sessions
-from relay.console.users import Users, UsersFileError
+from relay.console.users import Users, UsersFileError, dummy_hash
 from relay.history.store import HistoryStore
 from relay.pipeline.relay import Relay
 
@@ -107,6 +107,7 @@ class ConsoleServer:
             store = HistoryStore(cfg.history_url, cfg.relay_name)
         self.control = Control(relay, store)
         self.users = UsersFile(cfg.users_file)
+        dummy_hash()  # now, so that the first login of an unknown name takes no longer
         tls = cfg.console.tls
         self.app = make_app(self.control, self.users, secure_cookies=tls is not None)
         self.server = uvicorn.Server(uvicorn.Config(
