@@ -38,6 +38,18 @@ def test_every_verb_has_help_with_an_example(verb: str) -> None:
     assert "Example:" in result.stdout and f"dicom-relay {verb}" in result.stdout
 
 
+def test_a_start_pays_for_no_console_it_does_not_serve() -> None:
+    """Loading the CLI (every verb, every start of the relay) neither hashes a password
+    (argon2id: ~0.1 s of CPU and 64 MiB, once made at import for unknown-user logins) nor
+    imports the web stack; the console makes its dummy hash when it starts."""
+    probe = ("import sys, relay.cli.app, relay.console.users as u; "
+             "print(u.dummy_hash.cache_info().currsize, 'fastapi' in sys.modules, "
+             "'uvicorn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0", "False", "False"]
+
+
 def test_check_reports_config_errors_with_file_and_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[receiver]\nport = "eleven"\n')

@@ -14,7 +14,6 @@ import typer
 from relay import __version__
 from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, VerboseOpt, engine_for, example, load
 from relay.config.model import Config
-from relay.console.server import ConsoleServer
 from relay.pipeline.relay import Relay
 
 log = logging.getLogger("relay")
@@ -24,6 +23,11 @@ def serve(cfg: Config, *, receive: bool, process: bool) -> None:
     # Every file the relay (and the tools it starts) writes holds patient data: readable by
     # the relay's user only, whatever umask it was started with.
     os.umask(0o077)
+    serve_console = process and cfg.console.listen is not None
+    if serve_console:
+        # Imported only where a console is set: the web stack (FastAPI, uvicorn) costs a
+        # start ~0.3 s of CPU. Before the receiver opens, so the console follows it at once.
+        from relay.console.server import ConsoleServer
     engine = engine_for(cfg)
     relay = Relay(cfg, engine, receive=receive, process=process)
 
@@ -45,7 +49,7 @@ def serve(cfg: Config, *, receive: bool, process: bool) -> None:
         log.error("cannot start: %s", exc)
         raise typer.Exit(1) from None
     console = None
-    if process and cfg.console.listen is not None:
+    if serve_console:
         console = ConsoleServer(relay)
         try:
             console.start()
