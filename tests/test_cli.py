@@ -50,6 +50,19 @@ def test_a_start_pays_for_no_console_it_does_not_serve() -> None:
     assert out == ["0", "False", "False"]
 
 
+def test_help_loads_none_of_the_pipeline() -> None:
+    """`dicom-relay --help` (and the CLI before a verb runs) imports no DICOM, database,
+    XML or network library: each verb imports what it uses (it took ~1 s when the CLI
+    imported them all, 0.3 s without)."""
+    heavy = ["pydicom", "pynetdicom", "lxml", "sqlalchemy", "alembic", "prometheus_client",
+             "requests", "fastapi", "relay.pipeline.relay", "relay.toolkits.select"]
+    probe = ("import sys, relay.cli.app; "
+             f"print(' '.join(m for m in {heavy!r} if m in sys.modules) or 'none')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "none"
+
+
 def test_check_reports_config_errors_with_file_and_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[receiver]\nport = "eleven"\n')

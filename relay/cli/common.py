@@ -1,5 +1,9 @@
 """What every verb shares: the --config and --verbose options, loading the config (errors
-exit 2 naming file and key), logging, and choosing the engine."""
+exit 2 naming file and key), logging, and choosing the engine.
+
+The verbs' modules import the pipeline (pydicom, SQLAlchemy, lxml: ~0.6 s) inside the verb
+that needs it, not at the top: `dicom-relay --help`, and every verb, then pay only for what
+they use (tests/test_cli.py holds them to it)."""
 
 from __future__ import annotations
 
@@ -7,15 +11,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from relay.config.load import load_config
-from relay.config.model import Config, ConfigError
+from relay.config.model import ConfigError
 from relay.receive.supervisor import LOG_PLAIN_ENV
-from relay.toolkits.base import Engine
-from relay.toolkits.select import select_engine
+
+if TYPE_CHECKING:
+    from relay.config.model import Config
+    from relay.toolkits.base import Engine
 
 log = logging.getLogger("relay")
 
@@ -45,6 +50,8 @@ def setup_logging(level: str, verbose: bool = False) -> None:
 
 
 def load(config: Path, verbose: bool = False) -> Config:
+    from relay.config.load import load_config
+
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -55,6 +62,8 @@ def load(config: Path, verbose: bool = False) -> Config:
 
 
 def engine_for(cfg: Config) -> Engine:
+    from relay.toolkits.select import select_engine
+
     try:
         return select_engine(cfg)
     except ConfigError as exc:

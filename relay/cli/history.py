@@ -7,14 +7,15 @@ import calendar
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
 from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, example, load
-from relay.history.rows import Op, ops_of_audit_line
-from relay.history.store import HistoryStore
+from relay.history.rows import ops_of_audit_line
+
+if TYPE_CHECKING:
+    from relay.history.rows import Op
 
 history_app = typer.Typer(help="The history database: what happened to every object.",
                           no_args_is_help=True)
@@ -41,6 +42,10 @@ def import_audit(
     Instance UIDs, not studies or patients: the study search does not find objects known
     only from an imported log. Importing the same log twice writes its lines twice.
     """
+    from sqlalchemy.exc import SQLAlchemyError  # with the store: only this verb needs them
+
+    from relay.history.store import HistoryStore
+
     cfg = load(config)
     store = HistoryStore(cfg.history_url, cfg.relay_name)
     try:

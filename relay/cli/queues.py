@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, example, load
-from relay.config.model import Config, join_host_port
-from relay.events import EventBus, Requeued
-from relay.ops import metrics
-from relay.ops.audit import AuditLog
-from relay.pipeline.relay import spool_for
+from relay.config.model import join_host_port
 from relay.receive.floor import floor_of
-from relay.send.hold import held_studies
-from relay.services.ledger import LEDGER, Ledger
+
+if TYPE_CHECKING:  # the pipeline is imported by the verbs that use it (relay.cli.common)
+    from relay.config.model import Config
+    from relay.ops.metrics import Samples
+    from relay.services.ledger import Ledger
 
 
 def status(
@@ -30,6 +29,11 @@ def status(
     The figures are those of /metrics (Prometheus): the queues read from the spool, the
     counters from the running relay.
     """
+    from relay.ops import metrics
+    from relay.pipeline.relay import spool_for
+    from relay.send.hold import held_studies
+    from relay.services.ledger import LEDGER, Ledger
+
     cfg = load(config)
     spool = spool_for(cfg)
     if not spool.root.is_dir():
@@ -116,8 +120,10 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def _running_samples(cfg: Config) -> metrics.Samples:
+def _running_samples(cfg: Config) -> Samples:
     """The running relay's /metrics; {} when it serves none (or none answers)."""
+    from relay.ops import metrics
+
     if cfg.metrics.listen is None:
         return {}
     try:
@@ -136,6 +142,10 @@ def retry(
     Objects that failed at a destination go back to that destination's queue; objects that
     failed processing go back to incoming/ and are processed again by a running relay.
     """
+    from relay.events import EventBus, Requeued
+    from relay.ops.audit import AuditLog
+    from relay.pipeline.relay import spool_for
+
     cfg = load(config)
     spool = spool_for(cfg)
     spool.create()

@@ -9,7 +9,6 @@ import typer
 
 from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, example, load
 from relay.config.model import ConfigError
-from relay.ops.haproxy import BalancerOptions, render_haproxy
 from relay.ops.systemd import render_units
 
 
@@ -67,6 +66,8 @@ def haproxy(
     balancer as its peer: `allowed_hosts` must include it; `allowed_calling_aets`, if set,
     must include the check's AE title.
     """
+    from relay.ops.haproxy import BalancerOptions, render_haproxy
+
     cfg = load(config)
     allowed = cfg.receiver.allowed_calling_aets
     if check == "dicom" and allowed and check_ae not in allowed:

@@ -8,18 +8,22 @@ import os
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 
 from relay import __version__
 from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, VerboseOpt, engine_for, example, load
-from relay.config.model import Config
-from relay.pipeline.relay import Relay
+
+if TYPE_CHECKING:
+    from relay.config.model import Config
 
 log = logging.getLogger("relay")
 
 
 def serve(cfg: Config, *, receive: bool, process: bool) -> None:
+    from relay.pipeline.relay import Relay
+
     # Every file the relay (and the tools it starts) writes holds patient data: readable by
     # the relay's user only, whatever umask it was started with.
     os.umask(0o077)

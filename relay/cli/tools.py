@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,14 +23,13 @@ from relay.cli.common import (
     expand,
     load,
 )
-from relay.config.model import Config, ConfigError, Destination, join_host_port
+from relay.config.model import ConfigError, Destination, join_host_port
 from relay.console.users import Users, UsersFileError
-from relay.edit.editor import BadInput
-from relay.pipeline.processor import Plan, plan
-from relay.pipeline.relay import rules_and_routes
-from relay.route.router import Router
-from relay.send.results import DestinationUnavailable, Outcome, ToolFailure
-from relay.send.stow import transport_for
+
+if TYPE_CHECKING:  # the pipeline is imported by the verbs that use it (relay.cli.common)
+    from relay.config.model import Config
+    from relay.pipeline.processor import Plan
+    from relay.route.router import Router
 
 
 def send(
@@ -43,6 +42,9 @@ def send(
 
     Exits 1 if any file was not stored, listing each with the destination's status.
     """
+    from relay.send.results import Outcome
+    from relay.send.stow import transport_for
+
     cfg = load(config, verbose)
     try:
         dest = cfg.destination(destination)
@@ -85,6 +87,7 @@ def echo(
     study (it answers, and takes our credentials). Exits 1 if any does not answer."""
     cfg = load(config, verbose)
     if receiver:
+        from relay.send.results import DestinationUnavailable, ToolFailure
         from relay.toolkits.embedded import EmbeddedEngine
 
         rc = cfg.receiver
@@ -102,6 +105,9 @@ def echo(
 
 
 def _echo_all(cfg: Config, only: str | None = None) -> bool:
+    from relay.send.results import DestinationUnavailable, ToolFailure
+    from relay.send.stow import transport_for
+
     engine = engine_for(cfg)
     try:
         dests = [cfg.destination(only)] if only else list(cfg.destinations)
@@ -145,6 +151,10 @@ def edit(
     verbose: VerboseOpt = False,
 ) -> None:
     """Apply the configured rules and routes to files: to try them before production."""
+    from relay.edit.editor import BadInput
+    from relay.pipeline.processor import plan
+    from relay.pipeline.relay import rules_and_routes
+
     cfg = load(config, verbose)
     if not dry_run and output is None:
         typer.echo("error: give --dry-run to see the changes, or --output DIR to write edited "
