@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicomdata import ct_series
-from peers import EG_RULE, ENGINES, Orthanc, free_port, relay_config
+from peers import EG_RULE, ENGINES, Orthanc, RelayProcess, free_port, relay_config
 
 REPO = Path(__file__).resolve().parent.parent
 VERBS = ["run", "receive", "process", "send", "echo", "edit", "check", "status", "retry",
@@ -61,6 +61,18 @@ def test_help_loads_none_of_the_pipeline() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "none"
+
+
+def test_a_start_logs_what_the_relay_says_not_its_libraries(tmp_path: Path) -> None:
+    """The log of a start (the embedded engine: its receiver child logs too) has the relay's
+    lines, not the libraries' narration: alembic names each plugin at INFO when imported."""
+    port = free_port()
+    relay = RelayProcess(config(tmp_path, free_port(), receiver_port=port), tmp_path).start(port)
+    assert relay.stop() == 0
+    log = relay.output()
+    assert "running (receive + process+send)" in log
+    assert [line for line in log.splitlines()
+            if "alembic" in line or "sqlalchemy" in line or "Traceback" in line] == []
 
 
 def test_check_reports_config_errors_with_file_and_key(tmp_path: Path) -> None:

@@ -47,6 +47,9 @@ def setup_logging(level: str, verbose: bool = False) -> None:
     # pynetdicom narrates every PDU at INFO and repeats as ERROR what our own log lines say
     # with more context (which destination, what happens next); all of it with --verbose.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # alembic names each of its plugins at INFO when imported (the history store, imported
+    # by the verbs after this) and each migration: the history says it in one line.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def load(config: Path, verbose: bool = False) -> Config:

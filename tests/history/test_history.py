@@ -240,6 +240,7 @@ def test_history_import_fills_the_timeline_from_an_audit_log(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     assert f"{len(lines)} audit line(s) imported into the history, 1 skipped" in done.stdout
     assert "junk.jsonl:" in done.stderr and "not an audit line" in done.stderr
+    assert "alembic" not in done.stderr, "the history's schema tool stays quiet"
     store = HistoryStore(sqlite_url(spool / "history.sqlite"), "imported")
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(events)).scalar() == len(lines)
