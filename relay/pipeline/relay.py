@@ -8,6 +8,7 @@ an in-memory queue (so nothing rescans a folder per file).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -352,6 +353,13 @@ class Relay:
         if self.services.commitment is not None:
             self.services.commitment.stop()
         self.stop_event.set()
+        # Wake what waits for work, rather than wait out its timeout: the watcher and each
+        # editing worker (a None ends its loop; a full queue means they are busy anyway).
+        if self.watcher is not None:
+            self.watcher.wake()
+        for _ in range(self.config.process.workers):
+            with contextlib.suppress(queue.Full):
+                self._work.put_nowait(None)
         for sender in self.senders:
             sender.stop()
         for thread in [*self.threads, *self._sender_threads.values()]:

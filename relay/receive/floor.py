@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inotify_simple import INotify, flags
+from inotify_simple import flags
+
+from relay.receive.inotify import WakeableINotify
 
 if TYPE_CHECKING:
     from relay.config.model import Config
@@ -92,10 +94,10 @@ class FloorKeeper:
         self.paused = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._inotify: INotify | None = None
+        self._inotify: WakeableINotify | None = None
 
     def start(self) -> None:
-        self._inotify = INotify()
+        self._inotify = WakeableINotify()
         self._inotify.add_watch(str(self.folder), flags.CLOSE_WRITE | flags.MOVED_TO)
         self._stop.clear()
         self.check()
@@ -104,6 +106,8 @@ class FloorKeeper:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._inotify is not None:
+            self._inotify.wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -115,7 +119,7 @@ class FloorKeeper:
         assert self._inotify is not None
         last = time.monotonic()
         while not self._stop.is_set():
-            events = self._inotify.read(timeout=int(self.interval * 1000))
+            events = self._inotify.read(int(self.interval * 1000))
             for event in events:
                 if event.name:
                     try:

@@ -11,8 +11,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from inotify_simple import INotify, flags
+from inotify_simple import flags
 
+from relay.receive.inotify import WakeableINotify
 from relay.spool import Spool, is_ready
 
 log = logging.getLogger("relay.watch")
@@ -25,11 +26,15 @@ WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE
 class IncomingWatcher:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.inotify = INotify()
+        self.inotify = WakeableINotify()
         self.inotify.add_watch(str(spool.incoming), WATCH_FLAGS)
 
     def close(self) -> None:
         self.inotify.close()
+
+    def wake(self) -> None:
+        """End paths() now (its stop event is set): it is waiting for an arrival."""
+        self.inotify.wake()
 
     def paths(self, stop: threading.Event, poll_ms: int = 500) -> Iterator[Path]:
         """Every finished object in incoming/: what is there now, then each new arrival,
@@ -37,7 +42,7 @@ class IncomingWatcher:
         yield from self.spool.ready_incoming()
         while not stop.is_set():
             overflow = False
-            for event in self.inotify.read(timeout=poll_ms):
+            for event in self.inotify.read(poll_ms):
                 if event.mask & flags.Q_OVERFLOW:
                     overflow = True
                     continue

@@ -50,13 +50,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from inotify_simple import INotify, flags
+from inotify_simple import flags
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
 from relay.edit.editor import BadInput, read_dicom
 from relay.edit.scan import leading_values
 from relay.receive import landlock
+from relay.receive.inotify import WakeableINotify
 from relay.receive.supervisor import SupervisedReceiver, ToolLines, run_tool
 from relay.receive.warden import Warden
 from relay.send.results import (
@@ -442,7 +443,7 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
                              log_config)
         self._stop = threading.Event()
         self._handover: threading.Thread | None = None
-        self._inotify: INotify | None = None
+        self._inotify: WakeableINotify | None = None
         super().__init__(config, argv, host="0.0.0.0", env=dcmtk_env(),  # noqa: S104
                          line_level=storescp_level, on_line=self._on_line,
                          writes_to=spool.receiving,
@@ -465,7 +466,7 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
         self.spool.receiving.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.spool.incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Watch before the first sweep and start: no marker can slip between the two.
-        self._inotify = INotify()
+        self._inotify = WakeableINotify()
         self._inotify.add_watch(str(self.spool.receiving), flags.CLOSE_WRITE)
         self._stop.clear()
         self._handover = threading.Thread(target=self._handover_loop, name="dcmtk-handover",
@@ -478,6 +479,8 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
         self.warden.stop()
         super().stop()
         self._stop.set()
+        if self._inotify is not None:
+            self._inotify.wake()
         if self._handover is not None:
             self._handover.join(timeout=10)
             self._handover = None
@@ -490,7 +493,7 @@ class DcmtkReceiver(SupervisedReceiver, Receiver):
         assert self._inotify is not None
         inotify = self._inotify
         while not self._stop.is_set():
-            for event in inotify.read(timeout=500):
+            for event in inotify.read(500):
                 if event.name.endswith(DONE_MARKER):
                     self._hand_over(self.spool.receiving / event.name)
                 elif event.mask & flags.Q_OVERFLOW:
