@@ -63,6 +63,17 @@ def test_help_loads_none_of_the_pipeline() -> None:
     assert out == "none"
 
 
+def test_a_receiving_process_loads_no_database_library() -> None:
+    """The embedded engine's receiving child (`dicom-relay receive`) writes no history unless
+    it answers queries or commitment: the pipeline imports SQLAlchemy and alembic (~0.2 s
+    of each start) only where a history writer is made."""
+    probe = ("import sys, relay.pipeline.relay; "
+             "print([m for m in ('sqlalchemy', 'alembic') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_a_start_logs_what_the_relay_says_not_its_libraries(tmp_path: Path) -> None:
     """The log of a start (the embedded engine: its receiver child logs too) has the relay's
     lines, not the libraries' narration: alembic names each plugin at INFO when imported."""

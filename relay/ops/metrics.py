@@ -46,6 +46,7 @@ from relay.events import (
     Unrouted,
 )
 from relay.receive.floor import free_bytes
+from relay.servers import shutdown_now
 from relay.spool import SIDECAR_SUFFIX, Spool, is_ready
 
 log = logging.getLogger("relay.metrics")
@@ -285,7 +286,7 @@ class Metrics(Subscriber):
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            shutdown_now(self._server)
             self._server.server_close()
             self._server = None
 

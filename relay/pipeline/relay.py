@@ -14,14 +14,13 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay import __version__
 from relay.config.load import load_config
 from relay.config.model import Config, ConfigError, Destination
 from relay.edit.editor import Editor
 from relay.events import EventBus, Reloaded
-from relay.history.store import HistoryStore
-from relay.history.writer import HistoryWriter
 from relay.ops.audit import AuditLog
 from relay.ops.logs import LogLines
 from relay.ops.metrics import Metrics, RelayState
@@ -37,6 +36,9 @@ from relay.services.ledger import Ledger, LedgerWriter
 from relay.services.scp import QueryRetrieve, Services, ServicesServer, services_servers
 from relay.spool import Spool
 from relay.toolkits.base import Engine, Receiver
+
+if TYPE_CHECKING:
+    from relay.history.writer import HistoryWriter
 
 log = logging.getLogger("relay.pipeline")
 
@@ -58,6 +60,11 @@ def history_writer(config: Config, backlog: str = "history-backlog.jsonl") -> Hi
     """The history's writer for a configuration (its database is reached on first write:
     one that is down at start-up stops nothing). backlog: the file that keeps what the
     database could not take yet, one per writing process."""
+    # Imported here: SQLAlchemy and alembic (~0.2 s) are for the processes that write the
+    # history, not for the embedded engine's receiving child.
+    from relay.history.store import HistoryStore
+    from relay.history.writer import HistoryWriter
+
     return HistoryWriter(HistoryStore(config.history_url, config.relay_name),
                          config.spool.path / backlog,
                          patient_values=config.audit.patient_values,

@@ -55,6 +55,7 @@ from relay.toolkits.associations import (
     prefer_requestor_syntax,
     refused_host,
     set_nodelay,
+    shut_down,
 )
 from relay.toolkits.tls import client_context, server_context
 
@@ -504,9 +505,7 @@ class ServicesServer:
 
     def stop(self) -> None:
         if self.server is not None:
-            for assoc in list(self.server.active_associations):
-                assoc.abort()
-            self.server.shutdown()  # pynetdicom's: its loop, its socket, its AE's list
+            shut_down(self.server)
             self.server = None
 
 

@@ -1,7 +1,7 @@
 """What every pynetdicom user in the relay shares (the embedded engine's receiver and sender,
 the query/retrieve services): TCP_NODELAY on each association, the requestor's transfer
-syntax order, supported contexts cheap to copy per association, and the file head of a
-received data set."""
+syntax order, supported contexts cheap to copy per association, the file head of a
+received data set, and a server's shutdown."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from relay.ops.logs import shown
+from relay.servers import shutdown_now
 
 log = logging.getLogger("relay.receive")
 
@@ -33,6 +34,15 @@ def set_nodelay(event: evt.Event) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def shut_down(server: Any) -> None:
+    """A pynetdicom server's shutdown() (its loop, its socket, its AE's list), at once
+    (relay.servers). Peers' associations are aborted first, or they would keep it waiting:
+    an object not yet acknowledged is sent again by its modality."""
+    for assoc in list(server.active_associations):
+        assoc.abort()
+    shutdown_now(server)
 
 
 class _CheapToCopy(PresentationContext):  # type: ignore[misc]  # pynetdicom: untyped here

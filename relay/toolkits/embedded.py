@@ -56,6 +56,7 @@ from relay.toolkits.associations import (
     prefer_requestor_syntax,
     refused_host,
     set_nodelay,
+    shut_down,
 )
 from relay.toolkits.base import Engine, Receiver
 from relay.toolkits.common import MAX_CONTEXTS, context_groups
@@ -353,11 +354,8 @@ class EmbeddedReceiver(Receiver):
 
     def stop(self) -> None:
         if self.server is not None:
-            # Peers still connected would keep shutdown() waiting for their threads: abort
-            # them (an object not yet acknowledged is sent again by its modality).
-            for assoc in list(self.server.active_associations):
-                assoc.abort()
-            self.server.shutdown()
+            # Peers still connected would keep shutdown() waiting for their threads: aborted.
+            shut_down(self.server)
             self.server = None
         uninstall()
 

@@ -1,7 +1,9 @@
-"""The receive stage's inotify, whose waiting a stop ends (relay.receive.inotify)."""
+"""What a stop wakes rather than waits out: the receive stage's inotify reads
+(relay.receive.inotify) and the servers' loops (relay.servers)."""
 
 from __future__ import annotations
 
+import socketserver
 import threading
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from inotify_simple import flags
 
 from relay.receive.inotify import WakeableINotify
 from relay.receive.watch import IncomingWatcher
+from relay.servers import shutdown_now
 from relay.spool import Spool
 
 
@@ -57,3 +60,16 @@ def test_the_watcher_stops_waiting_for_arrivals_when_woken(tmp_path: Path) -> No
     assert done.wait(10)
     assert [p.name for p in seen] in ([], ["x.dcm"])
     watcher.close()
+
+
+def test_a_servers_loop_ends_without_waiting_for_its_poll() -> None:
+    server = socketserver.TCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+    loop = threading.Thread(target=server.serve_forever, args=(3600,), daemon=True)  # an hour
+    loop.start()
+    stopper = threading.Thread(target=shutdown_now, args=(server,), daemon=True)
+    stopper.start()
+    stopper.join(10)
+    loop.join(10)
+    assert not stopper.is_alive() and not loop.is_alive()
+    server.server_close()
+    shutdown_now(server)  # a closed server: nothing to wake, no error
