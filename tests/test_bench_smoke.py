@@ -54,3 +54,13 @@ def test_the_query_bench_smoke_runs(dcmtk: Path) -> None:
                      "relay (dcmtk, [query].port, retrieve = get)"):
         assert f"| {scenario} |" in result.stdout, scenario
     assert "| direct: Orthanc | " in result.stdout and "| 1.00 |" in result.stdout
+
+
+def test_the_per_object_bench_smoke_runs(dcmtk: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "per_object.py"), "--smoke",
+                             "--engine", "embedded", "--engine", "dcmtk"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| embedded", "| dcmtk"]
+    assert all(row.endswith("| 20 and 60, 1 each |") for row in rows[1:])
