@@ -38,6 +38,13 @@ def test_every_verb_has_help_with_an_example(verb: str) -> None:
     assert "Example:" in result.stdout and f"dicom-relay {verb}" in result.stdout
 
 
+def test_help_shows_flags_as_flags() -> None:
+    """A flag takes no value: its help shows none (typer 0.29 printed '--no-echo <bool>')."""
+    text = cli("check", "--help").stdout
+    assert "--no-echo" in text and "--config" in text
+    assert "<bool>" not in text.lower() and "BOOLEAN" not in text
+
+
 def test_a_start_pays_for_no_console_it_does_not_serve() -> None:
     """Loading the CLI (every verb, every start of the relay) neither hashes a password
     (argon2id: ~0.1 s of CPU and 64 MiB, once made at import for unknown-user logins) nor
