@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,54 @@ def test_one_jvm_for_every_send_echo_and_conversion(tmp_path: Path,
     finally:
         pacs.close()
     assert engine.env["JAVA_LIBRARY_PATH"] == str(java_library_path(DCM4CHE_HOME))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm to every process"])
+def test_a_stop_signal_to_every_process_stops_the_relay_not_its_jvm(
+        tmp_path: Path, how: str) -> None:
+    """Ctrl-C in the relay's terminal (SIGINT to its process group), or SIGTERM to every
+    process of the service (systemd's default KillMode): the relay stops cleanly, and the
+    helper JVM is not killed under it (it printed a KeyboardInterrupt, or the JVM's own
+    handler aborted it, and the relay logged 'JVM exited' at each stop)."""
+    port = free_port()
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
+                       engine="dcm4che", destinations=[("sink", "SINK", free_port())])
+    log = tmp_path / "relay.log"
+    with open(log, "wb") as out:
+        relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(cfg)],
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "dcm4che's JVM is up" in log.read_text(), 60, what="the JVM")
+        wait_until(lambda: "running (receive + process+send)" in log.read_text(), 60,
+                   what="the relay running")
+        if how == "ctrl-c":
+            os.killpg(relay.pid, signal.SIGINT)
+        else:  # every process of the relay's tree at once, as systemd's cgroup kill does
+            for pid in [relay.pid, *_descendants(relay.pid)]:
+                os.kill(pid, signal.SIGTERM)
+        assert relay.wait(60) == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+    text = log.read_text()
+    assert "INFO relay: stopped" in text
+    assert "JVM exited" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
 
 
 def test_a_missing_java_is_a_local_failure(tmp_path: Path, engine: Dcm4cheEngine) -> None:

@@ -68,8 +68,11 @@ class JvmBridge:
         """Start the helper (self._lock held) and wait for its JVM to be up."""
         argv = [sys.executable, "-m", "relay.toolkits.dcm4che_jvm", str(self.home)]
         try:
+            # A session of its own: Ctrl-C in the relay's terminal (SIGINT to the whole
+            # foreground group) is the relay's to act on; the helper ends when its input does.
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=self.env)
+                                    stderr=subprocess.PIPE, env=self.env,
+                                    start_new_session=True)
         except OSError as exc:
             raise BridgeUnavailable(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         self.starts += 1

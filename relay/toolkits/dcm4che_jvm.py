@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -517,6 +518,12 @@ def main(argv: list[str]) -> int:
               "(started by the relay's dcm4che engine)", file=sys.stderr)
         return 2
     home = Path(argv[1])
+    # The relay owns this process's life (it ends when the relay closes our input). A SIGTERM
+    # or SIGINT sent to every process at once (systemd's default KillMode, a kill of the
+    # process group) would otherwise reach the JVM's own handlers, which abort the process
+    # (SIGABRT, an hs_err file) mid-stop. Ignored before the JVM starts, they stay ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = Answers(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)  # System.out and stray prints go to the log, never into the answers
     env = dict(os.environ)
