@@ -1,7 +1,9 @@
 """The Docker image, built and run for real with podman (docker/podman-build): the relay in
 the container (dcm4che engine, non-root, --init, spool on a volume, host network) between a
-DCMTK modality and an Orthanc on the host; and the compose file's test profile, which runs
-the dcm4che suites inside the image with podman-compose. One build per test run.
+DCMTK modality and an Orthanc on the host; the compose file's test profile, which runs
+the dcm4che suites inside the image with podman-compose; and the units `dicom-relay systemd`
+renders, run by a real systemd (PID 1 of a container made from the image). One build per
+test run.
 
 Skipped, saying why, where podman or a dcm4che toolkit is missing (tests/run installs podman
 on Debian; the toolkit is found as for the other dcm4che tests)."""
@@ -30,6 +32,7 @@ from peers import (
     dcmsend,
     free_port,
     relay_config,
+    wait_for_port,
     wait_until,
 )
 
@@ -43,6 +46,7 @@ pytestmark = [
 BUILD = REPO / "docker" / "podman-build"
 IMAGE = "localhost/dicom-relay:latest"
 TEST_IMAGE = "localhost/dicom-relay:test"
+SYSTEMD_IMAGE = "localhost/dicom-relay:systemd"
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +149,85 @@ def test_the_compose_test_profile_runs_the_dcm4che_suites_in_the_image(
     summary = [line for line in out.splitlines() if " passed" in line][-1]
     assert "skipped" not in summary and "failed" not in summary, summary
     assert "test_dcm4che_relay_end_to_end[toolkit] PASSED" in out
+
+
+@pytest.fixture(scope="session")
+def systemd_image(image: str, podman_env: dict[str, str],
+                  tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The relay's image with systemd to run as PID 1, and procps (/bin/kill, which the
+    units' ExecReload uses: on every Debian host, not in a slim image)."""
+    context = tmp_path_factory.mktemp("systemd-image")
+    (context / "Containerfile").write_text(
+        f"FROM {image}\nUSER root\nRUN apt-get update && apt-get install -y "
+        "--no-install-recommends systemd procps && rm -rf /var/lib/apt/lists/*\n")
+    podman(podman_env, "build", "--format", "docker", "--quiet", "-t", SYSTEMD_IMAGE,
+           str(context), timeout=900)
+    return SYSTEMD_IMAGE
+
+
+# What the operator does with `dicom-relay systemd`'s output (its last line says so).
+INSTALL_UNITS = (
+    "dicom-relay systemd --config /etc/dicom-relay/relay.toml --output /tmp/units"
+    " && mkdir -p /etc/sysusers.d /etc/tmpfiles.d"
+    " && cp /tmp/units/*.service /etc/systemd/system/"
+    " && cp /tmp/units/dicom-relay.sysusers.conf /etc/sysusers.d/dicom-relay.conf"
+    " && cp /tmp/units/dicom-relay.tmpfiles.conf /etc/tmpfiles.d/dicom-relay.conf"
+    " && systemd-sysusers && systemd-tmpfiles --create && systemctl daemon-reload"
+    " && systemctl enable --now dicom-relay")
+
+
+def test_the_rendered_units_run_under_a_real_systemd(
+        tmp_path: Path, systemd_image: str, podman_env: dict[str, str], orthanc: Orthanc,
+        dcmtk: Path) -> None:
+    """The unit with all its hardening (ProtectSystem=strict, no capabilities, the user from
+    sysusers.d, the spool from tmpfiles.d) starts the relay on the dcm4che engine, which
+    relays a study; `systemctl reload` re-reads the config; `systemctl stop` ends it cleanly,
+    its children stopped by the relay (KillMode=mixed: with the default, systemd's SIGTERM to
+    every process crashed the dcm4che helper JVM at each stop)."""
+    port = free_port()
+    spool = "/srv/relay-spool"
+    cfg = relay_config(tmp_path / "relay.toml", port=port, spool=Path(spool), engine="auto",
+                       destinations=[("central", orthanc.aet, orthanc.dicom_port)],
+                       rules=EG_RULE)
+    cfg.chmod(0o644)  # read by the service's own user
+    name = f"relay-systemd-{uuid.uuid4().hex[:12]}"
+    podman(podman_env, "run", "-d", "--systemd=always", "--network", "host", "--name", name,
+           "--entrypoint", "/lib/systemd/systemd", systemd_image)
+
+    def in_container(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return podman(podman_env, "exec", name, *argv, check=check, timeout=120)
+
+    try:
+        wait_until(lambda: in_container("systemctl", "is-system-running", check=False)
+                   .stdout.strip() in ("running", "degraded"), 60, interval=0.5,
+                   what="systemd up in the container")
+        podman(podman_env, "cp", str(cfg), f"{name}:/etc/dicom-relay/relay.toml")
+        in_container("sh", "-c", INSTALL_UNITS)
+        wait_for_port(port, timeout=90)
+        assert in_container("stat", "-c", "%U %a", spool).stdout.split() == [
+            "dicom-relay", "700"]
+
+        series = ct_series(tmp_path / "ct", 10, ethnic_group="SYSTEMD-EG")
+        files = sorted((tmp_path / "ct").iterdir())
+        assert dcmsend(files, port, "DICOMRELAY").returncode == 0
+        wait_until(lambda: orthanc.count() == len(series), 120, what="the study at Orthanc")
+        tags = orthanc.tags_by_sop_uid()
+        assert all(tags[uid]["PatientID"] == "SYSTEMD-EG" for uid in series)
+
+        in_container("systemctl", "reload", "dicom-relay")
+        wait_until(lambda: "SIGHUP: reloading" in in_container(
+            "journalctl", "-u", "dicom-relay", "--no-pager").stdout, 30, what="the reload")
+        in_container("systemctl", "stop", "dicom-relay")
+        shown = in_container("systemctl", "show", "dicom-relay", "-p", "Result",
+                             "-p", "ExecMainStatus").stdout.split()
+        assert sorted(shown) == ["ExecMainStatus=0", "Result=success"]
+        journal = in_container("journalctl", "-u", "dicom-relay", "--no-pager").stdout
+        assert "engine auto: dcm4che" in journal and "INFO relay: stopped" in journal
+        assert "JVM exited" not in journal and "Traceback" not in journal, journal[-3000:]
+        assert in_container("stat", "-c", "%U", f"{spool}/audit.jsonl").stdout.strip() == \
+            "dicom-relay"
+        left = in_container("find", *(f"{spool}/{f}" for f in ("incoming", "work", "out")),
+                            "-type", "f", check=False).stdout.split()
+        assert left == [], f"left in the spool: {left}"
+    finally:
+        podman(podman_env, "rm", "-f", name, check=False)

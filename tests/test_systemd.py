@@ -45,6 +45,7 @@ def test_units_parse_and_run_the_right_verb() -> None:
         assert service["ProtectSystem"] == "strict"
         assert service["CapabilityBoundingSet"] == ""
         assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # systemctl reload
+        assert service["KillMode"] == "mixed"  # the relay stops its own children
         assert unit["Install"]["WantedBy"] == "multi-user.target"
     process = parse(files["dicom-relay-process.service"])
     assert "dicom-relay-receive.service" in process["Unit"]["After"]
