@@ -45,8 +45,8 @@ from relay.events import (
     Transcoded,
     Unrouted,
 )
+from relay.ops.servers import shutdown_now
 from relay.receive.floor import free_bytes
-from relay.servers import shutdown_now
 from relay.spool import SIDECAR_SUFFIX, Spool, is_ready
 
 log = logging.getLogger("relay.metrics")

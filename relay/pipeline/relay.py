@@ -92,6 +92,7 @@ class Relay:
         self.threads: list[threading.Thread] = []
         self.watcher: IncomingWatcher | None = None
         self._work: queue.Queue[Path | None] = queue.Queue(maxsize=1000)
+        self._editors = 0  # editing worker threads started
         self.committer: Committer | None = None
         self._commit_thread: threading.Thread | None = None
         # Every outcome of an object is an event; the audit, the metrics and the log lines
@@ -136,7 +137,8 @@ class Relay:
                 self.spool, Setup(editor, router, {s.destination.name: s for s in self.senders},
                                   self.config.process.unrouted),
                 self.events, self.committer, self.config.audit.patient_values)
-            for i in range(self.config.process.workers):
+            self._editors = self.config.process.workers  # a reload changes it next start
+            for i in range(self._editors):
                 self._thread(lambda p=self.processor: self._work_loop(p), f"edit-{i}")
             if self.config.spool.keep_delivered_hours > 0:
                 self._thread(self._prune_delivered_loop, "keep-delivered")
@@ -364,7 +366,7 @@ class Relay:
         # editing worker (a None ends its loop; a full queue means they are busy anyway).
         if self.watcher is not None:
             self.watcher.wake()
-        for _ in range(self.config.process.workers):
+        for _ in range(self._editors):
             with contextlib.suppress(queue.Full):
                 self._work.put_nowait(None)
         for sender in self.senders:

@@ -5,6 +5,7 @@ received data set, and a server's shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -22,7 +23,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from relay.ops.logs import shown
-from relay.servers import shutdown_now
+from relay.ops.servers import shutdown_now
 
 log = logging.getLogger("relay.receive")
 
@@ -36,12 +37,24 @@ def set_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# The states in which pynetdicom takes an A-ABORT request (PS3.8 9.2: Evt15). A connection
+# that has sent no A-ASSOCIATE-RQ yet (Sta2) is not one: aborting it raised InvalidEventError
+# in its reactor thread (a traceback in the log of a relay stopped with a silent peer on).
+ABORTABLE = frozenset(f"Sta{n}" for n in range(3, 13))
+
+
 def shut_down(server: Any) -> None:
     """A pynetdicom server's shutdown() (its loop, its socket, its AE's list), at once
-    (relay.servers). Peers' associations are aborted first, or they would keep it waiting:
-    an object not yet acknowledged is sent again by its modality."""
+    (relay.ops.servers). Peers' associations are aborted first (an object not yet
+    acknowledged is sent again by its modality); a connection still silent is hung up on,
+    its own thread seeing it closed: left alone, it kept the process from exiting until its
+    peer or a timer ended it."""
     for assoc in list(server.active_associations):
-        assoc.abort()
+        if assoc.dul.state_machine.current_state in ABORTABLE:
+            assoc.abort()
+        else:
+            with contextlib.suppress(OSError, AttributeError):  # closed, or closing
+                assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
     shutdown_now(server)
 
 
