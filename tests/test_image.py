@@ -183,7 +183,8 @@ def test_the_rendered_units_run_under_a_real_systemd(
     sysusers.d, the spool from tmpfiles.d) starts the relay on the dcm4che engine, which
     relays a study; `systemctl reload` re-reads the config; `systemctl stop` ends it cleanly,
     its children stopped by the relay (KillMode=mixed: with the default, systemd's SIGTERM to
-    every process crashed the dcm4che helper JVM at each stop)."""
+    every process crashed the dcm4che helper JVM at each stop). Then the split pair of
+    units, receive and process, on the same spool: a study, a reload, a clean stop."""
     port = free_port()
     spool = "/srv/relay-spool"
     cfg = relay_config(tmp_path / "relay.toml", port=port, spool=Path(spool), engine="auto",
@@ -229,5 +230,27 @@ def test_the_rendered_units_run_under_a_real_systemd(
         left = in_container("find", *(f"{spool}/{f}" for f in ("incoming", "work", "out")),
                             "-type", "f", check=False).stdout.split()
         assert left == [], f"left in the spool: {left}"
+
+        # The split pair (the original relay_init / relay_process services) on the same spool.
+        in_container("systemctl", "enable", "--now", "dicom-relay-receive",
+                     "dicom-relay-process")
+        wait_for_port(port, timeout=90)
+        more = ct_series(tmp_path / "ct2", 5, ethnic_group="SPLIT-EG")
+        assert dcmsend(sorted((tmp_path / "ct2").iterdir()), port,
+                       "DICOMRELAY").returncode == 0
+        wait_until(lambda: orthanc.count() == len(series) + len(more), 120,
+                   what="the second study at Orthanc")
+        tags = orthanc.tags_by_sop_uid()
+        assert all(tags[uid]["PatientID"] == "SPLIT-EG" for uid in more)
+        in_container("systemctl", "reload", "dicom-relay-process")
+        in_container("systemctl", "stop", "dicom-relay-process", "dicom-relay-receive")
+        for unit in ("dicom-relay-receive", "dicom-relay-process"):
+            shown = in_container("systemctl", "show", unit, "-p", "Result",
+                                 "-p", "ExecMainStatus").stdout.split()
+            assert sorted(shown) == ["ExecMainStatus=0", "Result=success"], unit
+        journal = in_container("journalctl", "-u", "dicom-relay-receive", "-u",
+                               "dicom-relay-process", "--no-pager").stdout
+        assert "reload: /etc/dicom-relay/relay.toml applied" in journal
+        assert "JVM exited" not in journal and "Traceback" not in journal, journal[-3000:]
     finally:
         podman(podman_env, "rm", "-f", name, check=False)
