@@ -341,11 +341,8 @@ timeout = 10
 EG_RULE = '[[rules]]\nset = "PatientID"\ncopy_from = "EthnicGroup"\n'
 
 
-def proc_stats(pid: int) -> tuple[float, float]:
-    """(peak RSS in MB, CPU seconds) of a live process and all its live descendants (the
-    relay's receiver process or storescp, a dcmsend under way), each with the children it
-    has waited for. The RSS is the sum of their peaks: an upper bound."""
-    ticks = os.sysconf("SC_CLK_TCK")
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (children, theirs, ...), from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -354,11 +351,20 @@ def proc_stats(pid: int) -> tuple[float, float]:
             except OSError:
                 continue
             parents[int(entry.name)] = int(fields[1])
-    tree, frontier = {pid}, [pid]
+    found: list[int] = []
+    frontier = [pid]
     while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        tree.update(children)
-        frontier = children
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of a live process and all its live descendants (the
+    relay's receiver process or storescp, a dcmsend under way), each with the children it
+    has waited for. The RSS is the sum of their peaks: an upper bound."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    tree = {pid, *descendants(pid)}
     rss_kb = cpu = 0.0
     for member in tree:
         try:

@@ -28,6 +28,7 @@ from peers import (
     ScriptedSCP,
     dcm4che_storescu,
     dcmsend,
+    descendants,
     free_port,
     relay_config,
     spool_files,
@@ -145,7 +146,7 @@ def test_a_stop_signal_to_every_process_stops_the_relay_not_its_jvm(
         if how == "ctrl-c":
             os.killpg(relay.pid, signal.SIGINT)
         else:  # every process of the relay's tree at once, as systemd's cgroup kill does
-            for pid in [relay.pid, *_descendants(relay.pid)]:
+            for pid in [relay.pid, *descendants(relay.pid)]:
                 os.kill(pid, signal.SIGTERM)
         assert relay.wait(60) == 0
     finally:
@@ -154,22 +155,6 @@ def test_a_stop_signal_to_every_process_stops_the_relay_not_its_jvm(
     text = log.read_text()
     assert "INFO relay: stopped" in text
     assert "JVM exited" not in text and "KeyboardInterrupt" not in text, text[-3000:]
-
-
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [p for p, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
 
 
 def test_a_missing_java_is_a_local_failure(tmp_path: Path, engine: Dcm4cheEngine) -> None:
