@@ -294,10 +294,18 @@ class Spool:
         queued = []
         for dest, source in copies.items():
             target = self.outbox(dest) / claimed.name
-            tmp = self.outbox(dest) / f".{claimed.name}{PARTIAL_SUFFIX}"
-            tmp.unlink(missing_ok=True)
-            os.link(source, tmp)
-            os.replace(tmp, target)
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                # Published before a crash (its original came back from work/): replace
+                # that copy with this one atomically. When both are the very same file (an
+                # unchanged object's edit is a link to its original), rename(2) does
+                # nothing and leaves the temporary name behind: it is removed here.
+                tmp = self.outbox(dest) / f".{claimed.name}{PARTIAL_SUFFIX}"
+                tmp.unlink(missing_ok=True)
+                os.link(source, tmp)
+                os.replace(tmp, target)
+                tmp.unlink(missing_ok=True)
             queued.append(target)
         if durable:
             for dest in copies:

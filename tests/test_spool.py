@@ -164,16 +164,57 @@ def test_unsynced_publish_keeps_the_original_until_committed(spool: Spool,
     assert [p.read_bytes() for p in spool.queued("central")] == [b"edited", b"edited"]
 
 
-def test_a_crash_before_commit_repeats_the_edit(spool: Spool) -> None:
+def _published_uncommitted(spool: Spool, edit: bytes) -> tuple[Path, Path]:
+    """An object claimed, edited and published without the commit (a crash may follow)."""
     claimed = spool.claim(_incoming(spool))
     assert claimed is not None
     edited = spool.edited_path(claimed)
-    edited.write_bytes(b"edited")
+    edited.write_bytes(edit)
     spool.publish(claimed, edited, durable=False)
+    return claimed, edited
+
+
+def test_a_crash_before_commit_repeats_the_edit(spool: Spool) -> None:
+    claimed, edited = _published_uncommitted(spool, b"edited")
     # Restart: the original is processed again; the edited copy is rebuilt from it.
     assert spool.recover() == 1
     assert [p.name for p in spool.ready_incoming()] == [claimed.name]
     assert not edited.exists()
+
+
+def test_an_unchanged_object_published_again_after_a_crash_leaves_no_partial_link(
+        spool: Spool) -> None:
+    # An unchanged object's edit is a hard link to its original, so after a crash between
+    # publish and commit the original comes back as the very file already queued: linking
+    # it again must neither fail nor leave a ".part" name in out/<dest>/ (rename(2) between
+    # two links to one file does nothing).
+    for run in range(2):
+        if run:
+            assert spool.recover() == 1
+        claimed = spool.claim(spool.ready_incoming()[0] if run else _incoming(spool, b"same"))
+        assert claimed is not None
+        edited = spool.edited_path(claimed)
+        os.link(claimed, edited)
+        queued = spool.publish(claimed, edited, durable=False)
+    for dest in ("central", "backup"):
+        assert sorted(p.name for p in spool.outbox(dest).iterdir()) == [claimed.name]
+    assert [p.read_bytes() for p in queued] == [b"same", b"same"]
+    spool.commit([(claimed, edited)])
+    assert list(spool.work.iterdir()) == []
+    assert [p.read_bytes() for p in spool.queued("central")] == [b"same"]
+
+
+def test_an_object_published_again_with_another_edit_replaces_the_queued_copy(
+        spool: Spool) -> None:
+    _, edited = _published_uncommitted(spool, b"first edit")
+    assert spool.recover() == 1
+    claimed = spool.claim(spool.ready_incoming()[0])
+    assert claimed is not None
+    edited.write_bytes(b"second edit (rules reloaded)")
+    queued = spool.publish(claimed, edited)
+    assert [p.read_bytes() for p in queued] == [b"second edit (rules reloaded)"] * 2
+    for dest in ("central", "backup"):
+        assert [p.name for p in spool.outbox(dest).iterdir()] == [claimed.name]
 
 
 def test_delivered_copies_are_kept_for_a_resend_then_pruned(tmp_path: Path) -> None:
