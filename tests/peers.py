@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -757,6 +758,34 @@ class PostgreSQL:
     def close(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def scripted_find_pacs(matches: list[Any], pace: float
+                       ) -> tuple[Any, int, threading.Event]:
+    """A PACS (pynetdicom, scriptable) answering any C-FIND with these matches, one per
+    `pace` seconds, as a PACS searching a large archive does: (its server, to shut down; its
+    port; an event set when a C-CANCEL reached it). Orthanc answers a few hundred matches
+    faster than a requester's C-CANCEL can come back through the relay."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    cancelled = threading.Event()
+
+    def on_find(event: Any) -> Any:
+        for ds in matches:
+            if event.is_cancelled:
+                cancelled.set()
+                yield 0xFE00, None
+                return
+            yield 0xFF00, ds
+            time.sleep(pace)
+
+    ae = AE("SCRIPTED")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    return server, port, cancelled
 
 
 def scripted_get_pacs(objects: list[Any]) -> tuple[Any, int]:

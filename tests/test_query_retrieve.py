@@ -35,6 +35,7 @@ from peers import (
     free_port,
     proc_stats,
     relay_config,
+    scripted_find_pacs,
     scripted_get_pacs,
     wait_for_port,
     wait_until,
@@ -255,17 +256,36 @@ def big_study(world: World) -> BigStudy:
                     sum(p.stat().st_size for p in folder.iterdir()) / 1e6)
 
 
-def test_cancelled_find_stops(world: World, relay: Relay, big_study: BigStudy) -> None:
-    """findscu cancels after 5 of 300 matches: the relay passes the C-CANCEL on and ends with
-    Cancel, not with all 300."""
-    matches, run = findscu(relay.port, "IMAGE",
-                           [f"StudyInstanceUID={big_study.uid}", "SOPInstanceUID"],
-                           world.workdir / "find-cancel", extra=("--cancel", "5", "-v"))
-    assert 5 <= len(matches) < BIG_SIZE, run.stdout + run.stderr
-    assert "Cancel" in run.stdout + run.stderr
-    line = wait_until(lambda: [e for e in relay.audit("query") if e["status"] == "0xFE00"],
-                      10, what="the cancelled query's audit line")
-    assert line[-1]["matches"] < BIG_SIZE
+def test_cancelled_find_stops(world: World) -> None:
+    """findscu cancels after 5 of 300 matches: the relay passes the C-CANCEL on to the PACS
+    and ends with Cancel, not with all 300. The PACS is a scripted one that answers at 50
+    matches a second: Orthanc sends 300 before a C-CANCEL can come back through the relay."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    matches = []
+    for _ in range(BIG_SIZE):
+        match = Dataset()
+        match.QueryRetrieveLevel = "IMAGE"
+        match.StudyInstanceUID = study
+        match.SOPInstanceUID = generate_uid()
+        matches.append(match)
+    server, port, pacs_saw_cancel = scripted_find_pacs(matches, pace=0.02)
+    relay = start_relay(world, "find-cancel", query_destination_port=port)
+    try:
+        found, run = findscu(relay.query_port, "IMAGE",
+                             [f"StudyInstanceUID={study}", "SOPInstanceUID"],
+                             world.workdir / "find-cancel-out", extra=("--cancel", "5", "-v"))
+        assert 5 <= len(found) < BIG_SIZE, run.stdout + run.stderr
+        assert "Cancel" in run.stdout + run.stderr
+        assert pacs_saw_cancel.wait(10), "the C-CANCEL was passed on to the PACS"
+        line = wait_until(lambda: [e for e in relay.audit("query") if e["status"] == "0xFE00"],
+                          10, what="the cancelled query's audit line")
+        assert 5 <= line[-1]["matches"] < BIG_SIZE
+    finally:
+        relay.process.stop()
+        server.shutdown()
 
 
 # --- C-MOVE and C-GET --------------------------------------------------------------------------
