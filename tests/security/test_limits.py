@@ -4,6 +4,7 @@ values. The same limits against real peers are in test_hostile_network.py."""
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from typing import Any
@@ -169,6 +170,40 @@ def test_the_warden_picks_slow_negotiators_and_each_hosts_excess() -> None:
     assert "10.0.0.9 already holds 2" in doomed[12]
     assert "no association request" in doomed[13]
     assert set(to_kill(kids, negotiated | {13}, negotiation=10, per_host=5, total=3)) == {12, 14}
+
+
+@pytest.mark.parametrize("kernel_lists_children", [True, False])
+def test_the_warden_finds_a_receivers_children_and_their_peers(
+        kernel_lists_children: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real processes: two children of this test's process, one of them connected to a
+    listening socket here; found by the kernel's list of children where it keeps one, by
+    listing /proc where it does not."""
+    import socket
+    import subprocess
+    import sys
+
+    import relay.receive.warden as warden
+
+    if not kernel_lists_children:
+        monkeypatch.setattr(warden, "_listed_children", lambda _proc, _parent: None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    connect = (f"import socket, sys, time; s = socket.create_connection(('127.0.0.1', {port})); "
+               "print('up', flush=True); time.sleep(30)")
+    talker = subprocess.Popen([sys.executable, "-c", connect], stdout=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert talker.stdout is not None and talker.stdout.readline() == "up\n"
+        found = {kid.pid: kid for kid in warden.children(os.getpid())}
+        assert {talker.pid, sleeper.pid} <= set(found)
+        assert found[talker.pid].host == "127.0.0.1"
+        assert found[sleeper.pid].host is None
+        assert all(0 <= found[pid].age < 30 for pid in (talker.pid, sleeper.pid))
+    finally:
+        for process in (talker, sleeper):
+            process.kill()
+            process.wait()
+        listener.close()
 
 
 def _deflated(data: bytes) -> bytes:
