@@ -217,6 +217,50 @@ def test_an_object_published_again_with_another_edit_replaces_the_queued_copy(
         assert [p.name for p in spool.outbox(dest).iterdir()] == [claimed.name]
 
 
+def test_a_large_edited_object_is_committed_without_writing_its_original(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large edited object's commit syncs its queued edited copy alone (fdatasync, then the
+    outboxes' folders) and drops its original unsynced; small objects and an unchanged large
+    one (its copy is its original) go by the group's one syncfs."""
+    import relay.spool as spool_module
+
+    syncs: list[Path] = []
+    datasyncs: list[int] = []
+    monkeypatch.setattr(spool_module, "sync_filesystem", syncs.append)
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: datasyncs.append(os.fstat(fd).st_ino)
+                        or real_fdatasync(fd))
+    big = b"\0" * spool_module.WRITTEN_ONCE_FROM
+
+    def published(data: bytes, edit: bytes | None) -> tuple[Path, Path]:
+        claimed = spool.claim(spool.write_incoming(safe_name("1.2.3"), data))
+        assert claimed is not None
+        edited = spool.edited_path(claimed)
+        if edit is None:
+            os.link(claimed, edited)  # unchanged: the original itself is queued
+        else:
+            edited.write_bytes(edit)
+        spool.publish(claimed, edited, durable=False)
+        return claimed, edited
+
+    large = published(big, b"edited" + big)
+    unchanged = published(big, None)
+    small = published(b"DICM-ish", b"edited")
+    queued_large = spool.outbox("central") / large[0].name
+    spool.commit([large, unchanged, small])
+    assert datasyncs == [queued_large.stat().st_ino], "only the large edited copy, alone"
+    assert syncs == [spool.root], "the others in one syncfs"
+    assert list(spool.work.iterdir()) == []
+    assert queued_large.read_bytes() == b"edited" + big
+    assert len(spool.queued("central")) == 3 and len(spool.queued("backup")) == 3
+
+    datasyncs.clear()
+    syncs.clear()
+    spool.commit([published(big, b"another edit" + big)])
+    assert len(datasyncs) == 1 and syncs == [], "no syncfs when every object was large"
+    assert list(spool.work.iterdir()) == []
+
+
 def test_delivered_copies_are_kept_for_a_resend_then_pruned(tmp_path: Path) -> None:
     import time
 
