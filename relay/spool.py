@@ -95,10 +95,13 @@ def _written_once(claimed: Path, copies: list[Path]) -> bool:
         original = claimed.stat()
         if original.st_size < WRITTEN_ONCE_FROM:
             return False
-        return not any(os.path.samestat(original, edited.stat()) for edited in copies
-                       if edited.exists())
+        for edited in copies:
+            with contextlib.suppress(FileNotFoundError):  # replaced by destinations' own
+                if os.path.samestat(original, edited.stat()):
+                    return False
     except OSError:
         return False
+    return True
 
 
 def _sync_if_queued(edited: Path) -> None:
