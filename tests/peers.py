@@ -411,7 +411,10 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise
+                self.proc = None
+                tail = "\n".join(self.output().splitlines()[-40:])
+                raise AssertionError(f"the relay did not stop within {timeout:g} s of "
+                                     f"SIGTERM (killed); its log ends:\n{tail}") from None
         code = self.proc.returncode
         self.proc = None
         return code

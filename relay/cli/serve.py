@@ -17,8 +17,27 @@ from relay.cli.common import DEFAULT_CONFIG, ConfigOpt, VerboseOpt, engine_for, 
 
 if TYPE_CHECKING:
     from relay.config.model import Config
+    from relay.pipeline.relay import Relay
 
 log = logging.getLogger("relay")
+
+
+def handle_signals(relay: Relay) -> None:
+    """SIGTERM and SIGINT ask `relay` to stop, SIGHUP to reload its config. The handlers only
+    note what was asked; relay.wait() acts on it in the main thread. A handler runs between
+    two steps of whatever that thread was doing: it must not take a lock (Event.set() does,
+    one the main thread holds while it leaves an Event.wait()) nor write a log line (the
+    stream's own lock)."""
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        relay.stop_signal = signum
+
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        relay.reload_requested = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hangup)
 
 
 def serve(cfg: Config, *, receive: bool, process: bool) -> None:
@@ -34,19 +53,7 @@ def serve(cfg: Config, *, receive: bool, process: bool) -> None:
         from relay.console.server import ConsoleServer
     engine = engine_for(cfg)
     relay = Relay(cfg, engine, receive=receive, process=process)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping (objects in hand are finished, the rest stay in the spool)",
-                 signal.Signals(signum).name)
-        relay.stop_event.set()
-
-    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP: reloading %s", cfg.source)
-        relay.reload_event.set()  # the main loop reloads: no work inside a signal handler
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
+    handle_signals(relay)
     try:
         relay.start()
     except (OSError, RuntimeError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -82,7 +83,12 @@ class Relay:
         self.do_process = process
         self.spool = spool_for(config)
         self.stop_event = threading.Event()
-        self.reload_event = threading.Event()  # set by SIGHUP; wait() reloads
+        # What a signal asked (serve()'s handlers), acted on by wait(). Plain attributes, not
+        # Events: a handler runs inside whatever the main thread was doing, and Event.set()
+        # takes a lock the main thread may hold at that moment (inside its own Event.wait()),
+        # which hung a relay on SIGTERM for good.
+        self.stop_signal: int | None = None
+        self.reload_requested = False
         self._reload_lock = threading.Lock()  # SIGHUP and the API may ask at once
         # What the last reload did (the API answers it): applied, why refused, what changed.
         self.last_reload: dict[str, object] = {}
@@ -384,13 +390,18 @@ class Relay:
         self.metrics.close()
 
     def wait(self) -> None:
-        """Block until the stop event is set (by the SIGTERM/SIGINT handler), reloading the
-        config when SIGHUP asked for it. A receiver that dies meanwhile is the supervisor's
-        to restart and log."""
+        """Block until a signal asks to stop (SIGTERM/SIGINT, stop_signal) or stop_event is
+        set, reloading the config when SIGHUP asked for it. A receiver that dies meanwhile is
+        the supervisor's to restart and log."""
         while not self.stop_event.wait(0.2):
+            if self.stop_signal is not None:
+                log.info("%s: stopping (objects in hand are finished, the rest stay in the "
+                         "spool)", signal.Signals(self.stop_signal).name)
+                return
             for server in self.services_servers:
                 server.check()
-            if self.reload_event.is_set():
-                self.reload_event.clear()
+            if self.reload_requested:
+                self.reload_requested = False  # before reading: a SIGHUP meanwhile reads again
+                log.info("SIGHUP: reloading %s", self.config.source)
                 self.reload()
 
