@@ -5,9 +5,14 @@ answers. Against the real toolkit: tests/test_dcm4che_real.py."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from lxml import etree
@@ -20,12 +25,14 @@ from relay.edit.editor import BadInput, Editor
 from relay.edit.rules import KeywordRule, XPathRule
 from relay.send.results import Outcome, Outgoing
 from relay.spool import is_ready
+from relay.toolkits import dcm4che_bridge
 from relay.toolkits.dcm4che import (
     receiver_level,
     results_from_answers,
     storescp_argv,
     storescp_policy,
 )
+from relay.toolkits.dcm4che_bridge import JvmBridge
 from relay.toolkits.dcm4che_jvm import jvm_options
 
 DATA = Path(__file__).parent / "data" / "dcm4che"
@@ -235,3 +242,30 @@ def test_the_jvm_gets_the_launchers_options_ours_and_then_the_users(tmp_path: Pa
     options = jvm_options(Path("/toolkit"), env, tmp_path)
     assert "-XX:+UseSerialGC" not in options
     assert options[-2:] == ["-XX:+UseG1GC", "-XX:TieredStopAtLevel=4"]
+
+
+def test_closing_while_its_jvm_comes_up_ends_that_start_without_waiting_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A relay stopped just after it started must not wait for the helper JVM its start-up
+    asked for (up to start_timeout) only to close it: close() ends the start under way, and
+    says nothing alarming about it. The helper here is a stand-in that never answers."""
+    never_ready = tmp_path / "never-ready"
+    never_ready.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    never_ready.chmod(0o755)
+    monkeypatch.setattr(dcm4che_bridge, "sys", SimpleNamespace(executable=str(never_ready)))
+    bridge = JvmBridge(tmp_path, dict(os.environ), start_timeout=120)
+    bridge.start_soon()
+    deadline = time.monotonic() + 30
+    while bridge._starting is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    helper = bridge._starting
+    assert helper is not None, "the helper was never started"
+    closing = threading.Thread(target=bridge.close, daemon=True)
+    closing.start()
+    closing.join(timeout=30)  # the old close() waited out the 120 s start
+    assert not closing.is_alive(), "close() waited for the JVM coming up"
+    assert helper.poll() is not None
+    assert not bridge.running()
+    time.sleep(0.3)  # the answer reader's last words, if it had any
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

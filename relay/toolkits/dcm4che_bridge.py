@@ -53,6 +53,9 @@ class JvmBridge:
         self._table = threading.Lock()  # the pending table
         self._stderr: collections.deque[str] = collections.deque(maxlen=12)
         self._closed = False  # close() was called: start_soon() must not start one after it
+        # A helper whose JVM is coming up (self._lock held meanwhile): close() ends it rather
+        # than wait up to start_timeout for a JVM it would only stop.
+        self._starting: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -77,6 +80,7 @@ class JvmBridge:
             raise BridgeUnavailable(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         self.starts += 1
         self._stderr.clear()
+        self._starting = proc
         started: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._table:
             self._pending[0] = (proc, started)
@@ -92,6 +96,7 @@ class JvmBridge:
             raise BridgeUnavailable(f"its JVM did not start within {self.start_timeout:.0f} s"
                                     ) from None
         finally:
+            self._starting = None
             with self._table:
                 self._pending.pop(0, None)
         if first["ev"] != "ready":
@@ -118,7 +123,7 @@ class JvmBridge:
         why = self._last_words(proc)
         with self._table:
             waiting_all = [waiting for to, waiting in self._pending.values() if to is proc]
-        if waiting_all or code not in (0, -9, -15):
+        if (waiting_all or code not in (0, -9, -15)) and not self._closed:
             log.warning("dcm4che's JVM exited (%s); it is started again when next needed",
                         why)
         for waiting in waiting_all:
@@ -153,7 +158,8 @@ class JvmBridge:
             try:
                 self._proc = self._start()
             except BridgeUnavailable as exc:
-                log.warning("dcm4che's JVM could not start: %s", exc)
+                if not self._closed:  # else close() ended it on purpose
+                    log.warning("dcm4che's JVM could not start: %s", exc)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -198,6 +204,10 @@ class JvmBridge:
                 self._pending.pop(rid, None)
 
     def close(self) -> None:
+        self._closed = True
+        starting = self._starting
+        if starting is not None:
+            starting.kill()  # its start, under self._lock, ends at once (its answers end)
         with self._lock:
             self._closed = True
             proc, self._proc = self._proc, None
