@@ -354,7 +354,11 @@ def test_calling_aet_outside_the_query_list_cannot_query_but_can_store(world: Wo
 
 def test_the_receivers_tls_applies_to_the_query_port(world: World, tmp_path: Path) -> None:
     """[receiver.tls]: query/retrieve on [query].port takes TLS only, with a certificate of
-    our CA (the PACS behind stays plain)."""
+    our CA (the PACS behind stays plain). A peer that connected and never started its TLS
+    handshake keeps no one else waiting (pynetdicom made every handshake in the thread that
+    accepts every connection)."""
+    import socket
+
     from pydicom.dataset import Dataset
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -370,6 +374,7 @@ def test_the_receivers_tls_applies_to_the_query_port(world: World, tmp_path: Pat
 
     def studies(tls: bool) -> set[str] | None:
         ae = AE("WORKSTATION")
+        ae.connection_timeout = 20  # its TLS handshake included: kept waiting, it fails
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         context = client_context(TLSConfig(ca=pki.ca, certificate=pki.client_cert,
                                            private_key=pki.client_key))
@@ -387,10 +392,12 @@ def test_the_receivers_tls_applies_to_the_query_port(world: World, tmp_path: Pat
         assoc.release()
         return found
 
+    silent = socket.create_connection(("127.0.0.1", relay.query_port))
     try:
         assert studies(tls=True) == {world.study}
         assert studies(tls=False) is None
     finally:
+        silent.close()
         relay.process.stop()
 
 

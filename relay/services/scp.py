@@ -51,9 +51,12 @@ from relay.services.retrieve import (
 )
 from relay.services.upstream import UNABLE_TO_PROCESS, PacsUnavailable, Upstream
 from relay.toolkits.associations import (
+    accept_tls_later,
     cheap_to_copy,
+    open_connection,
     prefer_requestor_syntax,
     refused_host,
+    serve,
     set_nodelay,
     shut_down,
 )
@@ -431,6 +434,9 @@ class ServicesServer:
         ae.dimse_timeout = rc.request_timeout
         return ae
 
+    def on_conn_open(self, event: evt.Event) -> None:
+        open_connection(event, event.assoc.acse_timeout, self.config.receiver.idle_timeout)
+
     def on_requested(self, event: evt.Event) -> None:
         if refused_host(event, self.networks):
             return
@@ -459,7 +465,7 @@ class ServicesServer:
     def start(self) -> None:
         rc = self.config.receiver
         address = (rc.host, self.port)
-        handlers: list[tuple[Any, Any]] = [(evt.EVT_CONN_OPEN, set_nodelay),
+        handlers: list[tuple[Any, Any]] = [(evt.EVT_CONN_OPEN, self.on_conn_open),
                                            (evt.EVT_REQUESTED, self.on_requested)]
         if self.query is not None:
             self.query.start()
@@ -477,12 +483,9 @@ class ServicesServer:
                 raise OSError(exc.errno, f"{self.key} {address[1]} on {address[0]} is "
                               f"already in use (change {self.key})") from None
             raise
-        # Served from our own thread (supervised: check()); registered with its AE as
-        # start_server would, for the server's shutdown() to find it there.
-        ae._servers.append(self.server)
-        self._thread = threading.Thread(target=self.server.serve_forever,
-                                        name="services", daemon=True)
-        self._thread.start()
+        # Served from our own thread (supervised: check()), changed before it serves.
+        accept_tls_later(self.server)
+        self._thread = serve(ae, self.server, "services")
         if self.query is not None:
             assert self.config.query is not None
             log.info("query/retrieve listening as %s on %s:%d (answered by %s, retrieving "

@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import threading
 from typing import Any
@@ -35,6 +36,58 @@ def set_nodelay(event: evt.Event) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def serve(ae: Any, server: Any, name: str) -> threading.Thread:
+    """Serve `server` (from ae.make_server(), changed as needed: accept_tls_later(), a
+    guard) in a thread of our own, registered with its AE as start_server() would, for the
+    server's shutdown() to find it there. start_server() serves at once: a connection that
+    came before the server was changed went pynetdicom's way (a TLS handshake in the accepting
+    thread, which a silent peer held for ever)."""
+    ae._servers.append(server)
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def accept_tls_later(server: Any) -> None:
+    """pynetdicom's server makes each TLS handshake in the thread that accepts every
+    connection: one peer that never sends its ClientHello kept every other one waiting. Here
+    a connection is accepted as it comes and makes its handshake in its own thread
+    (open_connection(), from EVT_CONN_OPEN). Nothing to do for a server without TLS."""
+    if not server.ssl_context:
+        return
+
+    def get_request() -> tuple[Any, Any]:
+        client, address = server.socket.accept()
+        return server.ssl_context.wrap_socket(client, server_side=True,
+                                              do_handshake_on_connect=False), address
+
+    server.get_request = get_request
+
+
+def open_connection(event: evt.Event, negotiation: float, idle_timeout: float) -> bool:
+    """EVT_CONN_OPEN of a server that accepts with accept_tls_later(): Nagle off, the TLS
+    handshake in this connection's own thread within `negotiation` seconds (a failed one is
+    logged and the connection closed: False), then the socket's timeout, `idle_timeout`:
+    pynetdicom's idle timer runs only between PDUs, and a peer that stops in the middle of
+    one would hold its thread (and a clean shutdown) for ever."""
+    set_nodelay(event)
+    assoc_socket = getattr(event.assoc.dul, "socket", None)
+    sock = getattr(assoc_socket, "socket", None)
+    if assoc_socket is None or sock is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(negotiation)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            log.warning("connection from %s closed: TLS handshake failed (%s)",
+                        event.address[0], exc)
+            assoc_socket.close()
+            return False
+    sock.settimeout(idle_timeout)
+    return True
 
 
 # The states in which pynetdicom takes an A-ABORT request (PS3.8 9.2: Evt15). A connection

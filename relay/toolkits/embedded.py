@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import os
 import signal
-import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from relay.edit.scan import inflate_excess
 from relay.ops.logs import shown
@@ -51,10 +51,13 @@ from relay.send.results import (
 )
 from relay.spool import PARTIAL_SUFFIX, safe_name
 from relay.toolkits.associations import (
+    accept_tls_later,
     cheap_to_copy,
     file_head,
+    open_connection,
     prefer_requestor_syntax,
     refused_host,
+    serve,
     set_nodelay,
     shut_down,
 )
@@ -238,34 +241,12 @@ class EmbeddedReceiver(Receiver):
         command.AffectedSOPClassUID = negotiated
 
     def on_conn_open(self, event: evt.Event) -> None:
-        set_nodelay(event)
-        # pynetdicom's idle timer runs only between PDUs: a peer that stops in the middle of
-        # one would hold its thread (and a clean shutdown) for ever. A socket timeout ends it.
+        assert self.guard is not None
         assoc_socket = getattr(event.assoc.dul, "socket", None)
-        sock = getattr(assoc_socket, "socket", None)
-        if (isinstance(sock, ssl.SSLSocket) and assoc_socket is not None
-                and not self._handshake(sock, event)):
-            assoc_socket.close()
-            return
-        if sock is not None:
-            sock.settimeout(self.config.idle_timeout)
-        if self.guard is not None and assoc_socket is not None:
+        if open_connection(event, self.guard.limits.negotiation, self.config.idle_timeout) \
+                and assoc_socket is not None:
             # What it may send before it is authorised (relay.receive.guard).
             self.guard.opened(assoc_socket)
-
-    def _handshake(self, sock: ssl.SSLSocket, event: evt.Event) -> bool:
-        """The TLS handshake, in this connection's own thread and within the negotiation
-        deadline (pynetdicom did it in the thread that accepts every connection: one peer
-        that never completed it kept everyone else waiting)."""
-        assert self.guard is not None
-        sock.settimeout(self.guard.limits.negotiation)
-        try:
-            sock.do_handshake()
-        except (OSError, ValueError) as exc:
-            log.warning("connection from %s closed: TLS handshake failed (%s)",
-                        event.address[0], exc)
-            return False
-        return True
 
     def on_conn_close(self, event: evt.Event) -> None:
         assoc_socket = getattr(event.assoc.dul, "socket", None)
@@ -312,16 +293,20 @@ class EmbeddedReceiver(Receiver):
         address = (self.config.host, self.config.port)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         try:
-            self.server = ae.start_server(address, block=False, evt_handlers=handlers,
-                                          ssl_context=ssl_context,
-                                          contexts=cheap_to_copy(ae.supported_contexts))
-            self._guard_connections(self.server, self.guard)
+            self.server = ae.make_server(address, evt_handlers=handlers,
+                                         server_class=ThreadedAssociationServer,
+                                         ssl_context=ssl_context,
+                                         contexts=cheap_to_copy(ae.supported_contexts))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise OSError(exc.errno, f"port {self.config.port} on {self.config.host} is "
                               "already in use: is another relay or storescp running? "
                               "(change [receiver].port)") from None
             raise
+        # Changed before it serves: not one connection may come the unguarded way.
+        accept_tls_later(self.server)
+        self._guard_connections(self.server, self.guard)
+        serve(ae, self.server, "embedded-receiver")
         log.info("%s as %s on %s:%d%s", READY_LINE, self.config.ae_title, *address,
                  " (TLS only)" if ssl_context else "")
 
@@ -332,14 +317,6 @@ class EmbeddedReceiver(Receiver):
         connection never holds one of max_associations, even for a moment."""
         verify, shutdown = server.verify_request, server.shutdown_request
 
-        def get_request() -> tuple[Any, Any]:
-            client, address = server.socket.accept()
-            if server.ssl_context:
-                # Handshake later, in the connection's own thread (on_conn_open).
-                client = server.ssl_context.wrap_socket(client, server_side=True,
-                                                        do_handshake_on_connect=False)
-            return client, address
-
         def verify_request(request: Any, client_address: Any) -> bool:
             host = str(client_address[0]) if isinstance(client_address, tuple) else "?"
             return bool(guard.admit(request, host) and verify(request, client_address))
@@ -348,7 +325,6 @@ class EmbeddedReceiver(Receiver):
             guard.dropped(request)
             shutdown(request)
 
-        server.get_request = get_request
         server.verify_request = verify_request
         server.shutdown_request = shutdown_request
 

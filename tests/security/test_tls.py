@@ -181,3 +181,65 @@ def test_a_peer_that_never_starts_its_handshake_blocks_no_one(
         silent.close()
         relay.stop()
         sink.close()
+
+
+def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
+        tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded receiver and the services port take each TLS handshake in the
+    connection's own thread; a connection must not come the other way even when it arrives
+    the moment the server begins to serve. start_server() served before the relay changed
+    its server: a peer connecting in between (a relay just started, a busy machine) had its
+    handshake made in the accepting thread, and a silent one kept every modality waiting
+    (a CI failure). Here a silent peer is connected just before each server serves."""
+    import socket
+    import threading
+
+    from relay.config.load import load_config
+    from relay.events import EventBus
+    from relay.services import scp
+    from relay.services.scp import QueryRetrieve, ServicesServer
+    from relay.spool import Spool
+    from relay.toolkits import associations, embedded
+
+    silent: list[socket.socket] = []
+
+    def serve_after_a_silent_peer(ae: object, server: object, name: str) -> threading.Thread:
+        silent.append(socket.create_connection(server.server_address[:2]))  # type: ignore[attr-defined]
+        return associations.serve(ae, server, name)
+
+    monkeypatch.setattr(embedded, "serve", serve_after_a_silent_peer)
+    monkeypatch.setattr(scp, "serve", serve_after_a_silent_peer)
+    port, query_port = free_port(), free_port()
+    config = load_config(relay_config(
+        tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
+        receiver=(f'[receiver.tls]\ncertificate = "{pki.server_cert}"\n'
+                  f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n'),
+        destinations=[("pacs", "PACS", free_port())],
+        extra=f'[query]\ndestination = "pacs"\nport = {query_port}\n'))
+    spool = Spool(tmp_path / "spool", ["sink"])
+    spool.create()
+    receiver = embedded.EmbeddedReceiver(config, spool)
+    services = ServicesServer(config, query_port,
+                              query=QueryRetrieve(config, tmp_path / "spool", EventBus()))
+    receiver.start()
+    try:
+        services.start()
+        try:
+            ctx = client_context(TLSConfig(ca=pki.ca, certificate=pki.client_cert,
+                                           private_key=pki.client_key))
+            for where in (port, query_port):
+                ae = AE("MODALITY")
+                ae.connection_timeout = 20  # its TLS handshake included
+                ae.add_requested_context("1.2.840.10008.1.1")
+                assoc = ae.associate("127.0.0.1", where, ae_title="DICOMRELAY",
+                                     tls_args=(ctx, "127.0.0.1"))
+                assert assoc.is_established, f"kept waiting on port {where}"
+                assert int(assoc.send_c_echo().get("Status", -1)) == 0
+                assoc.release()
+            assert len(silent) == 2
+        finally:
+            for peer in silent:  # first: in an accepting thread, it would keep it for ever
+                peer.close()
+            services.stop()
+    finally:
+        receiver.stop()
