@@ -16,7 +16,8 @@ from pathlib import Path
 from peers import REPO, free_port, relay_config
 
 # The child: a relay (not started) with the handlers serve() installs, a signal that lands
-# while the main thread holds stop_event's lock, then the main loop.
+# while the main thread holds stop_event's lock, then the main loop's pause (the signal must
+# end it at once: 600 s would outlast the test's 30) and the main loop itself.
 CHILD = """
 import os, signal, sys
 from relay.cli.common import load
@@ -32,6 +33,8 @@ with relay.stop_event._cond:  # where the main thread is as it leaves stop_event
     for _ in range(10_000):  # check points: the handler runs in here, lock held
         pass
 print("handled", relay.stop_signal, relay.reload_requested, flush=True)
+relay._pause(600)  # the main loop's wait between looks: the signal ends it at once
+print("woken", flush=True)
 if sys.argv[2] != "SIGHUP":
     relay.wait()
     print("wait returned", flush=True)
@@ -46,7 +49,8 @@ def _child(tmp_path: Path, signame: str) -> str:
                               capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"{signame} hung the relay: its handler waits for a lock the "
-                             "main thread holds") from None
+                             "main thread holds, or the signal did not wake its main loop"
+                             ) from None
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
 
@@ -56,6 +60,7 @@ def test_a_stop_signal_landing_while_the_main_thread_holds_a_lock_stops_the_rela
     for signame, number in (("SIGTERM", 15), ("SIGINT", 2)):
         out = _child(tmp_path, signame)
         assert f"handled {number} False" in out
+        assert "woken" in out
         assert "wait returned" in out
         # Logged by the main loop, not the handler.
         assert f"{signame}: stopping (objects in hand are finished" in out
@@ -65,3 +70,4 @@ def test_a_hangup_landing_while_the_main_thread_holds_a_lock_is_noted_for_a_relo
         tmp_path: Path) -> None:
     out = _child(tmp_path, "SIGHUP")
     assert "handled None True" in out
+    assert "woken" in out

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -89,6 +91,8 @@ class Relay:
         # which hung a relay on SIGTERM for good.
         self.stop_signal: int | None = None
         self.reload_requested = False
+        # Readable when a signal came (signal.set_wakeup_fd, serve()): wait() wakes at once.
+        self.signalled: int | None = None
         self._reload_lock = threading.Lock()  # SIGHUP and the API may ask at once
         # What the last reload did (the API answers it): applied, why refused, what changed.
         self.last_reload: dict[str, object] = {}
@@ -393,7 +397,8 @@ class Relay:
         """Block until a signal asks to stop (SIGTERM/SIGINT, stop_signal) or stop_event is
         set, reloading the config when SIGHUP asked for it. A receiver that dies meanwhile is
         the supervisor's to restart and log."""
-        while not self.stop_event.wait(0.2):
+        while not self.stop_event.is_set():
+            self._pause(0.2)
             if self.stop_signal is not None:
                 log.info("%s: stopping (objects in hand are finished, the rest stay in the "
                          "spool)", signal.Signals(self.stop_signal).name)
@@ -404,4 +409,12 @@ class Relay:
                 self.reload_requested = False  # before reading: a SIGHUP meanwhile reads again
                 log.info("SIGHUP: reloading %s", self.config.source)
                 self.reload()
+
+    def _pause(self, seconds: float) -> None:
+        """`seconds`, or less when a signal comes (its number is written to `signalled`)."""
+        if self.signalled is None:
+            self.stop_event.wait(seconds)
+        elif select.select([self.signalled], [], [], seconds)[0]:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.signalled, 64)
 
