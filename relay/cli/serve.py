@@ -38,10 +38,9 @@ def handle_signals(relay: Relay) -> None:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hangup)
-    # The interpreter writes each signal's number here, whichever thread it reached: the main
-    # loop wakes at once rather than at its next look. Kept open until the process ends.
-    relay.signalled, wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+    # The interpreter writes each signal's number there, whichever thread it reached: the
+    # main loop wakes at once rather than at its next look.
+    signal.set_wakeup_fd(relay.wake_fd, warn_on_full_buffer=False)
 
 
 def serve(cfg: Config, *, receive: bool, process: bool) -> None:

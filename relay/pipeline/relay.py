@@ -91,8 +91,9 @@ class Relay:
         # which hung a relay on SIGTERM for good.
         self.stop_signal: int | None = None
         self.reload_requested = False
-        # Readable when a signal came (signal.set_wakeup_fd, serve()): wait() wakes at once.
-        self.signalled: int | None = None
+        # serve() has the interpreter write each signal's number to wake_fd
+        # (signal.set_wakeup_fd): wait() wakes at once. Open as long as the process runs.
+        self._woken, self.wake_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._reload_lock = threading.Lock()  # SIGHUP and the API may ask at once
         # What the last reload did (the API answers it): applied, why refused, what changed.
         self.last_reload: dict[str, object] = {}
@@ -411,10 +412,8 @@ class Relay:
                 self.reload()
 
     def _pause(self, seconds: float) -> None:
-        """`seconds`, or less when a signal comes (its number is written to `signalled`)."""
-        if self.signalled is None:
-            self.stop_event.wait(seconds)
-        elif select.select([self.signalled], [], [], seconds)[0]:
+        """`seconds`, or less when a signal comes (its number is written to wake_fd)."""
+        if select.select([self._woken], [], [], seconds)[0]:
             with contextlib.suppress(BlockingIOError):
-                os.read(self.signalled, 64)
+                os.read(self._woken, 64)
 

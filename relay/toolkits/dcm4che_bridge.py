@@ -209,7 +209,6 @@ class JvmBridge:
         if starting is not None:
             starting.kill()  # its start, under self._lock, ends at once (its answers end)
         with self._lock:
-            self._closed = True
             proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             assert proc.stdin is not None
