@@ -193,6 +193,9 @@ def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
     (a CI failure). Here a silent peer is connected just before each server serves."""
     import socket
     import threading
+    from typing import Any
+
+    from pynetdicom.sop_class import Verification
 
     from relay.config.load import load_config
     from relay.events import EventBus
@@ -203,8 +206,8 @@ def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
 
     silent: list[socket.socket] = []
 
-    def serve_after_a_silent_peer(ae: object, server: object, name: str) -> threading.Thread:
-        silent.append(socket.create_connection(server.server_address[:2]))  # type: ignore[attr-defined]
+    def serve_after_a_silent_peer(ae: Any, server: Any, name: str) -> threading.Thread:
+        silent.append(socket.create_connection(server.server_address[:2]))
         return associations.serve(ae, server, name)
 
     monkeypatch.setattr(embedded, "serve", serve_after_a_silent_peer)
@@ -216,7 +219,7 @@ def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
                   f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n'),
         destinations=[("pacs", "PACS", free_port())],
         extra=f'[query]\ndestination = "pacs"\nport = {query_port}\n'))
-    spool = Spool(tmp_path / "spool", ["sink"])
+    spool = Spool(tmp_path / "spool", ["pacs"])
     spool.create()
     receiver = embedded.EmbeddedReceiver(config, spool)
     services = ServicesServer(config, query_port,
@@ -230,7 +233,7 @@ def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
             for where in (port, query_port):
                 ae = AE("MODALITY")
                 ae.connection_timeout = 20  # its TLS handshake included
-                ae.add_requested_context("1.2.840.10008.1.1")
+                ae.add_requested_context(Verification)
                 assoc = ae.associate("127.0.0.1", where, ae_title="DICOMRELAY",
                                      tls_args=(ctx, "127.0.0.1"))
                 assert assoc.is_established, f"kept waiting on port {where}"
