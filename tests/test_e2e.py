@@ -136,7 +136,8 @@ def test_bad_files_are_quarantined_and_relay_keeps_serving(
         assert sidecar.with_name(sidecar.name.removesuffix(".json")).exists()
     assert reasons["notes.txt"]["reason"] == "not-dicom"
     assert reasons["cut.dcm"]["reason"] == "truncated"
-    assert "not-dicom" in relay.output() and "truncated" in relay.output()
+    wait_until(lambda: "not-dicom" in relay.output() and "truncated" in relay.output(), 20,
+               what="both quarantines in the log")
 
     uids = ct_series(tmp_path / "ct", 5, ethnic_group="AFTER")
     assert dcmsend(sorted((tmp_path / "ct").iterdir()), port, "DICOMRELAY").returncode == 0

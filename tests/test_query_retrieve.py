@@ -730,7 +730,8 @@ def test_a_cancelled_move_stops_the_toolkits_get(world: World, big_study: BigStu
                    what="the retrieve's folder removed")
         line = wait_until(lambda: relay.audit("retrieve"), 10)[-1]
         assert line["status"] == "0xFE00"
-        assert "retrieve cancelled" in relay.process.output()
+        wait_until(lambda: "retrieve cancelled" in relay.process.output(), 10,
+                   what="the cancel in the log")
     finally:
         relay.process.stop()
 
