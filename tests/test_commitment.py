@@ -2,7 +2,7 @@
 real peers: dcm4che's stgcmtscu (the shared toolkit) as the modality, Orthanc (its own storage
 commitment SCP) as the destination with `commitment = true`, a DCMTK storescp as one without,
 dcmsend as the modality's C-STORE. pynetdicom only where a scriptable peer is needed: a
-modality whose port opens late.
+modality whose port opens late, one that holds a report unanswered while it releases.
 
 A report is committed only once every destination has the instance (Orthanc: once Orthanc
 itself committed it); quarantined and never-sent instances come back failed with their
@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 from dicomdata import ct_series
 from peers import (
@@ -357,4 +359,65 @@ def test_dcm4che_modality_stores_and_asks_on_the_receiver_port(setup: Setup) -> 
         assert reported["committed"] == 5 and reported["failed"] == 0
         assert uids <= set(setup.pacs.tags_by_sop_uid()) and uids <= setup.sink.sop_uids()
     finally:
+        relay.process.stop()
+
+
+def test_a_modality_that_releases_while_its_report_is_on_the_way_gets_it_on_its_port(
+        setup: Setup) -> None:
+    """The report goes out on the request's association just as the modality lets go of it
+    (stgcmtscu with a port of its own releases right after the N-ACTION-RSP, and does not
+    answer a report that crosses its A-RELEASE-RQ). The relay must answer the release at once,
+    not wait for the report's response with the association's reactor held (the modality
+    then aborts after its own timeout), and send the report to the modality's port instead.
+    pynetdicom plays the modality, to hold the report unanswered while it releases."""
+    study = setup.workdir / "study-crossing"
+    uids = set(ct_series(study, 3))
+    files = sorted(study.iterdir())
+    modality = LateModality(free_port())
+    relay = start_relay(setup, "relay-crossing", modality_port=modality.port)
+    ae = AE(ae_title=MODALITY)
+    ae.acse_timeout = 20  # the wait for the relay's A-RELEASE-RP, then an abort
+    ae.add_requested_context(StorageCommitmentPushModel)
+    arrived, answer = threading.Event(), threading.Event()
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        arrived.set()  # held unanswered until the release is over, as stgcmtscu does
+        answer.wait(60)
+        return 0x0000, None
+
+    assoc = None
+    try:
+        modality.open()
+        assert dcmsend(files, relay.port, RELAY_AET, MODALITY).returncode == 0
+        wait_until(lambda: committed_at_central(relay) == len(uids), 60,
+                   what="Orthanc's commitment of the study")
+        assoc = ae.associate("127.0.0.1", relay.commitment_port, ae_title=RELAY_AET,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+        assert assoc.is_established
+        request = Dataset()
+        request.TransactionUID = generate_uid()
+        request.ReferencedSOPSequence = []
+        for ds in map(dcmread, files):
+            item = Dataset()
+            item.ReferencedSOPClassUID = ds.SOPClassUID
+            item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            request.ReferencedSOPSequence.append(item)
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel,
+                                        StorageCommitmentPushModelInstance)
+        assert status.Status == 0x0000
+        assert arrived.wait(30), "no report on the request's association"
+        assoc.acse.negotiate_release()  # the modality lets go, the report still unanswered
+        answer.set()
+        assert assoc.is_released and not assoc.is_aborted, "the relay did not answer the release"
+        [report] = wait_until(lambda: modality.reports, 30, what="the report on the port")
+        assert committed(report) == uids and not failed(report)
+        assert report.TransactionUID == request.TransactionUID
+        [reported] = wait_until(lambda: relay.audit("commitment-reported"), 10,
+                                what="the report on record")
+        assert f"new association to {MODALITY}@127.0.0.1:{modality.port}" in reported["via"]
+    finally:
+        answer.set()
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+        modality.close()
         relay.process.stop()

@@ -25,11 +25,15 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_context, build_role, evt
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 from relay.events import (
@@ -266,7 +270,7 @@ class StorageCommitment:
         via, error = "", ""
         if assoc is not None and assoc.is_established:
             via = "the request's association"
-            error = _send(assoc, ds, event_type)
+            error = _send_unless_released(assoc, ds, event_type, self.config.sender.timeout)
             if error:
                 log.info("transaction %s: report on the request's association failed (%s)",
                          tx.uid, error)
@@ -379,12 +383,62 @@ class StorageCommitment:
 
 
 def _send(assoc: Any, ds: Dataset, event_type: int) -> str:
-    """Send the report; '' when answered with success, else why not."""
+    """Send the report on an association of our own; '' when answered with success, else
+    why not."""
     try:
         status, _ = assoc.send_n_event_report(ds, event_type, StorageCommitmentPushModel,
                                               StorageCommitmentPushModelInstance)
     except Exception as exc:  # noqa: BLE001 - a peer gone mid-way is a failed attempt
         return f"{type(exc).__name__}: {exc}"
+    return _judged(status)
+
+
+def _send_unless_released(assoc: Any, ds: Dataset, event_type: int, timeout: float) -> str:
+    """The report on the modality's own association (we are its acceptor): pynetdicom's
+    send_n_event_report, but a wait for the response that also ends when the modality asks
+    to release. A modality that lets go right after the N-ACTION-RSP (dcm4che's stgcmtscu
+    with a port of its own) sends its A-RELEASE-RQ as the report crosses it, and does not
+    answer the report then; pynetdicom, waiting for that answer with the association's
+    reactor held, would leave the release unanswered until the DIMSE timeout and then abort,
+    and the modality gives up on the association. Here the wait ends, the reactor answers the
+    release, and the caller sends the report on a new association. '' when answered with
+    success, else why not."""
+    try:
+        context = assoc._get_valid_context(StorageCommitmentPushModel, "", None)
+        syntax = context.transfer_syntax[0]
+        request = N_EVENT_REPORT()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = StorageCommitmentPushModel
+        request.AffectedSOPInstanceUID = StorageCommitmentPushModelInstance
+        request.EventTypeID = event_type
+        request.EventInformation = BytesIO(encode(ds, syntax.is_implicit_VR,
+                                                  syntax.is_little_endian, syntax.is_deflated))
+    except Exception as exc:  # noqa: BLE001 - no context for it, or not encodable
+        return f"{type(exc).__name__}: {exc}"
+    deadline = time.monotonic() + timeout
+    assoc._reactor_checkpoint.clear()  # the response is ours to read, not the reactor's
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        while True:
+            _, response = assoc.dimse.get_msg(block=False)
+            if response is not None:
+                break
+            pending = assoc.dul.peek_next_pdu()
+            if isinstance(pending, A_RELEASE) and pending.result is None:
+                return "the modality released the association before answering"
+            if assoc.acse.is_aborted() or not assoc.dul.is_alive():
+                return "the association ended before the modality answered"
+            if time.monotonic() > deadline:
+                assoc.abort()
+                return "no response to the N-EVENT-REPORT"
+            time.sleep(0.005)
+    finally:
+        assoc._reactor_checkpoint.set()  # the reactor answers the release, if one came
+    return _judged(assoc._check_received_status(response))
+
+
+def _judged(status: Any) -> str:
+    """'' for a response with success, else why not."""
     if status is None or "Status" not in status:
         return "no response to the N-EVENT-REPORT"
     code = int(status.Status)
