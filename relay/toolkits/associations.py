@@ -78,16 +78,32 @@ def open_connection(event: evt.Event, negotiation: float, idle_timeout: float) -
     if assoc_socket is None or sock is None:
         return True
     if isinstance(sock, ssl.SSLSocket):
+        server = getattr(event.assoc, "_server", None)
+        handshaking = _handshaking(server) if server is not None else set()
         sock.settimeout(negotiation)
+        handshaking.add(sock)
         try:
             sock.do_handshake()
         except (OSError, ValueError) as exc:
-            log.warning("connection from %s closed: TLS handshake failed (%s)",
-                        event.address[0], exc)
+            if not getattr(server, "relay_stopping", False):
+                log.warning("connection from %s closed: TLS handshake failed (%s)",
+                            event.address[0], exc)
             assoc_socket.close()
             return False
+        finally:
+            handshaking.discard(sock)
     sock.settimeout(idle_timeout)
     return True
+
+
+def _handshaking(server: Any) -> set[ssl.SSLSocket]:
+    """The connections of `server` whose TLS handshake open_connection() is making: not
+    associations yet (pynetdicom lists an association once its thread starts), so shut_down()
+    finds them here."""
+    found: set[ssl.SSLSocket] | None = getattr(server, "relay_handshaking", None)
+    if found is None:
+        found = server.relay_handshaking = set()
+    return found
 
 
 # The states in which pynetdicom takes an A-ABORT request (PS3.8 9.2: Evt15). A connection
@@ -101,7 +117,12 @@ def shut_down(server: Any) -> None:
     (relay.ops.servers). Peers' associations are aborted first (an object not yet
     acknowledged is sent again by its modality); a connection still silent is hung up on,
     its own thread seeing it closed: left alone, it kept the process from exiting until its
-    peer or a timer ended it."""
+    peer or a timer ended it. So is a TLS connection still in its handshake (socketserver's
+    close waits for its thread: a silent peer held a stop up to the negotiation deadline)."""
+    server.relay_stopping = True
+    for sock in list(_handshaking(server)):
+        with contextlib.suppress(OSError):  # closed, or closing
+            sock.shutdown(socket.SHUT_RDWR)
     for assoc in list(server.active_associations):
         if assoc.dul.state_machine.current_state in ABORTABLE:
             assoc.abort()

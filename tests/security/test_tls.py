@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ssl
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -183,6 +185,63 @@ def test_a_peer_that_never_starts_its_handshake_blocks_no_one(
         sink.close()
 
 
+def test_a_stop_does_not_wait_for_a_peer_silent_in_its_tls_handshake(
+        tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLS connection whose peer never sends its ClientHello is not an association yet
+    (pynetdicom lists one once its thread starts), and socketserver's close waits for the
+    thread making the handshake: a relay's stop waited for the negotiation deadline. Here
+    that deadline is two minutes, and the stop must not wait for it."""
+    import socket
+    import sys
+    import threading
+
+    from relay.config.load import load_config
+    from relay.spool import Spool
+    from relay.toolkits import embedded
+
+    make_ae = embedded.EmbeddedReceiver._make_ae
+
+    def patient_ae(self: Any) -> Any:
+        ae = make_ae(self)
+        ae.acse_timeout = 120  # the negotiation deadline, and so the handshake's
+        return ae
+
+    monkeypatch.setattr(embedded.EmbeddedReceiver, "_make_ae", patient_ae)
+    port = free_port()
+    config = load_config(relay_config(
+        tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
+        receiver=(f'[receiver.tls]\ncertificate = "{pki.server_cert}"\n'
+                  f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n'),
+        destinations=[("pacs", "PACS", free_port())]))
+    spool = Spool(tmp_path / "spool", ["pacs"])
+    spool.create()
+    receiver = embedded.EmbeddedReceiver(config, spool)
+    receiver.start()
+    silent = socket.create_connection(("127.0.0.1", port))
+    try:
+        def in_handshake() -> bool:
+            frames = sys._current_frames().values()
+            return any(f.f_code.co_name == "do_handshake" for top in frames
+                       for f in _stack(top))
+
+        wait_until(in_handshake, 30, what="the silent peer's handshake begun")
+        stopper = threading.Thread(target=receiver.stop, daemon=True)
+        stopper.start()
+        stopper.join(timeout=30)
+        assert not stopper.is_alive(), "the stop waited for the silent peer's handshake"
+        silent.settimeout(10)
+        assert silent.recv(1) == b"", "the silent peer was not hung up on"
+    finally:
+        silent.close()
+        receiver.stop()
+
+
+def _stack(frame: Any) -> Iterator[Any]:
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
 def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
         tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
     """The embedded receiver and the services port take each TLS handshake in the
@@ -193,7 +252,6 @@ def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
     (a CI failure). Here a silent peer is connected just before each server serves."""
     import socket
     import threading
-    from typing import Any
 
     from pynetdicom.sop_class import Verification
 
