@@ -2,7 +2,8 @@
 real peers: dcm4che's stgcmtscu (the shared toolkit) as the modality, Orthanc (its own storage
 commitment SCP) as the destination with `commitment = true`, a DCMTK storescp as one without,
 dcmsend as the modality's C-STORE. pynetdicom only where a scriptable peer is needed: a
-modality whose port opens late, one that holds a report unanswered while it releases.
+modality whose port opens late, one that holds a report unanswered while it releases, one
+that asks again before it answers a report.
 
 A report is committed only once every destination has the instance (Orthanc: once Orthanc
 itself committed it); quarantined and never-sent instances come back failed with their
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 from dicomdata import ct_series
@@ -394,14 +398,7 @@ def test_a_modality_that_releases_while_its_report_is_on_the_way_gets_it_on_its_
         assoc = ae.associate("127.0.0.1", relay.commitment_port, ae_title=RELAY_AET,
                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
         assert assoc.is_established
-        request = Dataset()
-        request.TransactionUID = generate_uid()
-        request.ReferencedSOPSequence = []
-        for ds in map(dcmread, files):
-            item = Dataset()
-            item.ReferencedSOPClassUID = ds.SOPClassUID
-            item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-            request.ReferencedSOPSequence.append(item)
+        request = _commitment_request(files)
         status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel,
                                         StorageCommitmentPushModelInstance)
         assert status.Status == 0x0000
@@ -420,4 +417,79 @@ def test_a_modality_that_releases_while_its_report_is_on_the_way_gets_it_on_its_
         if assoc is not None and assoc.is_established:
             assoc.abort()
         modality.close()
+        relay.process.stop()
+
+
+def _commitment_request(files: list[Path]) -> Dataset:
+    request = Dataset()
+    request.TransactionUID = generate_uid()
+    request.ReferencedSOPSequence = []
+    for ds in map(dcmread, files):
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        request.ReferencedSOPSequence.append(item)
+    return request
+
+
+def test_a_request_that_crosses_a_report_on_a_kept_association_is_answered(
+        setup: Setup) -> None:
+    """A modality keeps its association and asks again (its next study) while the report
+    of its first request is on its way there: its N-ACTION-RQ reaches the relay before its
+    answer to the report. pynetdicom's wait for that answer took the request for it: the
+    request was never answered nor kept. pynetdicom plays the modality, sending its second
+    request from its report handler, before the handler's answer goes out."""
+    study = setup.workdir / "study-second-request"
+    ct_series(study, 2)
+    files = sorted(study.iterdir())
+    relay = start_relay(setup, "relay-second-request", modality_port=free_port())
+    first, second = _commitment_request(files), _commitment_request(files)
+    reports: list[Dataset] = []
+    answered: list[int] = []  # the statuses of N-ACTION-RSPs to the second request
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.append(event.event_information)
+        if len(reports) == 1:
+            context = event.assoc._get_valid_context(StorageCommitmentPushModel, "", "scu")
+            request = N_ACTION()
+            request.MessageID = 2
+            request.RequestedSOPClassUID = StorageCommitmentPushModel
+            request.RequestedSOPInstanceUID = StorageCommitmentPushModelInstance
+            request.ActionTypeID = 1
+            request.ActionInformation = BytesIO(encode(second, True, True))
+            event.assoc.dimse.send_msg(request, context.context_id)
+        return 0x0000, None
+
+    def on_received(event: evt.Event) -> None:
+        command = event.message.command_set
+        if command.CommandField == 0x8130 and command.MessageIDBeingRespondedTo == 2:
+            answered.append(int(command.Status))
+
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = None
+    try:
+        assert dcmsend(files, relay.port, RELAY_AET, MODALITY).returncode == 0
+        wait_until(lambda: committed_at_central(relay) == len(files), 60,
+                   what="Orthanc's commitment of the study")
+        assoc = ae.associate("127.0.0.1", relay.commitment_port, ae_title=RELAY_AET,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report),
+                                           (evt.EVT_DIMSE_RECV, on_received)])
+        assert assoc.is_established
+        status, _ = assoc.send_n_action(first, 1, StorageCommitmentPushModel,
+                                        StorageCommitmentPushModelInstance)
+        assert status.Status == 0x0000
+        wait_until(lambda: len(reports) == 2, 30, what="the second request's report")
+        assert answered == [0x0000], "the second request was not answered"
+        assert [r.TransactionUID for r in reports] == [first.TransactionUID,
+                                                       second.TransactionUID]
+        assert all(committed(r) == {str(dcmread(f).SOPInstanceUID) for f in files}
+                   for r in reports)
+        recorded = wait_until(lambda: len(relay.audit("commitment-reported")) == 2 and
+                              relay.audit("commitment-reported"), 10, what="both on record")
+        assert all("request's association" in r["via"] for r in recorded)
+        assoc.release()
+    finally:
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
         relay.process.stop()

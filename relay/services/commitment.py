@@ -401,8 +401,9 @@ def _send_unless_released(assoc: Any, ds: Dataset, event_type: int, timeout: flo
     answer the report then; pynetdicom, waiting for that answer with the association's
     reactor held, would leave the release unanswered until the DIMSE timeout and then abort,
     and the modality gives up on the association. Here the wait ends, the reactor answers the
-    release, and the caller sends the report on a new association. '' when answered with
-    success, else why not."""
+    release, and the caller sends the report on a new association. And a request of the
+    modality's that comes meanwhile is left to the reactor, not taken for the response.
+    '' when answered with success, else why not."""
     try:
         context = assoc._get_valid_context(StorageCommitmentPushModel, "", None)
         syntax = context.transfer_syntax[0]
@@ -416,13 +417,21 @@ def _send_unless_released(assoc: Any, ds: Dataset, event_type: int, timeout: flo
     except Exception as exc:  # noqa: BLE001 - no context for it, or not encodable
         return f"{type(exc).__name__}: {exc}"
     deadline = time.monotonic() + timeout
+    held: list[Any] = []  # the modality's own requests meanwhile: the reactor serves them
+    response = None
     assoc._reactor_checkpoint.clear()  # the response is ours to read, not the reactor's
     try:
         assoc.dimse.send_msg(request, context.context_id)
         while True:
-            _, response = assoc.dimse.get_msg(block=False)
-            if response is not None:
-                break
+            item = assoc.dimse.get_msg(block=False)
+            if item[1] is not None:
+                if _answers(item[1], request):
+                    response = item[1]
+                    break
+                # e.g. its next N-ACTION-RQ, sent on the association it keeps: pynetdicom
+                # took it for the response, and the request was never answered.
+                held.append(item)
+                continue
             pending = assoc.dul.peek_next_pdu()
             if isinstance(pending, A_RELEASE) and pending.result is None:
                 return "the modality released the association before answering"
@@ -433,8 +442,18 @@ def _send_unless_released(assoc: Any, ds: Dataset, event_type: int, timeout: flo
                 return "no response to the N-EVENT-REPORT"
             time.sleep(0.005)
     finally:
+        if held:  # back at the head of the queue, in the order they came
+            queue = assoc.dimse.msg_queue
+            with queue.mutex:
+                queue.queue.extendleft(reversed(held))
         assoc._reactor_checkpoint.set()  # the reactor answers the release, if one came
     return _judged(assoc._check_received_status(response))
+
+
+def _answers(message: Any, request: Any) -> bool:
+    """Whether a DIMSE message off the queue is the response to our N-EVENT-REPORT-RQ."""
+    return (isinstance(message, N_EVENT_REPORT) and message.MessageID is None
+            and message.MessageIDBeingRespondedTo == request.MessageID)
 
 
 def _judged(status: Any) -> str:
