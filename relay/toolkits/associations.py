@@ -57,6 +57,9 @@ def accept_tls_later(server: Any) -> None:
     (open_connection(), from EVT_CONN_OPEN). Nothing to do for a server without TLS."""
     if not server.ssl_context:
         return
+    # The connections whose handshake open_connection() is making: not associations yet
+    # (pynetdicom lists one once its thread starts), so shut_down() finds them here.
+    server.relay_handshaking = set()
 
     def get_request() -> tuple[Any, Any]:
         client, address = server.socket.accept()
@@ -79,7 +82,7 @@ def open_connection(event: evt.Event, negotiation: float, idle_timeout: float) -
         return True
     if isinstance(sock, ssl.SSLSocket):
         server = getattr(event.assoc, "_server", None)
-        handshaking = _handshaking(server) if server is not None else set()
+        handshaking: set[ssl.SSLSocket] = getattr(server, "relay_handshaking", set())
         sock.settimeout(negotiation)
         handshaking.add(sock)
         try:
@@ -96,16 +99,6 @@ def open_connection(event: evt.Event, negotiation: float, idle_timeout: float) -
     return True
 
 
-def _handshaking(server: Any) -> set[ssl.SSLSocket]:
-    """The connections of `server` whose TLS handshake open_connection() is making: not
-    associations yet (pynetdicom lists an association once its thread starts), so shut_down()
-    finds them here."""
-    found: set[ssl.SSLSocket] | None = getattr(server, "relay_handshaking", None)
-    if found is None:
-        found = server.relay_handshaking = set()
-    return found
-
-
 # The states in which pynetdicom takes an A-ABORT request (PS3.8 9.2: Evt15). A connection
 # that has sent no A-ASSOCIATE-RQ yet (Sta2) is not one: aborting it raised InvalidEventError
 # in its reactor thread (a traceback in the log of a relay stopped with a silent peer on).
@@ -120,7 +113,7 @@ def shut_down(server: Any) -> None:
     peer or a timer ended it. So is a TLS connection still in its handshake (socketserver's
     close waits for its thread: a silent peer held a stop up to the negotiation deadline)."""
     server.relay_stopping = True
-    for sock in list(_handshaking(server)):
+    for sock in list(getattr(server, "relay_handshaking", ())):
         with contextlib.suppress(OSError):  # closed, or closing
             sock.shutdown(socket.SHUT_RDWR)
     for assoc in list(server.active_associations):
