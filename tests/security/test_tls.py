@@ -56,10 +56,15 @@ def _modality_store(port: int, files: list[Path], ctx: ssl.SSLContext | None) ->
     return statuses
 
 
+def _receiver_tls(pki: Pki) -> str:
+    """[receiver.tls] with the test's server certificate, taking client certificates of its CA."""
+    return (f'[receiver.tls]\ncertificate = "{pki.server_cert}"\n'
+            f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n')
+
+
 def _relay_config(tmp_path: Path, port: int, sink_port: int, engine: str, pki: Pki,
                   receiver_tls: bool, dest_tls: bool) -> Path:
-    receiver = (f'[receiver.tls]\ncertificate = "{pki.server_cert}"\n'
-                f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n') if receiver_tls else ""
+    receiver = _receiver_tls(pki) if receiver_tls else ""
     dest = (f'tls = {{ ca = "{pki.ca}", certificate = "{pki.client_cert}", '
             f'private_key = "{pki.client_key}" }}') if dest_tls else ""
     return relay_config(tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
@@ -210,8 +215,7 @@ def test_a_stop_does_not_wait_for_a_peer_silent_in_its_tls_handshake(
     port = free_port()
     config = load_config(relay_config(
         tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
-        receiver=(f'[receiver.tls]\ncertificate = "{pki.server_cert}"\n'
-                  f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n'),
+        receiver=_receiver_tls(pki),
         destinations=[("pacs", "PACS", free_port())]))
     spool = Spool(tmp_path / "spool", ["pacs"])
     spool.create()
@@ -273,8 +277,7 @@ def test_a_silent_peer_connected_before_the_servers_serve_blocks_no_one(
     port, query_port = free_port(), free_port()
     config = load_config(relay_config(
         tmp_path / "relay.toml", port=port, spool=tmp_path / "spool",
-        receiver=(f'[receiver.tls]\ncertificate = "{pki.server_cert}"\n'
-                  f'private_key = "{pki.server_key}"\nca = "{pki.ca}"\n'),
+        receiver=_receiver_tls(pki),
         destinations=[("pacs", "PACS", free_port())],
         extra=f'[query]\ndestination = "pacs"\nport = {query_port}\n'))
     spool = Spool(tmp_path / "spool", ["pacs"])
