@@ -64,3 +64,14 @@ def test_the_per_object_bench_smoke_runs(dcmtk: Path) -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| embedded", "| dcmtk"]
     assert all(row.endswith("| 20 and 60, 1 each |") for row in rows[1:])
+
+
+def test_the_stages_bench_smoke_runs(dcmtk: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "stages.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ")[0] for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| stage")]
+    engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE_HOME else [])
+    assert rows == ["| direct"] + [f"| {e} {s}" for e in engines for s in ("receive", "send")]
+    assert "| direct | " in result.stdout and "| 1.00 |" in result.stdout
