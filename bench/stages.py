@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -49,7 +51,7 @@ from peers import (  # noqa: E402
 @dataclass
 class Measured:
     seconds: float
-    cpu: float | None = None  # CPU s of both ends (the sending tool's start-up included)
+    cpu: float | None = None  # CPU s of both ends (None: not measured, see `send`)
 
 
 def direct(work: Path, files: list[Path]) -> Measured:
@@ -63,7 +65,7 @@ def direct(work: Path, files: list[Path]) -> Measured:
         sink.close()
 
 
-def receive(work: Path, engine: str, files: list[Path]) -> Measured:
+def receive(work: Path, files: list[Path], engine: str) -> Measured:
     """dcmsend to the engine's receiver alone, until every C-STORE was answered."""
     port = free_port()
     cfg = relay_config(work / "relay.toml", port=port, spool=work / "spool", engine=engine,
@@ -81,13 +83,12 @@ def receive(work: Path, engine: str, files: list[Path]) -> Measured:
         # after their answer).
         wait_until(lambda: sum(not p.name.startswith(".") for p in incoming.iterdir())
                    >= len(files), 120, interval=0.05, what=f"{len(files)} in incoming/")
-        assert relay.proc is not None
         return Measured(seconds, cpu + proc_stats(relay.proc.pid)[1] - idle)
     finally:
         relay.stop()
 
 
-def send(work: Path, engine: str, files: list[Path]) -> Measured:
+def send(work: Path, files: list[Path], engine: str) -> Measured:
     """`dicom-relay send` to a storescp: first stored to last stored, scaled to every object."""
     sink = Sink(work / "sink")
     cfg = relay_config(work / "relay.toml", port=free_port(), spool=work / "spool",
@@ -116,9 +117,10 @@ def main() -> None:
     count = count or (20 if args.large else 500)
     what = "24 MB multi-frame" if args.large else "CT_small"
     engines = ["embedded", "dcmtk"] + (["dcm4che"] if DCM4CHE_HOME else [])
-    steps = [("direct", "", direct)] + [(f"{e} {stage}", e, fn) for e in engines
-                                        for stage, fn in (("receive", receive), ("send", send))]
-    measured: dict[str, list[Measured]] = {name: [] for name, _, _ in steps}
+    steps: list[tuple[str, Callable[[Path, list[Path]], Measured]]] = [("direct", direct)]
+    steps += [(f"{e} {stage}", partial(fn, engine=e)) for e in engines
+              for stage, fn in (("receive", receive), ("send", send))]
+    measured: dict[str, list[Measured]] = {name: [] for name, _ in steps}
     with tempfile.TemporaryDirectory(prefix="dicom-relay-stages-") as tmp:
         if args.large:
             files = large_set(Path(tmp) / "data", count, 2 if args.smoke else 24)
@@ -127,16 +129,15 @@ def main() -> None:
             files = sorted((Path(tmp) / "data").iterdir())
         size = megabytes(files)
         for run in range(repeat):
-            for name, engine, fn in steps:
+            for name, step in steps:
                 print(f"stages: {name} ({run + 1}/{repeat}) ...", file=sys.stderr, flush=True)
                 work = Path(tempfile.mkdtemp(dir=tmp, prefix=name.replace(" ", "-")))
-                measured[name].append(fn(work, engine, files) if engine
-                                      else fn(work, files))
+                measured[name].append(step(work, files))
     base = statistics.median(m.seconds for m in measured["direct"])
     print(f"| stage, {count} x {what} | seconds (runs) | objects/s | MB/s | time ratio to "
           "direct | CPU s, both ends |")
     print("|---|---|---|---|---|---|")
-    for name, _, _ in steps:
+    for name, _ in steps:
         s = statistics.median(m.seconds for m in measured[name])
         runs = ", ".join(f"{m.seconds:.2f}" for m in measured[name])
         cpus = [m.cpu for m in measured[name] if m.cpu is not None]
