@@ -72,10 +72,10 @@ def receive(work: Path, files: list[Path], engine: str) -> Measured:
                        destinations=[("sink", "SINK", free_port())])
     relay = RelayProcess(cfg, work, verb="receive").start(port)
     assert relay.proc is not None
-    time.sleep(0.5)  # its start-up done (the embedded receiver's imports), not counted
-    idle = proc_stats(relay.proc.pid)[1]
     incoming = work / "spool" / "incoming"
     try:
+        time.sleep(0.5)  # its start-up done (the embedded receiver's imports), not counted
+        idle = proc_stats(relay.proc.pid)[1]
         started = time.monotonic()
         cpu = dcmsend(files, port, "DICOMRELAY")
         seconds = time.monotonic() - started
@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, the median kept")
     parser.add_argument("--smoke", action="store_true", help="20 objects, one run (CI)")
     args = parser.parse_args()
+    if args.count is not None and args.count < 2:
+        parser.error("--count: at least 2 (the send stage is timed from the first object "
+                     "stored to the last)")
     count, repeat = (20, 1) if args.smoke else (args.count, args.repeat)
     count = count or (20 if args.large else 500)
     what = "24 MB multi-frame" if args.large else "CT_small"
