@@ -145,7 +145,10 @@ def test_the_compose_test_profile_runs_the_dcm4che_suites_in_the_image(
          "--rm", "tests"], capture_output=True, text=True, env=podman_env, timeout=900,
         check=False, cwd=REPO)
     out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # pytest's colours (a tty)
-    assert proc.returncode == 0, out[-4000:]
+    # On a failure, the in-image run's failure report (the assertion and its captured log)
+    # first: the output's tail alone is mostly the slowest-durations table.
+    report = out[out.find("= FAILURES ="):] if "= FAILURES =" in out else ""
+    assert proc.returncode == 0, report[:12000] + "\n[...]\n" + out[-3000:]
     summary = [line for line in out.splitlines() if " passed" in line][-1]
     assert "skipped" not in summary and "failed" not in summary, summary
     assert "test_dcm4che_relay_end_to_end[toolkit] PASSED" in out
