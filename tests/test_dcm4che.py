@@ -269,3 +269,28 @@ def test_closing_while_its_jvm_comes_up_ends_that_start_without_waiting_for_it(
     assert not bridge.running()
     time.sleep(0.3)  # the answer reader's last words, if it had any
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_helper_killed_for_hanging_is_not_given_the_next_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper that stops answering is killed; the very next request must go to a new one.
+    The kill is not instant, and the answer reader reaps the helper meanwhile (holding
+    Popen's wait lock, so that poll() says "running"): a request written to the dying
+    helper got its "died" back, no object was on the wire, and the sender took the
+    destination for down. The helper here is a stand-in that is ready, then never answers."""
+    mute = tmp_path / "mute-helper"
+    mute.write_text(f"#!{sys.executable}\nimport sys, time\n"
+                    "print('{\"id\": 0, \"ev\": \"ready\"}', flush=True)\n"
+                    "for line in sys.stdin:\n    time.sleep(120)\n")
+    mute.chmod(0o755)
+    monkeypatch.setattr(dcm4che_bridge, "sys", SimpleNamespace(executable=str(mute)))
+    bridge = JvmBridge(tmp_path, dict(os.environ), start_timeout=60)
+    try:
+        for attempt in (1, 2, 3):
+            answers = list(bridge.call({"op": "echo"}, idle_limit=0.3))
+            assert answers == [{"ev": "died", "message": "hung: no answer for 0 s, killed"}], \
+                f"attempt {attempt}: {answers}"
+            assert not bridge.running(), f"attempt {attempt}: the killed helper looks alive"
+            assert bridge.starts == attempt, "each request after a kill goes to a new helper"
+    finally:
+        bridge.close()

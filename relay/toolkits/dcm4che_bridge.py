@@ -23,6 +23,7 @@ import queue
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -56,11 +57,22 @@ class JvmBridge:
         # A helper whose JVM is coming up (self._lock held meanwhile): close() ends it rather
         # than wait up to start_timeout for a JVM it would only stop.
         self._starting: subprocess.Popen[bytes] | None = None
+        # Helpers known to be gone (killed by call(), or their answers ended) before Popen
+        # knows it: see _alive().
+        self._ended: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
 
     @property
     def pid(self) -> int | None:
         proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
+        return proc.pid if proc is not None and self._alive(proc) else None
+
+    def _alive(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Whether a request can still go to this helper. poll() alone says "running" for a
+        helper that is dying or already dead: a SIGKILL takes a moment, and while the answer
+        reader reaps it (Popen.wait() holds the wait lock) poll() answers None. A request
+        written to it then got its "died" back with no object on the wire, which the sender
+        takes for a destination down."""
+        return proc not in self._ended and proc.poll() is None
 
     def running(self) -> bool:
         return self.pid is not None
@@ -118,6 +130,7 @@ class JvmBridge:
                 to, waiting = self._pending.get(int(answer.get("id", -1)), (None, None))
             if waiting is not None and to is proc:
                 waiting.put(answer)
+        self._ended.add(proc)  # its answers ended: no request goes to it any more
         code = proc.wait()
         threading.Event().wait(0.1)  # its last stderr lines say why: let them arrive
         why = self._last_words(proc)
@@ -153,7 +166,7 @@ class JvmBridge:
 
     def _start_if_needed(self) -> None:
         with self._lock:
-            if self._closed or (self._proc is not None and self._proc.poll() is None):
+            if self._closed or (self._proc is not None and self._alive(self._proc)):
                 return
             try:
                 self._proc = self._start()
@@ -171,7 +184,7 @@ class JvmBridge:
         yields nothing when no helper runs."""
         answers: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
+            if self._proc is None or not self._alive(self._proc):
                 if not start:
                     return
                 self._proc = self._start()
@@ -193,6 +206,7 @@ class JvmBridge:
                     log.error("dcm4che's JVM gave no answer for %.0f s: killed (pid %d)",
                               idle_limit, proc.pid)
                     proc.kill()
+                    self._ended.add(proc)
                     yield {"ev": "died",
                            "message": f"hung: no answer for {idle_limit:.0f} s, killed"}
                     return
