@@ -94,6 +94,19 @@ def test_the_object_on_the_wire_when_the_jvm_dies_is_the_one_in_flight() -> None
     assert j2k.outcome is Outcome.RETRY and not j2k.in_flight and not j2k.local_failure
 
 
+def test_a_jvm_that_dies_with_nothing_on_the_wire_is_a_local_failure() -> None:
+    # Crashed (or killed for hanging) between objects or while connecting: every object
+    # not yet answered waits, and the log and metrics blame our tool, not the destination.
+    results = list(results_from_answers(BATCH, [
+        {"ev": "sending", "i": 0}, {"ev": "result", "i": 0, "status": 0},
+        {"ev": "died", "message": "hung: no answer for 6 s, killed"}], DEST))
+    ct, mr, j2k = results
+    assert ct.outcome is Outcome.DELIVERED
+    for r in (mr, j2k):
+        assert r.outcome is Outcome.RETRY and r.local_failure and not r.in_flight
+        assert "JVM died (hung: no answer for 6 s, killed)" in r.detail
+
+
 def test_a_broken_association_sets_aside_only_the_object_on_the_wire() -> None:
     assert _results({"ev": "sending", "i": 0},
                     {"ev": "result", "i": 0, "broke": "java.net.SocketException: reset"},

@@ -233,6 +233,36 @@ def test_unanswered_while_others_are_answered_goes_to_failed_after_three(
     assert engine.calls[0] == ["skipped.dcm", "a.dcm", "b.dcm", "c.dcm"]
 
 
+def test_objects_our_tool_never_sent_are_not_counted_as_unanswered(spool: Spool) -> None:
+    # Our tool dies after the first object of each batch (dcm4che's JVM crashed or hung
+    # between objects): the others were never on the wire, so however often it happens they
+    # wait for a working tool; they are not quarantined as "unanswered".
+    class DiesAfterOne(FakeEngine):
+        def send(self, files, destination, calling_ae, timeout,  # noqa: ANN001, ANN202
+                 keep_open=False):  # noqa: ANN001
+            self.calls.append([f.name for f in files])
+            yield SendResult(files[0], Outcome.DELIVERED, 0, "scripted")
+            for f in files[1:]:
+                yield SendResult(f, Outcome.RETRY, None, "local tool failure: JVM died",
+                                 local_failure=True)
+
+    files = _queued(spool, "a.dcm", "b.dcm", "c.dcm", "d.dcm")
+    engine = DiesAfterOne({})
+    clock = Clock()
+    sender = _sender(spool, engine, clock)
+    sender.load_backlog()
+    for _ in range(4):
+        if not sender.pending():
+            break
+        sender.send_batch(sender._next_batch())
+        clock.now += 60
+    assert [f.exists() for f in files] == [False, False, False, False]
+    assert sender.stats.delivered == 4 and sender.stats.failed == 0
+    assert not list(spool.failed.rglob("*.dcm"))
+    assert engine.calls == [["a.dcm", "b.dcm", "c.dcm", "d.dcm"], ["b.dcm", "c.dcm", "d.dcm"],
+                            ["c.dcm", "d.dcm"], ["d.dcm"]]
+
+
 def test_an_answer_resets_the_unanswered_count(spool: Spool) -> None:
     path, other = _queued(spool, "x.dcm", "y.dcm")
     engine = FakeEngine({"x.dcm": [None, None, 0xA700, None, None, 0],

@@ -396,7 +396,10 @@ class DestinationSender:
                 self._requeue_front([r.path for r in retry])
             else:
                 self._down_attempts = 0
-                retry = [r for r in retry if not self._unanswered_too_often(r)]
+                # Our own tool's failure (a JVM that died between objects) says nothing of
+                # the objects it never sent: they are not counted as unanswered.
+                retry = [r for r in retry
+                         if r.local_failure or not self._unanswered_too_often(r)]
                 for r in retry:
                     attempt = self._attempts.get(r.path, 0) + 1
                     self._attempts[r.path] = attempt

@@ -282,6 +282,11 @@ def results_from_answers(batch: Sequence[Outgoing], answers: Iterable[dict[str, 
             yield from local_failures([item.path for item in rest], f"dcm4che: {message}")
         elif ev == "error":
             yield from retry_all([item.path for item in rest], f"{where}: {message}")
+        elif ev == "died" and on_wire is None:
+            # Our JVM ended (crashed, or killed for hanging) with no object on the wire: not
+            # the destination's doing, and no object's either.
+            yield from local_failures([item.path for item in rest],
+                                      f"dcm4che's JVM died ({message})")
         elif ev in ("lost", "died"):
             what = ("association lost" if ev == "lost" else "dcm4che's JVM died")
             for i, item in enumerate(batch):
