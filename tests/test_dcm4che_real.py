@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -239,8 +240,33 @@ class JvmBreakingSCP(ScriptedSCP):
                 and pid is not None:
             self.times -= 1
             os.kill(pid, self.sig)
+            # A signal to a process takes a moment to reach each of its threads: until then
+            # the JVM could still read this response (measured: about 1 run in 10) and be
+            # stopped between objects, with nothing on the wire. Answer once it cannot.
+            assert _halted_within(pid, 10), f"the JVM (pid {pid}) did not stop"
             return 0xA700  # a crashed JVM never reads it; a hung one is killed first
         return super().on_store(event)
+
+
+def _halted_within(pid: int, seconds: float) -> bool:
+    """Wait until every thread of pid is stopped (SIGSTOP) or dead (SIGKILL)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states = []
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            return True  # gone, and reaped
+        for thread in threads:
+            try:
+                stat = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # that thread ended meanwhile
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+        if all(state in "TtZX" for state in states):
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def _send_all(spool: Spool, sender: DestinationSender, rounds: int = 10) -> None:
