@@ -360,6 +360,85 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def halted_within(pid: int, seconds: float) -> bool:
+    """Wait until every thread of pid is stopped (SIGSTOP) or dead (SIGKILL): a signal takes
+    a moment to reach each thread of a process, and until then it may still read a socket."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states = []
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            return True  # gone, and reaped
+        for thread in threads:
+            try:
+                stat = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # that thread ended meanwhile
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+        if all(state in "TtZX" for state in states):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def send_until_settled(sender: Any, rounds: int = 10) -> None:
+    """A DestinationSender's queue sent batch after batch (its retries too) until nothing is
+    pending, for at most `rounds` batches."""
+    sender.load_backlog()
+    for _ in range(rounds):
+        if not sender.pending():
+            break
+        batch = sender._next_batch(idle_limit=1.0)
+        if batch:
+            sender.send_batch(batch)
+
+
+@dataclass
+class PoisonRun:
+    """What became of four CT objects queued for a PACS that breaks the sender each time the
+    second of them (the victim) is on the wire."""
+
+    sender: Any  # the DestinationSender, after sending until nothing was pending or 10 rounds
+    pacs: Any
+    received: list[str]  # the distinct SOP Instance UIDs the PACS stored, sorted
+    others: list[str]  # the UIDs of the three that are not the victim, sorted
+    quarantined: list[str]  # the object files in failed/
+    sidecar: str  # the failed/ sidecar's text, "" when there is none
+
+
+def send_past_a_poison_object(tmp_path: Path, engine: Any, make_pacs: Any,
+                              timeout: float) -> PoisonRun:
+    """Queue four CT objects, start make_pacs(victim UID) (a ScriptedSCP that breaks the
+    sender when the victim arrives) and send until settled."""
+    from pydicom import dcmread
+
+    from dicomdata import ct_series
+    from relay.config.model import Destination, SenderConfig
+    from relay.send.sender import DestinationSender
+    from relay.spool import Spool
+
+    ct_series(tmp_path / "ct", 4)
+    files = sorted((tmp_path / "ct").iterdir())
+    uids = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    pacs = make_pacs(uids[1])
+    spool = Spool(tmp_path / "spool", ["pacs"]).create()
+    try:
+        for i, f in enumerate(files):
+            shutil.copy(f, spool.outbox("pacs") / f"{i}-ct.dcm")
+        dest = Destination("pacs", "SCRIPTED", "127.0.0.1", pacs.port)
+        sender = DestinationSender(spool, dest, engine, SenderConfig(
+            batch_size=10, retry_initial=0.05, retry_max=0.1, timeout=timeout))
+        send_until_settled(sender)
+    finally:
+        pacs.close()
+    failed = spool_files(spool.root, "failed")
+    sidecars = [p.read_text() for p in failed if p.suffix == ".json"]
+    return PoisonRun(sender, pacs, sorted(set(pacs.received)), sorted(uids[:1] + uids[2:]),
+                     [p.name for p in failed if p.suffix != ".json"],
+                     sidecars[0] if len(sidecars) == 1 else "")
+
+
 def proc_stats(pid: int) -> tuple[float, float]:
     """(peak RSS in MB, CPU seconds) of a live process and all its live descendants (the
     relay's receiver process or storescp, a dcmsend under way), each with the children it

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,16 @@ from peers import (
     dcmsend,
     descendants,
     free_port,
+    halted_within,
     relay_config,
+    send_past_a_poison_object,
     spool_files,
     wait_until,
 )
-from relay.config.model import Destination, SenderConfig
+from relay.config.model import Destination
 from relay.edit.editor import BadInput, Editor
 from relay.edit.rules import KeywordRule
 from relay.send.results import Outcome, ToolFailure
-from relay.send.sender import DestinationSender
-from relay.spool import Spool
 from relay.toolkits.dcm4che import Dcm4cheEngine, java_library_path
 
 pytestmark = [pytest.mark.e2e,
@@ -243,40 +242,9 @@ class JvmBreakingSCP(ScriptedSCP):
             # A signal to a process takes a moment to reach each of its threads: until then
             # the JVM could still read this response (measured: about 1 run in 10) and be
             # stopped between objects, with nothing on the wire. Answer once it cannot.
-            assert _halted_within(pid, 10), f"the JVM (pid {pid}) did not stop"
+            assert halted_within(pid, 10), f"the JVM (pid {pid}) did not stop"
             return 0xA700  # a crashed JVM never reads it; a hung one is killed first
         return super().on_store(event)
-
-
-def _halted_within(pid: int, seconds: float) -> bool:
-    """Wait until every thread of pid is stopped (SIGSTOP) or dead (SIGKILL)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        states = []
-        try:
-            threads = os.listdir(f"/proc/{pid}/task")
-        except FileNotFoundError:
-            return True  # gone, and reaped
-        for thread in threads:
-            try:
-                stat = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # that thread ended meanwhile
-            states.append(stat.rsplit(")", 1)[1].split()[0])
-        if all(state in "TtZX" for state in states):
-            return True
-        time.sleep(0.001)
-    return False
-
-
-def _send_all(spool: Spool, sender: DestinationSender, rounds: int = 10) -> None:
-    sender.load_backlog()
-    for _ in range(rounds):
-        if not sender.pending():
-            break
-        batch = sender._next_batch(idle_limit=1.0)
-        if batch:
-            sender.send_batch(batch)
 
 
 @pytest.mark.parametrize("how", ["crash", "hang"])
@@ -285,31 +253,15 @@ def test_a_jvm_that_dies_or_hangs_mid_object_is_restarted(
     # The JVM crashes (or hangs) with one object on the wire, three times in a row: the
     # others are all delivered, that one is set aside each time and then quarantined, the
     # helper is started again every time, and nothing is lost.
-    ct_series(tmp_path / "ct", 4)
-    files = sorted((tmp_path / "ct").iterdir())
-    victim = str(dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
     sig = signal.SIGKILL if how == "crash" else signal.SIGSTOP
-    pacs = JvmBreakingSCP(engine, victim, sig, times=3)
-    spool = Spool(tmp_path / "spool", ["pacs"]).create()
-    try:
-        for i, f in enumerate(files):
-            shutil.copy(f, spool.outbox("pacs") / f"{i}-ct.dcm")
-        dest = Destination("pacs", "SCRIPTED", "127.0.0.1", pacs.port)
-        # timeout 2 s: a helper silent for 3 x 2 s is taken for hung and killed.
-        sender = DestinationSender(spool, dest, engine, SenderConfig(
-            batch_size=10, retry_initial=0.05, retry_max=0.1, timeout=2))
-        _send_all(spool, sender)
-    finally:
-        pacs.close()
-    assert sender.pending() == 0
-    assert sorted(set(pacs.received)) == sorted(
-        str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files if f != files[1])
-    quarantined = [p for p in spool_files(spool.root, "failed") if p.suffix != ".json"]
-    assert [p.name for p in quarantined] == ["pacs--1-ct.dcm"]
-    [sidecar] = [p for p in spool_files(spool.root, "failed") if p.suffix == ".json"]
-    assert "the association broke 3 times" in sidecar.read_text()
-    assert ("killed by signal 9" if how == "crash" else "hung: no answer for 6 s") in \
-        sidecar.read_text()
+    # timeout 2 s: a helper silent for 3 x 2 s is taken for hung and killed.
+    run = send_past_a_poison_object(
+        tmp_path, engine, lambda victim: JvmBreakingSCP(engine, victim, sig, times=3), 2)
+    assert run.sender.pending() == 0
+    assert run.received == run.others
+    assert run.quarantined == ["pacs--1-ct.dcm"]
+    assert "the association broke 3 times" in run.sidecar
+    assert ("killed by signal 9" if how == "crash" else "hung: no answer for 6 s") in run.sidecar
     # The first, and one for each try after a break (the third break quarantines it: no more).
     assert engine.jvm.starts == 3 and engine.jvm.pid is None
 

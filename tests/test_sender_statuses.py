@@ -4,6 +4,8 @@ refused)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,16 @@ import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
 from dicomdata import ct_series
-from peers import Link, ScriptedSCP, free_port, wait_until, with_dcm4che
+from peers import (
+    Link,
+    ScriptedSCP,
+    descendants,
+    free_port,
+    halted_within,
+    send_past_a_poison_object,
+    wait_until,
+    with_dcm4che,
+)
 from relay.config.model import SenderConfig
 from relay.send.results import DestinationUnavailable, Outcome
 from relay.send.sender import DestinationSender
@@ -213,3 +224,40 @@ def test_results_at_the_end_of_the_call_say_what_each_response_said(tmp_path: Pa
     quiet = dcmsend_argv(Path("dcmsend"), files, link.destination("X", 1), "RELAY", 30,
                          tmp_path / "report", each_response=False)
     assert "--verbose" in quiet and "--debug" not in quiet
+
+
+class DcmsendKillingSCP(ScriptedSCP):
+    """A PACS at whose C-STORE of one instance the dcmsend sending it is killed (a crashing
+    tool), while that object is on the wire."""
+
+    def __init__(self, victim: str, times: int) -> None:
+        super().__init__()
+        self.victim, self.times = victim, times
+
+    def on_store(self, event: Any) -> int:
+        if str(event.request.AffectedSOPInstanceUID) == self.victim and self.times > 0:
+            [pid] = [p for p in descendants(os.getpid())
+                     if Path(f"/proc/{p}/comm").read_text().strip() == "dcmsend"]
+            self.times -= 1
+            os.kill(pid, signal.SIGKILL)
+            assert halted_within(pid, 10), f"dcmsend (pid {pid}) did not die"
+            return 0xA700  # never read: it is dead
+        return super().on_store(event)
+
+
+def test_a_dcmsend_killed_mid_object_sets_that_object_aside(tmp_path: Path,
+                                                           dcmtk: Path) -> None:
+    # dcmsend dies (a crash: killed by a signal) with one object on the wire, three times
+    # in a row. It leaves no report, but it named that object before sending it: that one
+    # is set aside each time and then quarantined, the others are all delivered, and the
+    # queue is never held as if the destination were down.
+    from relay.toolkits.dcmtk import DcmtkEngine
+
+    run = send_past_a_poison_object(tmp_path, DcmtkEngine(dcmtk),
+                                    lambda victim: DcmsendKillingSCP(victim, times=3), 10)
+    assert run.sender.pending() == 0
+    assert run.received == run.others
+    assert run.quarantined == ["pacs--1-ct.dcm"]
+    assert "the association broke 3 times" in run.sidecar
+    assert "dcmsend killed by signal 9" in run.sidecar
+    assert run.sender._down_attempts == 0 and run.pacs.times == 0

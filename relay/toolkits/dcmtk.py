@@ -225,20 +225,38 @@ def reached_network(output: str) -> bool:
 _DCMSEND_FILE_RE = re.compile(r"^D: sending SOP instance from file: (.*)$")
 
 
-def successes_as_sent(output: Iterable[str], files: list[Path]) -> Iterator[Path]:
-    """The files dcmsend's debug output confirms, as their C-STORE responses arrive: it names
-    the file before each request ("sending SOP instance from file: …") and prints the
-    response's status after it. Only a success (0x0000) of the file just named counts; every
-    other outcome is read from the report at the end."""
+def requests_and_responses(output: Iterable[str], files: list[Path]
+                           ) -> Iterator[tuple[Path | None, int | None]]:
+    """dcmsend's debug output as it runs: (file, None) as it names the file before each
+    request ("sending SOP instance from file: …"), then (that file, status) as the
+    response's status is printed (file None for a name that is not one of `files`)."""
     by_name = {str(path): path for path in files}
     current: Path | None = None
     for line in output:
         if (named := _DCMSEND_FILE_RE.match(line)) is not None:
             current = by_name.get(named.group(1))
+            yield current, None
         elif (status := _DIMSE_STATUS_RE.match(line)) is not None and current is not None:
-            if int(status.group(1), 16) == 0:
-                yield current
+            yield current, int(status.group(1), 16)
             current = None
+
+
+def successes_as_sent(output: Iterable[str], files: list[Path]) -> Iterator[Path]:
+    """The files dcmsend's debug output confirms, as their C-STORE responses arrive. Only a
+    success (0x0000) of the file just named counts; every other outcome is read from the
+    report at the end."""
+    for path, status in requests_and_responses(output, files):
+        if status == 0 and path is not None:
+            yield path
+
+
+def on_the_wire(output: Iterable[str], files: list[Path]) -> Path | None:
+    """The file dcmsend named last and got no response for: the one on the wire when it
+    stopped (None when every file it named was answered)."""
+    last: Path | None = None
+    for path, status in requests_and_responses(output, files):
+        last = path if status is None else None
+    return last
 
 
 def refused_contexts(output: str) -> dict[tuple[int, int], str]:
@@ -744,6 +762,16 @@ class DcmtkEngine(Engine):
             # TLS or report file it could not use. Not the destination's fault.
             yield from local_failures(files, f"dcmsend stopped before connecting (exit "
                                       f"{code}): {last_lines(output)}")
+            return
+        if text is None and code is not None and code < 0:
+            # Killed by a signal (it crashed, or was killed) after connecting: no report. It
+            # sends in order and names each file first: the one it named last without an
+            # answer was on the wire, maybe what crashed it (set aside, as for an abort).
+            wire = on_the_wire(run.lines, files)
+            for path in files:
+                yield SendResult(path, Outcome.RETRY, None,
+                                 f"dcmsend killed by signal {-code}: {last_lines(output)}",
+                                 in_flight=path == wire)
             return
         if text is None:
             # No report: no association (refused, rejected, timed out).
