@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,18 +206,33 @@ def _unreadable_and_unknown(folder: Path) -> tuple[Path, Path]:
     return cut, unknown
 
 
-def test_objects_dcm4che_cannot_send_fail_alone(tmp_path: Path, engine: Dcm4cheEngine) -> None:
+def test_objects_dcm4che_cannot_send_fail_alone(tmp_path: Path, engine: Dcm4cheEngine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "batch"
     good = folder / "good"
     uids = ct_series(good, 2)
     cut, unknown = _unreadable_and_unknown(folder)
     files = [sorted(good.iterdir())[0], cut, unknown, sorted(good.iterdir())[1]]
+    answers: list[dict[str, Any]] = []
+    call = engine.jvm.call
+
+    def recorded(request: dict[str, Any], **options: Any) -> Iterator[dict[str, Any]]:
+        for answer in call(request, **options):
+            answers.append(answer)
+            yield answer
+
+    monkeypatch.setattr(engine.jvm, "call", recorded)
     pacs = ScriptedSCP()
     try:
         dest = Destination("scp", "SCRIPTED", "127.0.0.1", pacs.port)
         results = {r.path: r for r in engine.send(files, dest, "DICOMRELAY", 20)}
     finally:
         pacs.close()
+    # The JVM names each file before it reads it: had the cut file crashed or hung the JVM,
+    # it would be the one in hand (set aside), not a death with nothing sent.
+    assert [(a["ev"], a.get("i"), "unreadable" in a) for a in answers[:4]] == [
+        ("sending", 0, False), ("result", 0, False), ("sending", 1, False),
+        ("result", 1, True)]
     assert sorted(pacs.received) == sorted(uids)
     assert results[cut].outcome is Outcome.FAILED
     assert "dcm4che cannot read it: java.io.EOFException" in results[cut].detail

@@ -8,11 +8,11 @@ the relay talks to it over a pipe, one JSON object per line:
 
 - requests on stdin: {"id": n, "op": "send" | "release" | "echo" | "get" | "cancel_get" |
   "to_xml" | "from_xml", …}
-- answers on the original stdout: {"id": n, "ev": …}; a send answers "sending" before each
-  C-STORE-RQ goes out (so that the relay knows which object was on the wire if this process
-  dies), "result" as each C-STORE-RSP arrives, then "done"; a get (a C-GET for query/retrieve)
-  answers "stored" for each object written whole into its folder and "rsp" for each C-GET
-  response, then "done"; any request can end in "error".
+- answers on the original stdout: {"id": n, "ev": …}; a send answers "sending" before it reads
+  each file for its C-STORE-RQ (so that the relay knows which object was in hand, or on the
+  wire, if this process dies or hangs), "result" as each C-STORE-RSP arrives, then "done";
+  a get (a C-GET for query/retrieve) answers "stored" for each object written whole into its
+  folder and "rsp" for each C-GET response, then "done"; any request can end in "error".
 
 Why a process of its own: a JVM cannot be restarted inside a process, and one that crashes
 (a native codec) or hangs must not take the relay down. The relay kills and restarts this
@@ -335,6 +335,9 @@ class Bridge:
     def store(self, rid: int, i: int, item: dict[str, Any], association: Any) -> None:
         j = self.java
         path = j.File(item["path"])
+        # Told before the file is even read: a file whose header makes this JVM crash or
+        # hang is then the one set aside, not taken for the JVM's fault with nothing sent.
+        self.answer(rid, "sending", i=i)
         try:
             # Read the header as storescu's scan does: a file cut short fails alone, here,
             # and never goes half on the wire.
@@ -349,7 +352,6 @@ class Bridge:
         except Exception as exc:  # noqa: BLE001 - the file's fault: it fails alone
             self.answer(rid, "result", i=i, unreadable=java_error(exc))
             return
-        self.answer(rid, "sending", i=i)
         stream = j.FileInputStream(path)
         try:
             stream.skip(start)
